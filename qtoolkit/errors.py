@@ -1,0 +1,35 @@
+"""Exception types for problems a user can fix. The CLI prints these in one line (no traceback);
+anything else is a bug and keeps its traceback. Each also subclasses the matching builtin."""
+
+from __future__ import annotations
+
+
+class QToolkitError(Exception):
+    """Base of every user-facing qtoolkit error."""
+
+
+class ConfigError(QToolkitError, ValueError):
+    """An invalid value in a model config, recipe option, or command-line argument."""
+
+
+class UnknownNameError(QToolkitError, KeyError):
+    """A name (quantizer, preset, recipe) that is not registered; the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PolicyError(QToolkitError, ValueError):
+    """A policy that does not validate or does not fit the model."""
+
+
+class CheckpointError(QToolkitError, ValueError):
+    """A file that cannot be used as a qtoolkit checkpoint; the message names the file."""
+
+
+class DataError(QToolkitError, RuntimeError):
+    """Data that cannot be loaded; the message says what to do."""
+
+
+class TrainingDiverged(QToolkitError, RuntimeError):
+    """A non-finite loss; the run stopped before applying the update."""

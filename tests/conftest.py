@@ -1,0 +1,62 @@
+"""Shared fixtures: deterministic seeds, isolated caches, a small synthetic corpus, the shared data."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+_NAMES = ["Lily", "Tom", "Sam", "Mia", "Ben", "Anna"]
+_THINGS = ["ball", "cat", "dog", "tree", "cake", "boat", "kite", "hat"]
+_COLORS = ["red", "big", "small", "blue", "happy", "shiny"]
+_VERBS = ["found", "saw", "liked", "lost", "wanted", "made"]
+
+
+def make_story(rng: random.Random) -> str:
+    name, thing, color, verb = (rng.choice(x) for x in (_NAMES, _THINGS, _COLORS, _VERBS))
+    friend = rng.choice([n for n in _NAMES if n != name])
+    return (
+        f"Once upon a time, {name} {verb} a {color} {thing}. {name} showed the {thing} to {friend}.\n"
+        f"{friend} said, \"I like your {color} {thing}!\" They played with the {thing} all day. "
+        f"The end."
+    )
+
+
+def write_corpus(path: Path, n_stories: int, seed: int = 0, sep: str = "\n<|endoftext|>\n") -> Path:
+    rng = random.Random(seed)
+    path.write_text(sep.join(make_story(rng) for _ in range(n_stories)) + "\n")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    random.seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path_factory, monkeypatch):
+    root = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("QTOOLKIT_CACHE", str(root / "qtoolkit-cache"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets-cache"))
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A directory with a train file and a validation file of synthetic stories."""
+    d = tmp_path_factory.mktemp("corpus")
+    write_corpus(d / "stories_train.txt", 1500, seed=1)
+    write_corpus(d / "stories_val.txt", 200, seed=2)
+    return d
+
+
+@pytest.fixture()
+def shared_tinystories() -> Path:
+    d = SHARED_DATA / "tinystories"
+    if not d.is_dir():
+        pytest.skip(f"shared TinyStories data not found at {d}")
+    return d
