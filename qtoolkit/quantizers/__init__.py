@@ -1,0 +1,66 @@
+"""Quantizer registry: string names at the YAML/checkpoint boundary, classes inside.
+
+    register(name)   class decorator; refuses a name that is already taken
+    get(name)        the registered class; an unknown name lists the available ones
+    available()      sorted registered names
+    build(spec)      a quantizer instance from a spec: "ternary" or {"name": "ternary", "alpha": ...}
+    canonical(spec)  the spec with every option filled in (what checkpoints store)
+
+Adding a quantizer: one module in this package that defines a `Quantizer` subclass decorated with
+`@register("name")`, imported at the bottom of this file, plus its tests (docs/adding_a_quantizer.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qtoolkit.errors import ConfigError, UnknownNameError
+from qtoolkit.quantizers.base import QTensor, Quantizer
+
+_REGISTRY: dict[str, type[Quantizer]] = {}
+
+
+def register(name: str):
+    def decorator(cls: type[Quantizer]) -> type[Quantizer]:
+        if name in _REGISTRY:
+            raise ValueError(f"quantizer {name!r} is already registered ({_REGISTRY[name].__qualname__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[Quantizer]:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise UnknownNameError(f"unknown quantizer {name!r}; available: {', '.join(available())}") from None
+
+
+def split_spec(spec: Any) -> tuple[str, dict[str, Any]]:
+    """"name" | {"name": name, **options} -> (name, options)."""
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+        return spec["name"], {k: v for k, v in spec.items() if k != "name"}
+    raise ConfigError(f"a quantizer spec is a name or a mapping with a 'name' key, got {spec!r}")
+
+
+def build(spec: Any, path: str = "") -> Quantizer:
+    name, options = split_spec(spec)
+    return get(name).from_options(options, path=path)
+
+
+def canonical(spec: Any) -> dict[str, Any]:
+    return build(spec).spec()
+
+
+# Built-in quantizers register themselves on import.
+from qtoolkit.quantizers import floats, int8, ternary  # noqa: E402,F401
+
+__all__ = ["QTensor", "Quantizer", "available", "build", "canonical", "get", "register", "split_spec"]

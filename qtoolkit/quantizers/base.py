@@ -1,0 +1,172 @@
+"""The quantizer contract, and helpers shared by the built-in quantizers.
+
+A quantizer is an `nn.Module` built from a validated options dataclass (its `Config`) and attached to
+one weight (see `qtoolkit.layers`). It may own parameters (e.g. a learned scale). Every quantizer
+provides:
+
+    forward(w)          fake-quantized weight for training; differentiable (straight-through)
+    quantize_input(x)   fake-quantized layer input (identity unless the spec quantizes activations)
+    quantize(w)         -> QTensor: the integer (or low-precision float) codes and their scales
+    dequantize(q)       QTensor -> float weight; equals forward(w) bit for bit
+    nbytes(shape)       exact storage bytes of a weight of that shape, codes *and* scales
+    bits_per_weight(shape)  8 * nbytes / numel, as an exact Fraction
+
+Weights are 2-D, (rows, cols) = (out_features, in_features) for linears and (vocab, d_model) for
+embeddings. Scales are fp32 and grouped along a row: one per tensor, per row ("channel"), or per
+`group_size` consecutive columns of a row ("group"; a short last group when cols % group_size != 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from fractions import Fraction
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qtoolkit import schema
+
+SCALE_BYTES = 4  # scales are stored as float32
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """A quantized 2-D weight: codes (int8, or fp16/bf16/fp32 for casts) and fp32 scales."""
+
+    codes: Tensor
+    scales: Tensor | None
+    shape: tuple[int, ...]
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward returns the quantized value; backward passes the gradient to the input unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, x_quantized: Tensor) -> Tensor:
+        return x_quantized
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+def straight_through(x: Tensor, x_quantized: Tensor) -> Tensor:
+    """Value of `x_quantized`, gradient of the identity w.r.t. `x` (the STE)."""
+    return _StraightThrough.apply(x, x_quantized)
+
+
+# ---------------------------------------------------------------------------- activations
+
+
+def int8_per_token_codes(x: Tensor) -> tuple[Tensor, Tensor]:
+    """BitNet's 8-bit absmax activation quantization, one scale per token (last dim).
+
+    s = 127 / max(max|x|, 1e-5);  codes = clamp(round(x * s), -128, 127);  x_hat = codes / s.
+    Returns (codes as x.dtype, s).
+    """
+    s = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-5)
+    return (x * s).round_().clamp_(-128, 127), s
+
+
+def fake_quant_int8_per_token(x: Tensor) -> Tensor:
+    with torch.no_grad():
+        codes, s = int8_per_token_codes(x)
+        xq = codes.div_(s)
+    return straight_through(x, xq)
+
+
+# ------------------------------------------------------------------------------ grouping
+
+
+def num_groups(shape: tuple[int, ...], granularity: str, group_size: int) -> tuple[int, int]:
+    """(rows of scales, scales per row) for a weight of `shape`."""
+    rows, cols = shape
+    if granularity == "tensor":
+        return 1, 1
+    if granularity == "channel":
+        return rows, 1
+    if granularity == "group":
+        return rows, -(-cols // group_size)
+    raise ValueError(f"unknown granularity {granularity!r}")
+
+
+def grouped(w: Tensor, granularity: str, group_size: int) -> Tensor:
+    """View `w` (rows, cols) as (scale_rows, scales_per_row, elems) with zero padding at the end of
+    each row when groups do not divide the columns. One scale covers one `[i, j, :]` slice."""
+    rows, cols = w.shape
+    if granularity == "tensor":
+        return w.reshape(1, 1, rows * cols)
+    if granularity == "channel":
+        return w.reshape(rows, 1, cols)
+    n = -(-cols // group_size)
+    pad = n * group_size - cols
+    if pad:
+        w = F.pad(w, (0, pad))
+    return w.reshape(rows, n, group_size)
+
+
+def ungrouped(g: Tensor, shape: tuple[int, ...]) -> Tensor:
+    rows, cols = shape
+    return g.reshape(rows, -1)[:, :cols]  # drops group padding; a no-op view otherwise
+
+
+def group_counts(shape: tuple[int, ...], granularity: str, group_size: int, device=None) -> Tensor:
+    """Number of real (unpadded) elements under each scale, shaped to broadcast over `grouped`."""
+    rows, cols = shape
+    if granularity != "group" or cols % group_size == 0:
+        n = {"tensor": rows * cols, "channel": cols}.get(granularity, group_size)
+        return torch.tensor(float(n), device=device)
+    n = -(-cols // group_size)
+    counts = torch.full((1, n, 1), float(group_size), device=device)
+    counts[0, -1, 0] = cols - (n - 1) * group_size
+    return counts
+
+
+# ------------------------------------------------------------------------------ contract
+
+
+class Quantizer(nn.Module):
+    """Base class. Subclasses set `name` (via `register`) and `Config` (an options dataclass)."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any = None):
+        super().__init__()
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None = None, path: str = "") -> Quantizer:
+        config = schema.from_dict(cls.Config, options or {}, what=f"{cls.name} quantizer options", path=path)
+        return cls(config)
+
+    def spec(self) -> dict[str, Any]:
+        """Canonical, serializable description: {"name": ..., every option with its value}."""
+        return {"name": self.name, **{f.name: getattr(self.config, f.name) for f in fields(self.config)}}
+
+    def init_from_weight(self, weight: Tensor) -> None:
+        """Create/initialise any learned state from the weight it will quantize."""
+
+    def forward(self, w: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        return x
+
+    def quantize(self, w: Tensor) -> QTensor:
+        raise NotImplementedError
+
+    def dequantize(self, q: QTensor) -> Tensor:
+        raise NotImplementedError
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        raise NotImplementedError
+
+    def bits_per_weight(self, shape: tuple[int, ...]) -> Fraction:
+        numel = shape[0] * shape[1]
+        return Fraction(8 * self.nbytes(shape), numel)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.spec().items() if k != "name")

@@ -1,0 +1,63 @@
+"""Floating-point storage formats: fp16, bf16 and fp32 (the identity).
+
+    forward     What = float32(cast(W))      (round-to-nearest-even into the storage dtype)
+    backward    dL/dW = dL/dWhat              (identity STE)
+
+Quantization-aware training therefore sees exactly the rounding the stored weight will have. The
+"codes" of a cast are the stored fp16/bf16/fp32 values themselves; there are no scales.
+Storage: 2 bytes per weight (fp16, bf16) or 4 (fp32).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from qtoolkit.quantizers import register
+from qtoolkit.quantizers.base import QTensor, Quantizer, straight_through
+
+
+@dataclass(frozen=True)
+class CastConfig:
+    """Casts take no options."""
+
+
+class CastQuantizer(Quantizer):
+    Config = CastConfig
+    dtype: ClassVar[torch.dtype]
+
+    def forward(self, w: Tensor) -> Tensor:
+        if self.dtype == w.dtype:
+            return w
+        with torch.no_grad():
+            w_hat = w.to(self.dtype).to(w.dtype)
+        return straight_through(w, w_hat)
+
+    @torch.no_grad()
+    def quantize(self, w: Tensor) -> QTensor:
+        return QTensor(w.detach().to(self.dtype), None, tuple(w.shape))
+
+    def dequantize(self, q: QTensor) -> Tensor:
+        return q.codes.to(torch.float32)
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        return math.prod(shape) * self.dtype.itemsize
+
+
+@register("fp16")
+class FP16Quantizer(CastQuantizer):
+    dtype = torch.float16
+
+
+@register("bf16")
+class BF16Quantizer(CastQuantizer):
+    dtype = torch.bfloat16
+
+
+@register("fp32")
+class FP32Quantizer(CastQuantizer):
+    dtype = torch.float32

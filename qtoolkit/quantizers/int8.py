@@ -1,0 +1,79 @@
+"""Symmetric INT8 weights, one fp32 scale per output channel (row), trained with an STE.
+
+    forward     s_r    = max(max_j |W_rj|, 1e-8) / 127
+                Wq_rj  = clamp(round(W_rj / s_r), -127, 127)     (int8 codes; -128 is never used)
+                What_rj = s_r * Wq_rj
+    backward    dL/dW = dL/dWhat                                  (identity STE)
+
+`granularity: tensor` uses one scale for the whole weight. `activations: int8` additionally
+fake-quantizes the layer input per token exactly as the ternary quantizer does (W8A8); the default
+is weight-only (W8A16/W8A32).
+
+Storage: one byte per weight plus 4 bytes per scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from qtoolkit.quantizers import register
+from qtoolkit.quantizers.base import (
+    SCALE_BYTES,
+    QTensor,
+    Quantizer,
+    fake_quant_int8_per_token,
+    grouped,
+    num_groups,
+    straight_through,
+    ungrouped,
+)
+
+EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    granularity: Literal["channel", "tensor"] = "channel"
+    activations: Literal["none", "int8"] = "none"
+
+
+@register("int8")
+class Int8Quantizer(Quantizer):
+    Config = Int8Config
+    config: Int8Config
+
+    def _scales(self, w: Tensor) -> Tensor:
+        g = grouped(w.detach(), self.config.granularity, 0)
+        return g.abs().amax(dim=-1, keepdim=True).clamp_min(EPS) / 127.0
+
+    def _codes(self, w: Tensor, scale: Tensor) -> Tensor:
+        return (grouped(w, self.config.granularity, 0) / scale).round_().clamp_(-127, 127)
+
+    def forward(self, w: Tensor) -> Tensor:
+        with torch.no_grad():
+            scale = self._scales(w)
+            w_hat = ungrouped(self._codes(w, scale).mul_(scale), tuple(w.shape))
+        return straight_through(w, w_hat)
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        return fake_quant_int8_per_token(x) if self.config.activations == "int8" else x
+
+    @torch.no_grad()
+    def quantize(self, w: Tensor) -> QTensor:
+        scale = self._scales(w)
+        codes = ungrouped(self._codes(w, scale), tuple(w.shape))
+        return QTensor(codes.to(torch.int8), scale.reshape(scale.shape[:2]).float(), tuple(w.shape))
+
+    def dequantize(self, q: QTensor) -> Tensor:
+        scale = q.scales.reshape(*q.scales.shape, 1)
+        g = grouped(q.codes.to(q.scales.dtype), self.config.granularity, 0)
+        return ungrouped(g * scale, q.shape)
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        rows, per_row = num_groups(shape, self.config.granularity, 0)
+        return math.prod(shape) + rows * per_row * SCALE_BYTES

@@ -1,0 +1,150 @@
+"""The contract every registered quantizer honours. A new quantizer gets these tests for free:
+each registered name is tested with its defaults, plus the option variants listed in VARIANTS."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qtoolkit import quantizers
+from qtoolkit.errors import UnknownNameError
+from qtoolkit.quantizers.base import QTensor
+from qtoolkit.schema import SchemaError
+
+VARIANTS = {
+    "ternary": [
+        {"granularity": "channel"},
+        {"granularity": "group", "group_size": 16},
+        {"alpha": "learned"},
+        {"alpha": "learned", "granularity": "group", "group_size": 16},
+        {"packing": "base3"},
+        {"activations": "none"},
+    ],
+    "int8": [{"granularity": "tensor"}, {"activations": "int8"}],
+}
+# Relative Frobenius error of W - Q(W) for Gaussian W; loose upper bounds that still catch breakage.
+ERROR_BOUND = {"ternary": 0.65, "int8": 0.02, "fp16": 1e-3, "bf16": 1e-2, "fp32": 0.0}
+SHAPES = [(8, 32), (7, 13), (1, 5), (3, 130), (64, 48)]
+
+
+def specs():
+    out = []
+    for name in quantizers.available():
+        out.append({"name": name})
+        out += [{"name": name, **v} for v in VARIANTS.get(name, [])]
+    return out
+
+
+SPECS = specs()
+IDS = [",".join(f"{k}={v}" for k, v in s.items()) for s in SPECS]
+
+
+def make(spec, shape):
+    q = quantizers.build(spec)
+    w = torch.randn(shape)
+    q.init_from_weight(w)
+    return q, w
+
+
+def test_every_builtin_is_registered():
+    assert set(quantizers.available()) >= {"ternary", "int8", "fp16", "bf16", "fp32"}
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_equals_dequantize_quantize(spec, shape):
+    q, w = make(spec, shape)
+    fake = q(w)
+    qt = q.quantize(w)
+    assert isinstance(qt, QTensor) and qt.shape == shape
+    assert qt.codes.shape == shape
+    assert torch.equal(q.dequantize(qt), fake)
+    assert fake.shape == w.shape and fake.dtype == w.dtype
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_codes_and_scales_types(spec):
+    q, w = make(spec, (16, 40))
+    qt = q.quantize(w)
+    if spec["name"] in ("ternary", "int8"):
+        assert qt.codes.dtype == torch.int8
+        assert qt.scales.dtype == torch.float32 and (qt.scales > 0).all()
+        lo = -1 if spec["name"] == "ternary" else -127
+        assert qt.codes.min() >= lo and qt.codes.max() <= -lo
+    else:
+        assert qt.scales is None
+        assert qt.codes.dtype == q.dtype
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_round_trip_error_bound(spec):
+    q, w = make(spec, (64, 256))
+    rel = ((w - q(w)).norm() / w.norm()).item()
+    assert rel <= ERROR_BOUND[spec["name"]] + 1e-12
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_straight_through_gradient_reaches_the_weight(spec):
+    q, w = make(spec, (8, 32))
+    w.requires_grad_(True)
+    upstream = torch.randn(8, 32)
+    (q(w) * upstream).sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+    if spec.get("alpha") != "learned":  # identity STE
+        assert torch.equal(w.grad, upstream)
+    else:  # clipped STE: identity wherever |W / alpha| <= 1
+        assert (w.grad == upstream).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_nbytes_counts_codes_and_scales_exactly(spec, shape):
+    q, w = make(spec, shape)
+    qt = q.quantize(w)
+    numel = math.prod(shape)
+    scale_bytes = 0 if qt.scales is None else qt.scales.numel() * 4
+    code_bytes = {
+        "ternary": -(-numel // (5 if spec.get("packing") == "base3" else 4)),
+        "int8": numel,
+        "fp16": 2 * numel,
+        "bf16": 2 * numel,
+        "fp32": 4 * numel,
+    }[spec["name"]]
+    assert q.nbytes(shape) == code_bytes + scale_bytes
+    assert q.bits_per_weight(shape) * numel == 8 * q.nbytes(shape)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_spec_round_trips_through_build(spec):
+    q = quantizers.build(spec)
+    canonical = q.spec()
+    assert quantizers.build(canonical).spec() == canonical
+    assert canonical["name"] == spec["name"]
+    for k, v in spec.items():
+        assert canonical[k] == v
+
+
+def test_unknown_quantizer_lists_available():
+    with pytest.raises(UnknownNameError) as e:
+        quantizers.get("int3")
+    for name in quantizers.available():
+        assert name in str(e.value)
+
+
+def test_duplicate_registration_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        quantizers.register("ternary")(type("Dup", (quantizers.Quantizer,), {}))
+
+
+def test_bad_options_report_every_error_with_its_key():
+    with pytest.raises(SchemaError) as e:
+        quantizers.build({"name": "ternary", "alpha": "max", "granularity": "row", "bits": 2}, path="policy.x")
+    paths = {p for p, _ in e.value.errors}
+    assert paths == {"policy.x.alpha", "policy.x.granularity", "policy.x.bits"}
+
+
+def test_bad_spec_shape():
+    with pytest.raises(ValueError, match="name"):
+        quantizers.build({"alpha": "absmean"})
