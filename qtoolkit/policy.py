@@ -1,0 +1,292 @@
+"""Per-layer precision policies: module-name patterns -> quantizer specs.
+
+A policy is an ordered mapping, as in a recipe:
+
+    policy:
+      _default: ternary                       # every nn.Linear not matched below (lm_head included)
+      "blocks[0, -1]": int8                   # block selector: first and last block, any depth
+      "re:blocks\\.[0-3]\\.mlp\\..*": fp16     # regex, full match on the module name
+      lm_head: {name: int8}                   # exact module name
+      embed: int8                             # nn.Embedding is only quantized when named
+
+Block selectors make a policy portable across depths: `blocks[SEL]` or `blocks[SEL].REST`, where SEL
+is a comma list of Python indices and slices over the blocks (`0`, `-1`, `2:-2`, `:3`) and REST is
+a glob on the rest of the name (`mlp.*`, `attn.q_proj`); without REST every module of the selected
+blocks matches. They rank with regexes.
+
+Precedence: exact name > `re:` regex or block selector (first in file order) > `_default`. Modules no rule claims stay
+float32 and are listed as such in the coverage report. Every exact name and every regex must end up
+assigning at least one module: a typo or a rule fully shadowed by higher-priority rules is an error,
+never a silent no-op. With tied embeddings, `embed` and `lm_head` share one weight and therefore one
+quantizer; giving them different specs is an error, and naming only one assigns both.
+
+A policy file (e.g. search output) holds the same mapping, optionally under a top-level `policy:` key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from qtoolkit import quantizers
+from qtoolkit.errors import PolicyError, QToolkitError
+from qtoolkit.layers import QUANT_MODULES, QuantEmbedding, QuantLinear
+from qtoolkit.schema import SchemaError
+
+DEFAULT = "_default"
+REGEX_PREFIX = "re:"
+SELECTOR = re.compile(r"blocks\[([^\]]*)\](?:\.(.+))?")
+
+
+def _is_pattern(key: str) -> bool:
+    return key.startswith(REGEX_PREFIX) or SELECTOR.fullmatch(key) is not None
+
+
+def _selected_blocks(sel: str, n_layers: int) -> list[int]:
+    """Python-style indices/slices over range(n_layers): "0, -1", "2:-2", ":3"."""
+    blocks = list(range(n_layers))
+    chosen: list[int] = []
+    for part in (p.strip() for p in sel.split(",")):
+        try:
+            bounds = [int(b) if b.strip() else None for b in part.split(":")]
+        except ValueError:
+            bounds = []
+        if not part or not 1 <= len(bounds) <= 3:
+            raise PolicyError(f"bad block selector item {part!r} in [{sel}]")
+        if len(bounds) > 1:
+            chosen += blocks[slice(*bounds)]
+        elif bounds[0] is None or not -n_layers <= bounds[0] < n_layers:
+            raise PolicyError(f"block {part!r} out of range for a model with {n_layers} blocks")
+        else:
+            chosen.append(blocks[bounds[0]])
+    return sorted(set(chosen))
+
+
+def _glob(text: str) -> str:
+    """Glob -> regex: `*` any run of characters, `?` one character, everything else literal."""
+    return re.escape(text).replace(r"\*", ".*").replace(r"\?", ".")
+
+
+def compile_pattern(key: str, n_layers: int | None = None) -> re.Pattern:
+    """The regex a `re:` or `blocks[...]` policy key stands for."""
+    if key.startswith(REGEX_PREFIX):
+        return re.compile(key[len(REGEX_PREFIX):])
+    m = SELECTOR.fullmatch(key)
+    if m is None:
+        raise PolicyError(f"{key!r} is not a pattern")
+    if n_layers is None:  # syntax check only
+        _selected_blocks(m.group(1), 10**6)
+        n_layers = 0
+    indices = _selected_blocks(m.group(1), n_layers) if n_layers else []
+    rest = _glob(m.group(2)) if m.group(2) else ".*"
+    return re.compile(rf"blocks\.({'|'.join(map(str, indices)) or '(?!)'})\.(?:{rest})")
+
+
+@dataclass
+class LayerAssignment:
+    name: str
+    module_type: str  # "linear" | "embedding"
+    shape: tuple[int, int]  # weight shape (rows, cols)
+    spec: dict[str, Any] | None  # canonical quantizer spec; None = stays float32
+    rule: str | None  # the policy key that assigned it
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def quantizer(self) -> str:
+        return self.spec["name"] if self.spec else "float32"
+
+
+@dataclass
+class Coverage:
+    """What a policy did (or would do) to each quantizable module, in model order."""
+
+    layers: list[LayerAssignment]
+    tied: bool = False
+
+    def params_by_quantizer(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        seen = set()
+        for a in self.layers:
+            if self.tied and a.name == "lm_head" and "embed" in seen:
+                continue  # one shared weight
+            seen.add(a.name)
+            out[a.quantizer] = out.get(a.quantizer, 0) + a.numel
+        return out
+
+    def unquantized(self) -> list[str]:
+        return [a.name for a in self.layers if a.spec is None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tied": self.tied, "layers": [a.__dict__ | {"shape": list(a.shape)} for a in self.layers]}
+
+
+@dataclass
+class Policy:
+    rules: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, source: Policy | dict[str, Any] | str | Path) -> Policy:
+        """From a Policy, a mapping, or the path of a YAML policy file."""
+        if isinstance(source, Policy):
+            return source
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            if not path.is_file():
+                raise PolicyError(f"policy file not found: {path}")
+            try:
+                data = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as e:
+                raise PolicyError(f"{path}: not valid YAML: {e}") from None
+            if isinstance(data, dict) and set(data) == {"policy"}:
+                data = data["policy"]
+            source = data
+        if not isinstance(source, dict) or not source:
+            raise PolicyError(f"a policy is a non-empty mapping of pattern -> quantizer spec, got {source!r}")
+        policy = cls(dict(source))
+        errors = policy.check()
+        if errors:
+            raise SchemaError(errors, "policy")
+        return policy
+
+    def check(self, path: str = "policy") -> list[tuple[str, str]]:
+        """Validate patterns and specs without a model; (key path, message) pairs."""
+        errors = []
+        for pattern, spec in self.rules.items():
+            key = f"{path}.{pattern}"
+            if not isinstance(pattern, str) or not pattern:
+                errors.append((key, "pattern must be a non-empty string"))
+                continue
+            if _is_pattern(pattern):
+                try:
+                    compile_pattern(pattern)
+                except re.error as e:
+                    errors.append((key, f"invalid regex: {e}"))
+                except PolicyError as e:
+                    errors.append((key, str(e)))
+            try:
+                quantizers.build(spec, path=key)
+            except SchemaError as e:
+                errors.extend(e.errors)
+            except QToolkitError as e:
+                errors.append((key, str(e)))
+        return errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.rules)
+
+    def resolve(self, model: nn.Module) -> Coverage:
+        """Assign a canonical spec to every quantizable module, without changing the model."""
+        targets = _targets(model)
+        exact = {p: s for p, s in self.rules.items() if p != DEFAULT and not _is_pattern(p)}
+        n_layers = len(getattr(model, "blocks", ()))
+        problems: list[tuple[str, str]] = []  # (policy key, what is wrong)
+        regexes = []
+        for pattern, spec in self.rules.items():
+            if _is_pattern(pattern):
+                try:
+                    regexes.append((pattern, compile_pattern(pattern, n_layers), spec))
+                except PolicyError as e:
+                    problems.append((pattern, str(e)))
+        for name in exact:
+            if name not in targets:
+                close = difflib.get_close_matches(name, list(targets), n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                problems.append((name, f"matches no quantizable module{hint}"))
+        claims: dict[str, int] = {p: 0 for p, _, _ in regexes}
+        assigned: dict[str, tuple[Any, str | None]] = {}
+        for name, module in targets.items():
+            if name in exact:
+                assigned[name] = (exact[name], name)
+                continue
+            for pattern, rx, spec in regexes:
+                if rx.fullmatch(name):
+                    assigned[name] = (spec, pattern)
+                    claims[pattern] += 1
+                    break
+            else:
+                if DEFAULT in self.rules and isinstance(module, nn.Linear):
+                    assigned[name] = (self.rules[DEFAULT], DEFAULT)
+                else:
+                    assigned[name] = (None, None)
+        for pattern, rx, _ in regexes:
+            if claims[pattern] == 0:
+                if any(rx.fullmatch(n) for n in targets):
+                    problems.append((pattern, "only matches modules already claimed by higher-priority rules"))
+                else:
+                    problems.append((pattern, "matches no quantizable module"))
+        if problems:
+            raise PolicyFitError(problems)
+
+        tied = _is_tied(model)
+        if tied:  # one weight, one quantizer: an explicit rule for either decides for both
+            e, h = assigned["embed"], assigned["lm_head"]
+            explicit = [x for x in (e, h) if x[1] not in (None, DEFAULT)]
+            if len(explicit) == 2 and quantizers.canonical(e[0]) != quantizers.canonical(h[0]):
+                raise PolicyFitError([(
+                    "embed",
+                    "embed and lm_head share one weight (tie_embeddings) but the policy gives them "
+                    f"different quantizers: embed={quantizers.canonical(e[0])}, "
+                    f"lm_head={quantizers.canonical(h[0])}",
+                )])
+            assigned["embed"] = assigned["lm_head"] = explicit[0] if explicit else h
+
+        layers = []
+        for name, module in targets.items():
+            spec, rule = assigned[name]
+            layers.append(LayerAssignment(
+                name=name,
+                module_type="embedding" if isinstance(module, nn.Embedding) else "linear",
+                shape=tuple(module.weight.shape),
+                spec=quantizers.canonical(spec) if spec is not None else None,
+                rule=rule,
+            ))
+        return Coverage(layers, tied=tied)
+
+
+class PolicyFitError(PolicyError):
+    """A policy that validates but does not fit a model; `problems` holds (policy key, message)."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("policy does not fit the model:\n" + "\n".join(f"  {k}: {m}" for k, m in problems))
+
+
+def _targets(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+
+
+def _is_tied(model: nn.Module) -> bool:
+    embed, head = getattr(model, "embed", None), getattr(model, "lm_head", None)
+    return embed is not None and head is not None and embed.weight is head.weight
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def apply_policy(model: nn.Module, policy: Policy | dict[str, Any] | str | Path) -> Coverage:
+    """Swap every module the policy assigns for its quantized version, in place."""
+    if any(isinstance(m, QUANT_MODULES) for m in model.modules()):
+        raise PolicyError("model is already quantized; apply a policy to a float model")
+    coverage = Policy.load(policy).resolve(model)
+    shared: dict[int, quantizers.Quantizer] = {}  # id(weight) -> quantizer (tied weights)
+    for a in coverage.layers:
+        if a.spec is None:
+            continue
+        module = model.get_submodule(a.name)
+        key = id(module.weight)
+        if key not in shared:
+            shared[key] = quantizers.build(a.spec)
+        cls = QuantEmbedding if isinstance(module, nn.Embedding) else QuantLinear
+        _set_submodule(model, a.name, cls.from_float(module, shared[key]))
+    return coverage
