@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from qtoolkit.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_train_then_eval(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    r = run("train", "--recipe", "ternary_all", "--model", "tiny", "--data", corpus_dir, "--out", out,
+            "--max-steps", 6, "--set", "train.eval_batches=2")
+    assert r.exit_code == 0, r.output
+    assert "Training summary" in r.output and "val perplexity" in r.output
+    assert (out / "ckpt.pt").is_file() and (out / "metrics.jsonl").is_file()
+    r = run("eval", out / "ckpt.pt", "--batches", 2)
+    assert r.exit_code == 0, r.output
+    assert re.search(r"val perplexity\s+│\s+\d+\.\d+", r.output)
+
+
+def test_resume_continues(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    base = ["train", "--recipe", "int8_all", "--model", "tiny", "--data", corpus_dir, "--out", out,
+            "--set", "train.eval_batches=2"]
+    assert run(*base, "--max-steps", 4).exit_code == 0
+    r = run(*base, "--max-steps", 4)
+    assert r.exit_code == 1 and "--resume" in r.output
+    r = run(*base, "--max-steps", 6, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "6 / 6" in r.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--recipe", "nope"], "unknown recipe 'nope'"),
+        (["train", "--model", "huge"], "model.preset: unknown preset 'huge'"),
+        (["train", "--set", "train.lr=-1", "--set", "train.schedule=linear"], "2 errors"),
+        (["train", "--set", "policy.blocks.0.attn.q_prj=int8", "--model", "tiny", "--data", "/nonexistent"],
+         "did you mean blocks.0.attn.q_proj"),
+        (["train", "--model", "tiny", "--data", "/nonexistent"], "--data /nonexistent: no such file"),
+        (["eval", "/nonexistent/ckpt.pt"], "no such file"),
+    ],
+)
+def test_user_errors_are_one_clean_message(args, message):
+    r = run(*args)
+    assert r.exit_code == 1
+    assert message in r.output
+    assert "Traceback" not in r.output
+
+
+def test_corrupted_checkpoint(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"\x00" * 100)
+    r = run("eval", tmp_path / "bad.pt")
+    assert r.exit_code == 1 and "bad.pt: not a checkpoint" in r.output and "Traceback" not in r.output
+
+
+def test_listing_commands():
+    r = run("recipes")
+    assert r.exit_code == 0 and "ternary_middle" in r.output and "blocks[0, -1]=int8" in r.output
+    r = run("quantizers")
+    assert r.exit_code == 0 and "ternary" in r.output and "2.0001" in r.output

@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import pytest
+import torch
+
+from qtoolkit.checkpoint import load_checkpoint
+from qtoolkit.errors import CheckpointError, TrainingDiverged
+from qtoolkit.recipe import TrainConfig, available_recipes, load_recipe
+from qtoolkit.train import evaluate_checkpoint, lr_and_wd, model_from_checkpoint, train
+
+
+def tiny_recipe(name, corpus_dir, *extra):
+    return load_recipe(name, ["model.preset=tiny", f"data.path={corpus_dir}", "train.eval_batches=4", *extra])
+
+
+@pytest.mark.parametrize("name", available_recipes())
+def test_every_shipped_recipe_trains_on_tiny(name, corpus_dir, tmp_path):
+    r = tiny_recipe(name, corpus_dir, "train.steps=4", "train.eval_every=2", "train.ckpt_every=2")
+    res = train(r, tmp_path / name)
+    assert res.steps == 4 and math.isfinite(res.val_loss)
+    ckpt = load_checkpoint(res.checkpoint)  # weights_only=True
+    assert ckpt["step"] == 4 and ckpt["recipe"]["name"] == name
+    lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["type"] == "eval"] == [2, 4]
+
+
+def test_loss_decreases(corpus_dir, tmp_path):
+    r = tiny_recipe("ternary_all", corpus_dir, "train.steps=80", "train.eval_every=40")
+    res = train(r, tmp_path / "run")
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trains = [x for x in evals if x["type"] == "train"]
+    assert trains[-1]["ce"] < trains[0]["ce"] - 1.0
+    assert res.val_loss < math.log(512) - 1.5  # well below a uniform guess
+    assert res.val_ppl == pytest.approx(math.exp(res.val_loss))
+
+
+def test_metrics_have_the_documented_fields(corpus_dir, tmp_path):
+    train(tiny_recipe("ternary_all", corpus_dir, "train.steps=4", "train.log_every=2"), tmp_path / "r")
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    t = next(x for x in lines if x["type"] == "train")
+    e = next(x for x in lines if x["type"] == "eval")
+    assert {"step", "loss", "ce", "lr", "tokens_per_s", "grad_norm", "elapsed"} <= set(t)
+    assert {"step", "val_loss", "val_ppl", "train_ce", "train_val_ratio"} <= set(e)
+    assert (tmp_path / "r" / "recipe.yaml").is_file()
+
+
+@pytest.mark.parametrize("name", ["ternary_all", "ternary_bitnet2b"])
+def test_resume_equals_uninterrupted(name, corpus_dir, tmp_path):
+    extra = ["train.steps=12", "train.eval_every=6", "train.ckpt_every=100",
+             "policy.blocks.0.attn.q_proj={name: ternary, alpha: learned}"]
+    train(tiny_recipe(name, corpus_dir, *extra), tmp_path / "full")
+
+    stop = threading.Event()
+
+    def stop_at_5(event):
+        if event.kind == "step" and event.step == 5:
+            stop.set()
+
+    part = train(tiny_recipe(name, corpus_dir, *extra), tmp_path / "split", callback=stop_at_5, stop=stop)
+    assert part.interrupted and part.steps == 5
+    assert load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 5
+    resumed = train(tiny_recipe(name, corpus_dir, *extra), tmp_path / "split", resume=True)
+    assert resumed.steps == 12
+
+    a = load_checkpoint(tmp_path / "full" / "ckpt.pt")["model"]
+    b = load_checkpoint(tmp_path / "split" / "ckpt.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # no duplicated lines after the resume point
+
+
+def test_refuses_to_overwrite_and_resume_needs_a_checkpoint(corpus_dir, tmp_path):
+    r = tiny_recipe("ternary_all", corpus_dir, "train.steps=2")
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(r, tmp_path / "run", resume=True)
+    train(r, tmp_path / "run")
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(r, tmp_path / "run")
+    other = tiny_recipe("int8_all", corpus_dir, "train.steps=4")
+    with pytest.raises(CheckpointError, match="differs"):
+        train(other, tmp_path / "run", resume=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus_dir, tmp_path):
+    r = tiny_recipe("ternary_all", corpus_dir, "train.steps=10", "train.ckpt_every=3")
+    good = {}
+
+    def poison(event):
+        if event.kind == "checkpoint" and event.step == 3:
+            good.update(load_checkpoint(event.data["path"])["model"])
+        if event.kind == "step" and event.step == 4:
+            raise_nan.set()
+
+    raise_nan = threading.Event()
+    import qtoolkit.train as qt
+
+    real = qt.loss_fn
+
+    def loss_fn(logits, targets, ls):
+        loss, ce = real(logits, targets, ls)
+        return (loss * float("nan"), ce) if raise_nan.is_set() else (loss, ce)
+
+    qt.loss_fn = loss_fn
+    try:
+        with pytest.raises(TrainingDiverged, match="step 5.*Last good checkpoint"):
+            train(r, tmp_path / "run", callback=poison)
+    finally:
+        qt.loss_fn = real
+    ckpt = load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert ckpt["step"] == 3
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in good.items())
+
+
+def test_schedules():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1, weight_decay=0.1)
+    lrs = [lr_and_wd(s, cfg)[0] for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+    two = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, schedule="two_stage", stage2_lr_scale=0.25,
+                      weight_decay=0.1)
+    (lr49, wd49), (lr50, wd50) = lr_and_wd(49, two), lr_and_wd(50, two)
+    assert wd49 == 0.1 and wd50 == 0.0
+    assert lr50 < 0.3 * lr49 and lr49 == pytest.approx(lrs[49])
+
+
+def test_eval_checkpoint_matches_training_eval(corpus_dir, tmp_path):
+    res = train(tiny_recipe("ternary_all", corpus_dir, "train.steps=6"), tmp_path / "run")
+    ev = evaluate_checkpoint(tmp_path / "run")
+    assert ev.val_loss == pytest.approx(res.val_loss, rel=1e-6)
+    assert ev.step == 6
+    model, coverage = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "ckpt.pt"))
+    assert coverage.params_by_quantizer()["ternary"] > 0
