@@ -134,3 +134,15 @@ def test_eval_checkpoint_matches_training_eval(corpus_dir, tmp_path):
     assert ev.step == 6
     model, coverage = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "ckpt.pt"))
     assert coverage.params_by_quantizer()["ternary"] > 0
+
+
+def test_trains_on_shared_tinystories(shared_tinystories, tmp_path):
+    r = load_recipe("ternary_all", ["model.preset=tiny", f"data.path={shared_tinystories}", "train.steps=30",
+                                    "train.eval_batches=4"])
+    events = []
+    res = train(r, tmp_path / "run", callback=events.append)
+    start = next(e for e in events if e.kind == "start")
+    assert "tinystories_train_first2MiB.txt" in start.data["data"]
+    assert "tinystories_validation_head.txt" in start.data["data"]
+    assert start.data["data_info"]["train_tokens"] > 500_000
+    assert res.val_loss < 6.0  # from ~ln(512) = 6.24 at init
