@@ -7,30 +7,57 @@ The public Python API; every `qtool` command is a thin wrapper over these.
     model = DecoderLM(ModelConfig.from_name("small"))
     coverage = apply_policy(model, {"_default": "ternary", "embed": "int8", "lm_head": "int8"})
     result = train(load_recipe("ternary_all", ["data.path=../shared/data/tinystories"]), "runs/x")
+
+Names are imported on first use (PEP 562), so e.g. loading a packed checkpoint does not import the
+training loop or the data pipeline.
 """
 
-from qtoolkit import quantizers
-from qtoolkit.checkpoint import load_checkpoint, save_checkpoint
-from qtoolkit.config import PRESETS, ModelConfig
-from qtoolkit.errors import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    PolicyError,
-    QToolkitError,
-    TrainingDiverged,
-    UnknownNameError,
-)
-from qtoolkit.model import DecoderLM
-from qtoolkit.policy import Coverage, Policy, apply_policy
-from qtoolkit.recipe import Recipe, available_recipes, load_recipe
-from qtoolkit.train import build_model, evaluate_checkpoint, model_from_checkpoint, train
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PRESETS", "CheckpointError", "ConfigError", "Coverage", "DataError", "DecoderLM", "ModelConfig",
-    "Policy", "PolicyError", "QToolkitError", "Recipe", "TrainingDiverged", "UnknownNameError",
-    "apply_policy", "available_recipes", "build_model", "evaluate_checkpoint", "load_checkpoint",
-    "load_recipe", "model_from_checkpoint", "quantizers", "save_checkpoint", "train",
-]
+_EXPORTS = {
+    "quantizers": "qtoolkit.quantizers",
+    "ModelConfig": "qtoolkit.config",
+    "PRESETS": "qtoolkit.config",
+    "DecoderLM": "qtoolkit.model",
+    "Policy": "qtoolkit.policy",
+    "Coverage": "qtoolkit.policy",
+    "apply_policy": "qtoolkit.policy",
+    "build_model": "qtoolkit.policy",
+    "Recipe": "qtoolkit.recipe",
+    "load_recipe": "qtoolkit.recipe",
+    "available_recipes": "qtoolkit.recipe",
+    "load_checkpoint": "qtoolkit.checkpoint",
+    "save_checkpoint": "qtoolkit.checkpoint",
+    "memory_plan": "qtoolkit.pack",
+    "pack_checkpoint": "qtoolkit.pack",
+    "model_from_checkpoint": "qtoolkit.pack",
+    "train": "qtoolkit.trainer",
+    "evaluate_checkpoint": "qtoolkit.trainer",
+    "QToolkitError": "qtoolkit.errors",
+    "ConfigError": "qtoolkit.errors",
+    "UnknownNameError": "qtoolkit.errors",
+    "PolicyError": "qtoolkit.errors",
+    "CheckpointError": "qtoolkit.errors",
+    "DataError": "qtoolkit.errors",
+    "TrainingDiverged": "qtoolkit.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qtoolkit' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    value = mod if mod.__name__ == f"qtoolkit.{name}" else getattr(mod, name)  # a module or a name in it
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

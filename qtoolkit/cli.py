@@ -51,7 +51,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/ckpt.pt.")] = False,
 ) -> None:
     """Quantization-aware training of a language model from a recipe."""
-    from qtoolkit.train import train as run_train
+    from qtoolkit.trainer import train as run_train
 
     overrides = list(set_ or [])
     if model:
@@ -81,11 +81,58 @@ def eval_(
     batches: Annotated[int | None, typer.Option(help="Number of validation batches.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
-    """Validation loss and perplexity of a checkpoint."""
-    from qtoolkit.train import evaluate_checkpoint
+    """Validation loss and perplexity of a training or packed checkpoint."""
+    from qtoolkit.trainer import evaluate_checkpoint
 
     result = evaluate_checkpoint(ckpt, data_path=data, batches=batches, device=device)
     report.console.print(report.eval_summary(result))
+
+
+@app.command()
+@user_errors
+def plan(
+    recipe: Annotated[str, typer.Option(help="Recipe name or YAML path (its model and policy are used).")] = "ternary_all",
+    model: Annotated[str | None, typer.Option(help="Model preset: tiny, small, ternarylm-132m.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: KEY=VALUE.")] = None,
+    packing: Annotated[str | None, typer.Option(help="Ternary packing for every ternary layer: 2bit or base3.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")] = False,
+    full: Annotated[bool, typer.Option(help="List every parameter (norms too) in the table.")] = False,
+) -> None:
+    """Exact stored bytes of a recipe's model, layer by layer, without training anything."""
+    import json
+
+    from qtoolkit.pack import memory_plan
+
+    r = load_recipe(recipe, list(set_ or []) + ([f"model.preset={model}"] if model else []))
+    p = memory_plan(r.model_config(), r.policy, _packing(packing))
+    if json_:
+        typer.echo(json.dumps({"recipe": r.name, "preset": r.preset, "packing": packing, **p.to_dict()}, indent=2))
+    else:
+        report.console.print(report.plan_table(p, f"{r.name} on {r.preset}", full=full))
+
+
+def _packing(value: str | None) -> str | None:
+    from qtoolkit.errors import ConfigError
+    from qtoolkit.pack import PACKINGS
+
+    if value is not None and value not in PACKINGS:
+        raise ConfigError(f"--packing must be one of {', '.join(PACKINGS)}, got {value!r}")
+    return value
+
+
+@app.command()
+@user_errors
+def pack(
+    ckpt: Annotated[Path, typer.Argument(help="Training checkpoint (or a run directory).")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output file [default: packed.safetensors beside CKPT].")] = None,
+    packing: Annotated[str | None, typer.Option(help="Store ternary layers as 2bit or base3 (same codes).")] = None,
+) -> None:
+    """Write a deployment checkpoint whose bytes are the packed weights."""
+    from qtoolkit.pack import pack_checkpoint
+
+    src = ckpt if ckpt.is_file() else ckpt / "ckpt.pt"
+    result = pack_checkpoint(ckpt, out or src.with_name("packed.safetensors"), _packing(packing))
+    report.console.print(report.pack_summary(result))
 
 
 @app.command()

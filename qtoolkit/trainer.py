@@ -37,11 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qtoolkit.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from qtoolkit.config import ModelConfig
 from qtoolkit.data import PreparedData, TokenStream, prepare_data, tokenizer_from_json
-from qtoolkit.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
-from qtoolkit.model import DecoderLM
-from qtoolkit.policy import Coverage, apply_policy
+from qtoolkit.errors import CheckpointError, ConfigError, TrainingDiverged
+from qtoolkit.pack import model_from_checkpoint
+from qtoolkit.policy import Coverage, build_model
 from qtoolkit.recipe import DataConfig, Recipe, TrainConfig, save_recipe
 
 
@@ -76,11 +75,6 @@ def _noop(event: TrainEvent) -> None:
 
 
 # ------------------------------------------------------------------------------ pieces
-
-
-def build_model(model_config: ModelConfig, policy: Any) -> tuple[DecoderLM, Coverage]:
-    model = DecoderLM(model_config)
-    return model, apply_policy(model, policy)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -384,13 +378,7 @@ class EvalResult:
     val_ppl: float
     val_tokens: int
     data: str
-
-
-def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[DecoderLM, Coverage]:
-    """Rebuild the (fake-quantized) training model of a training checkpoint."""
-    model, coverage = build_model(ModelConfig.from_dict(ckpt["model_config"]), ckpt["policy"])
-    model.load_state_dict(ckpt["model"])
-    return model, coverage
+    kind: str = "train"
 
 
 def evaluate_checkpoint(
@@ -400,7 +388,8 @@ def evaluate_checkpoint(
     device: str = "auto",
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> EvalResult:
-    """Validation loss/perplexity of a checkpoint on its own data config (or on `data_path`)."""
+    """Validation loss/perplexity of a training or packed checkpoint, on its own data config
+    (or on `data_path`)."""
     ckpt = load_checkpoint(path)
     recipe = ckpt["recipe"]
     data_cfg = DataConfig(**recipe["data"])
@@ -415,11 +404,11 @@ def evaluate_checkpoint(
     train_cfg = recipe["train"]
     res = evaluate(model, data.val, train_cfg["batch_size"], train_cfg["seq_len"],
                    batches or train_cfg["eval_batches"], dev)
-    return EvalResult(str(ckpt["path"]), ckpt.get("step", 0), res["val_loss"], res["val_ppl"],
-                      int(res["val_tokens"]), data.description)
+    step = ckpt.get("step", ckpt.get("source", {}).get("step")) or 0
+    return EvalResult(str(ckpt["path"]), step, res["val_loss"], res["val_ppl"], int(res["val_tokens"]),
+                      data.description, ckpt["kind"])
 
 
 __all__ = [
-    "DataError", "EvalResult", "TrainEvent", "TrainResult", "TrainingDiverged", "build_model",
-    "evaluate", "evaluate_checkpoint", "loss_fn", "lr_and_wd", "model_from_checkpoint", "train",
+    "EvalResult", "TrainEvent", "TrainResult", "evaluate", "evaluate_checkpoint", "loss_fn", "lr_and_wd", "train",
 ]

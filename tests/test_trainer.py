@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import threading
@@ -8,10 +7,11 @@ import threading
 import pytest
 import torch
 
+from qtoolkit import trainer
 from qtoolkit.checkpoint import load_checkpoint
 from qtoolkit.errors import CheckpointError, TrainingDiverged
 from qtoolkit.recipe import TrainConfig, available_recipes, load_recipe
-from qtoolkit.train import evaluate_checkpoint, lr_and_wd, model_from_checkpoint, train
+from qtoolkit.trainer import evaluate_checkpoint, lr_and_wd, model_from_checkpoint, train
 
 
 def tiny_recipe(name, corpus_dir, *extra):
@@ -99,14 +99,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus_dir, tmp_path,
             raise_nan.set()
 
     raise_nan = threading.Event()
-    train_module = importlib.import_module("qtoolkit.train")  # `qtoolkit.train` is also the function
-    real = train_module.loss_fn
+    real = trainer.loss_fn
 
     def loss_fn(logits, targets, ls):
         loss, ce = real(logits, targets, ls)
         return (loss * float("nan"), ce) if raise_nan.is_set() else (loss, ce)
 
-    monkeypatch.setattr(train_module, "loss_fn", loss_fn)
+    monkeypatch.setattr(trainer, "loss_fn", loss_fn)
     with pytest.raises(TrainingDiverged, match="step 5.*Last good checkpoint"):
         train(r, tmp_path / "run", callback=poison)
     ckpt = load_checkpoint(tmp_path / "run" / "ckpt.pt")
