@@ -8,8 +8,14 @@ provides:
     quantize_input(x)   fake-quantized layer input (identity unless the spec quantizes activations)
     quantize(w)         -> QTensor: the integer (or low-precision float) codes and their scales
     dequantize(q)       QTensor -> float weight; equals forward(w) bit for bit
-    nbytes(shape)       exact storage bytes of a weight of that shape, codes *and* scales
+    layout(shape)       the packed tensors a weight of that shape is stored as: {suffix: (dtype, shape)}
+    pack(q)             QTensor -> {suffix: tensor}, exactly as `layout` says (checked on every pack)
+    unpack(tensors, shape)  the inverse of pack, bit-exact
+    nbytes(shape)       exact storage bytes = sum of the layout's tensor bytes (codes *and* scales)
     bits_per_weight(shape)  8 * nbytes / numel, as an exact Fraction
+
+`nbytes` is derived from `layout`, and `pack` is checked against `layout`, so the bytes the memory
+model predicts (qtoolkit.pack.memory_plan) are the bytes a packed checkpoint holds.
 
 Weights are 2-D, (rows, cols) = (out_features, in_features) for linears and (vocab, d_model) for
 embeddings. Scales are fp32 and grouped along a row: one per tensor, per row ("channel"), or per
@@ -28,7 +34,23 @@ from torch import Tensor, nn
 
 from qtoolkit import schema
 
-SCALE_BYTES = 4  # scales are stored as float32
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """dtype and shape of one packed tensor."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+    def matches(self, t: Tensor) -> bool:
+        return t.dtype == self.dtype and tuple(t.shape) == self.shape
 
 
 @dataclass(frozen=True)
@@ -161,8 +183,38 @@ class Quantizer(nn.Module):
     def dequantize(self, q: QTensor) -> Tensor:
         raise NotImplementedError
 
-    def nbytes(self, shape: tuple[int, ...]) -> int:
+    def layout(self, shape: tuple[int, ...]) -> dict[str, TensorLayout]:
         raise NotImplementedError
+
+    def _pack(self, q: QTensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _unpack(self, tensors: dict[str, Tensor], shape: tuple[int, ...]) -> QTensor:
+        raise NotImplementedError
+
+    def pack(self, q: QTensor) -> dict[str, Tensor]:
+        """Storage tensors of a quantized weight; exactly the dtypes and shapes of `layout`."""
+        out = {k: v.contiguous() for k, v in self._pack(q).items()}
+        expected = self.layout(q.shape)
+        if out.keys() != expected.keys() or not all(expected[k].matches(v) for k, v in out.items()):
+            got = {k: (v.dtype, tuple(v.shape)) for k, v in out.items()}
+            raise AssertionError(f"{self.name}.pack produced {got}, layout says {expected}")
+        return out
+
+    def unpack(self, tensors: dict[str, Tensor], shape: tuple[int, ...]) -> QTensor:
+        """Inverse of `pack`. Raises ValueError when the tensors do not match the layout."""
+        expected = self.layout(tuple(shape))
+        if tensors.keys() != expected.keys():
+            raise ValueError(f"expected tensors {sorted(expected)}, got {sorted(tensors)}")
+        for k, t in tensors.items():
+            if not expected[k].matches(t):
+                raise ValueError(
+                    f"{k}: expected {expected[k].dtype} {expected[k].shape}, got {t.dtype} {tuple(t.shape)}"
+                )
+        return self._unpack(tensors, tuple(shape))
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        return sum(t.nbytes for t in self.layout(tuple(shape)).values())
 
     def bits_per_weight(self, shape: tuple[int, ...]) -> Fraction:
         numel = shape[0] * shape[1]

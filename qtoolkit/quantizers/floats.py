@@ -5,12 +5,11 @@
 
 Quantization-aware training therefore sees exactly the rounding the stored weight will have. The
 "codes" of a cast are the stored fp16/bf16/fp32 values themselves; there are no scales.
-Storage: 2 bytes per weight (fp16, bf16) or 4 (fp32).
+Storage (`layout`): "values", the weight in the storage dtype: 2 bytes per weight (fp16, bf16) or 4 (fp32).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor
 
 from qtoolkit.quantizers import register
-from qtoolkit.quantizers.base import QTensor, Quantizer, straight_through
+from qtoolkit.quantizers.base import QTensor, Quantizer, TensorLayout, straight_through
 
 
 @dataclass(frozen=True)
@@ -44,8 +43,14 @@ class CastQuantizer(Quantizer):
     def dequantize(self, q: QTensor) -> Tensor:
         return q.codes.to(torch.float32)
 
-    def nbytes(self, shape: tuple[int, ...]) -> int:
-        return math.prod(shape) * self.dtype.itemsize
+    def layout(self, shape: tuple[int, ...]) -> dict[str, TensorLayout]:
+        return {"values": TensorLayout(self.dtype, tuple(shape))}
+
+    def _pack(self, q: QTensor) -> dict[str, Tensor]:
+        return {"values": q.codes}
+
+    def _unpack(self, tensors: dict[str, Tensor], shape: tuple[int, ...]) -> QTensor:
+        return QTensor(tensors["values"], None, shape)
 
 
 @register("fp16")

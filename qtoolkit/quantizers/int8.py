@@ -9,12 +9,11 @@
 fake-quantizes the layer input per token exactly as the ternary quantizer does (W8A8); the default
 is weight-only (W8A16/W8A32).
 
-Storage: one byte per weight plus 4 bytes per scale.
+Storage (`layout`): "codes", int8 (rows, cols); "scales", float32 (rows, 1) (or (1, 1)).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,9 +22,9 @@ from torch import Tensor
 
 from qtoolkit.quantizers import register
 from qtoolkit.quantizers.base import (
-    SCALE_BYTES,
     QTensor,
     Quantizer,
+    TensorLayout,
     fake_quant_int8_per_token,
     grouped,
     num_groups,
@@ -74,6 +73,14 @@ class Int8Quantizer(Quantizer):
         g = grouped(q.codes.to(q.scales.dtype), self.config.granularity, 0)
         return ungrouped(g * scale, q.shape)
 
-    def nbytes(self, shape: tuple[int, ...]) -> int:
-        rows, per_row = num_groups(shape, self.config.granularity, 0)
-        return math.prod(shape) + rows * per_row * SCALE_BYTES
+    def layout(self, shape: tuple[int, ...]) -> dict[str, TensorLayout]:
+        return {
+            "codes": TensorLayout(torch.int8, tuple(shape)),
+            "scales": TensorLayout(torch.float32, num_groups(shape, self.config.granularity, 0)),
+        }
+
+    def _pack(self, q: QTensor) -> dict[str, Tensor]:
+        return {"codes": q.codes, "scales": q.scales}
+
+    def _unpack(self, tensors: dict[str, Tensor], shape: tuple[int, ...]) -> QTensor:
+        return QTensor(tensors["codes"], tensors["scales"], shape)

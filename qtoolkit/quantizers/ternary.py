@@ -26,8 +26,9 @@ The layer then computes  y = xhat @ What^T.  Because What = gamma * Wt with Wt i
 deployed layer needs only additions of int8 activations and one multiply per output by
 gamma / s_t (see the inference runtime).
 
-Storage (`nbytes`): the codes packed flat in row-major order, `packing: 2bit` -> 4 codes per byte,
-`packing: base3` -> 5 codes per byte (3^5 = 243 <= 256), plus one fp32 scale per group.
+Storage (`layout`): "codes", uint8 (ceil(numel / k),) with the codes packed flat in row-major order,
+k = 4 for `packing: 2bit`, 5 for `packing: base3` (bit layouts drawn in `bitpack.py`); "scales",
+float32 (scale_rows, scales_per_row), one per group.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from qtoolkit.quantizers import register
+from qtoolkit.quantizers import bitpack, register
 from qtoolkit.quantizers.base import (
-    SCALE_BYTES,
     QTensor,
     Quantizer,
+    TensorLayout,
     fake_quant_int8_per_token,
     group_counts,
     grouped,
@@ -53,7 +54,6 @@ from qtoolkit.quantizers.base import (
 )
 
 EPS = 1e-5
-CODES_PER_BYTE = {"2bit": 4, "base3": 5}
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,16 @@ class TernaryQuantizer(Quantizer):
         g = grouped(q.codes.to(q.scales.dtype), self.config.granularity, self.config.group_size)
         return ungrouped(g * scale, q.shape)
 
-    def nbytes(self, shape: tuple[int, ...]) -> int:
-        rows, per_row = num_groups(shape, self.config.granularity, self.config.group_size)
-        numel = math.prod(shape)
-        return -(-numel // CODES_PER_BYTE[self.config.packing]) + rows * per_row * SCALE_BYTES
+    def layout(self, shape: tuple[int, ...]) -> dict[str, TensorLayout]:
+        n = bitpack.packed_len(math.prod(shape), self.config.packing)
+        return {
+            "codes": TensorLayout(torch.uint8, (n,)),
+            "scales": TensorLayout(torch.float32, num_groups(shape, self.config.granularity, self.config.group_size)),
+        }
+
+    def _pack(self, q: QTensor) -> dict[str, Tensor]:
+        return {"codes": bitpack.pack(q.codes, self.config.packing), "scales": q.scales}
+
+    def _unpack(self, tensors: dict[str, Tensor], shape: tuple[int, ...]) -> QTensor:
+        codes = bitpack.unpack(tensors["codes"], math.prod(shape), self.config.packing)
+        return QTensor(codes.reshape(shape), tensors["scales"], shape)

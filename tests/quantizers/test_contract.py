@@ -117,6 +117,34 @@ def test_nbytes_counts_codes_and_scales_exactly(spec, shape):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
+@pytest.mark.parametrize("shape", SHAPES + [(3, 3), (1, 1), (2, 7), (5, 9)])
+def test_pack_unpack_is_bit_exact_and_matches_the_layout(spec, shape):
+    q, w = make(spec, shape)
+    qt = q.quantize(w)
+    packed = q.pack(qt)
+    layout = q.layout(shape)
+    assert packed.keys() == layout.keys()
+    assert all(layout[k].matches(t) for k, t in packed.items())
+    assert sum(t.numel() * t.element_size() for t in packed.values()) == q.nbytes(shape)
+    back = q.unpack(packed, shape)
+    assert back.codes.dtype == qt.codes.dtype and torch.equal(back.codes, qt.codes)
+    assert (back.scales is None) == (qt.scales is None)
+    if qt.scales is not None:
+        assert torch.equal(back.scales, qt.scales)
+    assert torch.equal(q.dequantize(back), q(w))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_unpack_rejects_tensors_that_do_not_match_the_layout(spec):
+    q, w = make(spec, (4, 8))
+    packed = q.pack(q.quantize(w))
+    with pytest.raises(ValueError):
+        q.unpack(packed, (4, 9))
+    with pytest.raises(ValueError):
+        q.unpack({**packed, "extra": torch.zeros(1)}, (4, 8))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_spec_round_trips_through_build(spec):
     q = quantizers.build(spec)
     canonical = q.spec()
