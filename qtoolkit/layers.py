@@ -55,4 +55,32 @@ class QuantEmbedding(nn.Embedding):
         return F.embedding(idx, self.quantized_weight())
 
 
+class FrozenQuantLinear(nn.Module):
+    """Deployed form of a QuantLinear: the weight *is* the dequantized stored codes (never
+    re-quantized); only the input is quantized, exactly as in training."""
+
+    def __init__(self, weight: Tensor, quantizer: Quantizer):
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.quantizer = quantizer
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.quantizer.quantize_input(x), self.weight)
+
+
+class FrozenQuantEmbedding(nn.Module):
+    """Deployed form of a QuantEmbedding: a lookup in the dequantized stored table."""
+
+    def __init__(self, weight: Tensor, quantizer: Quantizer):
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.quantizer = quantizer
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return F.embedding(idx, self.weight)
+
+
 QUANT_MODULES = (QuantLinear, QuantEmbedding)
+FROZEN_MODULES = (FrozenQuantLinear, FrozenQuantEmbedding)

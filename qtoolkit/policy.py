@@ -274,6 +274,14 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def build_model(model_config, policy: Policy | dict[str, Any] | str | Path):
+    """A DecoderLM of `model_config` with `policy` applied: (model, coverage)."""
+    from qtoolkit.model import DecoderLM
+
+    model = DecoderLM(model_config)
+    return model, apply_policy(model, policy)
+
+
 def apply_policy(model: nn.Module, policy: Policy | dict[str, Any] | str | Path) -> Coverage:
     """Swap every module the policy assigns for its quantized version, in place."""
     if any(isinstance(m, QUANT_MODULES) for m in model.modules()):

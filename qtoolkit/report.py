@@ -206,3 +206,58 @@ def quantizers_table(rows: list[dict[str, Any]]) -> Table:
     for r in rows:
         table.add_row(r["name"], r["options"], r["bits"])
     return table
+
+
+def fmt_bytes(n: int | float) -> str:
+    """Decimal units (1 MB = 10^6 B), as budgets are written; exact bytes live in the JSON."""
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _shape(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def plan_table(plan, title: str, full: bool = False) -> Table:
+    """Per-layer bytes of a MemoryPlan; small fp32 parameters (norms) in one row unless `full`."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("layer", no_wrap=True)
+    for col, justify in (("shape", "right"), ("quantizer", "left"), ("bits/weight", "right"), ("bytes", "right")):
+        table.add_column(col, justify=justify)
+    rest = []
+    for e in plan.entries:
+        if e.kind == "param" and not full:
+            rest.append(e)
+            continue
+        quant = f"tied to {e.tied_to}" if e.tied_to else spec_text(e.spec)
+        table.add_row(e.name, _shape(e.shape), quant, f"{float(e.bits_per_weight):.4f}", f"{e.nbytes:,}")
+    if rest:
+        n, b = sum(e.params for e in rest), sum(e.nbytes for e in rest)
+        table.add_row(f"{len(rest)} norm weights", f"{n:,}", "fp32", f"{8 * b / n:.4f}", f"{b:,}")
+    table.add_section()
+    table.add_row("[bold]total", f"{plan.params:,}", "", f"{8 * plan.total_bytes / plan.params:.4f}",
+                  f"[bold]{plan.total_bytes:,}")
+    by_q = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in plan.bytes_by_quantizer().items())
+    table.caption = (f"{fmt_bytes(plan.total_bytes)} ({by_q}) vs {fmt_bytes(plan.fp32_bytes)} in fp32: "
+                     f"{plan.compression:.2f}x smaller")
+    return table
+
+
+def pack_summary(result) -> Table:
+    table = Table(title="Packed checkpoint", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_column()
+    exact = "[green]== predicted[/]" if result.tensor_bytes == result.predicted_bytes else "[red]!= predicted[/]"
+    for k, v, note in (
+        ("file", str(result.path), ""),
+        ("predicted (memory model)", f"{result.predicted_bytes:,} B", fmt_bytes(result.predicted_bytes)),
+        ("packed tensors written", f"{result.tensor_bytes:,} B", exact),
+        ("file size", f"{result.file_bytes:,} B", fmt_bytes(result.file_bytes)),
+        ("header + metadata", f"{result.overhead_bytes:,} B", "config, policy, layers, tokenizer"),
+        ("fp32 model", f"{result.fp32_bytes:,} B", f"{result.fp32_bytes / result.predicted_bytes:.2f}x larger"),
+    ):
+        table.add_row(k, v, note)
+    return table

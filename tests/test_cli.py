@@ -68,3 +68,27 @@ def test_listing_commands():
     assert r.exit_code == 0 and "ternary_middle" in r.output and "blocks[0, -1]=int8" in r.output
     r = run("quantizers")
     assert r.exit_code == 0 and "ternary" in r.output and "2.0001" in r.output
+
+
+def test_plan_table_and_json():
+    r = run("plan", "--recipe", "ternary_all", "--model", "tiny")
+    assert r.exit_code == 0, r.output
+    assert "lm_head" in r.output and "embed" in r.output and "96,056" in r.output
+    r = run("plan", "--recipe", "ternary_all", "--model", "tiny", "--json")
+    import json
+
+    data = json.loads(r.output)
+    assert data["total_bytes"] == 96056 and data["entries"][0]["name"] == "embed"
+    r = run("plan", "--packing", "base4")
+    assert r.exit_code == 1 and "--packing must be one of" in r.output
+
+
+def test_pack_then_eval(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run("train", "--model", "tiny", "--data", corpus_dir, "--out", out, "--max-steps", 3,
+               "--set", "train.eval_batches=2").exit_code == 0
+    r = run("pack", out, "--packing", "base3")
+    assert r.exit_code == 0, r.output
+    assert "== predicted" in r.output and (out / "packed.safetensors").is_file()
+    r = run("eval", out / "packed.safetensors", "--batches", 2)
+    assert r.exit_code == 0, r.output and "val perplexity" in r.output

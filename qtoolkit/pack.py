@@ -1,0 +1,335 @@
+"""Packed checkpoints and the one memory model that predicts their bytes.
+
+A model is stored as a list of *entries*, in module order:
+
+    a quantizable module (Linear / Embedding)   its quantizer's packed tensors; an unquantized one is
+                                                stored by the `fp32` quantizer (so it counts 4 B/weight)
+    every other parameter (RMSNorm weights)     fp32 values
+    a tied lm_head                              no tensors (it is the embedding's entry)
+
+`model_entries` builds that list from a model and a policy's coverage; `memory_plan` runs it on the
+`meta` device (no memory, no time, any size) and sums each entry's quantizer `layout`;
+`pack_model` runs the same entries over real weights and calls each quantizer's `pack`, which is
+checked against the same `layout`. The predicted bytes therefore equal the bytes of the tensors
+written, exactly; the file adds only the safetensors header (JSON metadata, reported separately).
+
+File format (safetensors, loads without executing code):
+
+    tensors     "<entry>.<suffix>" for every packed tensor, e.g.
+                "blocks.0.attn.q_proj.codes"   uint8  (ceil(n/4),)   2-bit codes (bitpack.py)
+                "blocks.0.attn.q_proj.scales"  fp32   (1, 1)         ternary alpha
+                "lm_head.codes" int8 (V, d), "lm_head.scales" fp32 (V, 1), "norm.weight.values" fp32 (d,)
+    metadata    format="qtoolkit", kind="packed", version="1", tokenizer=<tokenizer JSON>,
+                meta=<JSON: model_config, policy, recipe, source, total_bytes, layers=[{name, kind,
+                shape, spec, rule, tied_to, bytes, tensors: {suffix: key}}]>
+
+Loading (`model_from_checkpoint`) rebuilds the decoder with `FrozenQuantLinear`/`FrozenQuantEmbedding`
+modules whose weights are the dequantized stored codes; they quantize activations exactly as in
+training. Dequantized weights are bit-identical to the fake-quantized training weights (the codes
+and scales are the same and `dequantize` repeats the same float operations), so the packed model's
+logits equal the training model's exactly on the same device: tolerance 0, tested.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qtoolkit import quantizers
+from qtoolkit.checkpoint import load_checkpoint, save_packed
+from qtoolkit.config import ModelConfig
+from qtoolkit.errors import CheckpointError
+from qtoolkit.layers import QUANT_MODULES, FrozenQuantEmbedding, FrozenQuantLinear
+from qtoolkit.model import DecoderLM
+from qtoolkit.policy import Coverage, Policy, build_model
+from qtoolkit.quantizers.base import TensorLayout
+
+FP32_SPEC = {"name": "fp32"}
+PACKINGS = ("2bit", "base3")
+
+
+@dataclass
+class Entry:
+    """One stored weight and how it is stored."""
+
+    name: str  # module name ("blocks.0.attn.q_proj") or parameter name ("norm.weight")
+    kind: str  # "linear" | "embedding" | "param"
+    shape: tuple[int, ...]
+    spec: dict[str, Any]  # canonical quantizer spec; fp32 for anything unquantized
+    rule: str | None = None  # the policy rule that assigned it (None: not assigned, stored fp32)
+    tied_to: str | None = None  # shares the weight of another entry: stores nothing itself
+    _quantizer: quantizers.Quantizer | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def quantizer(self) -> quantizers.Quantizer:
+        if self._quantizer is None:
+            self._quantizer = quantizers.build(self.spec)
+        return self._quantizer
+
+    @property
+    def params(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def layout(self) -> dict[str, TensorLayout]:
+        if self.tied_to is not None:
+            return {}
+        shape = self.shape if len(self.shape) == 2 else (1, self.params)  # 1-D params as one row
+        return self.quantizer.layout(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.layout().values())
+
+    @property
+    def bits_per_weight(self) -> Fraction:
+        return Fraction(8 * self.nbytes, self.params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "shape": list(self.shape), "spec": self.spec,
+                "rule": self.rule, "tied_to": self.tied_to, "params": self.params, "bytes": self.nbytes,
+                "bits_per_weight": float(self.bits_per_weight)}
+
+
+def _with_packing(spec: dict[str, Any], packing: str | None) -> dict[str, Any]:
+    if packing is None or spec["name"] != "ternary":
+        return spec
+    return {**spec, "packing": packing}
+
+
+def model_entries(model: nn.Module, coverage: Coverage, packing: str | None = None) -> list[Entry]:
+    """The stored entries of `model` under `coverage` (optionally forcing a ternary packing)."""
+    if packing is not None and packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
+    entries: list[Entry] = []
+    owners: dict[int, str] = {}  # id(weight) -> entry name that stores it
+    covered: set[str] = set()
+    for a in coverage.layers:
+        module = model.get_submodule(a.name)
+        covered.update(f"{a.name}.{n}" for n, _ in module.named_parameters(recurse=True))
+        spec = _with_packing(a.spec, packing) if a.spec is not None else FP32_SPEC
+        tied_to = owners.get(id(module.weight))
+        owners.setdefault(id(module.weight), a.name)
+        entries.append(Entry(a.name, a.module_type, a.shape, quantizers.canonical(spec), a.rule, tied_to))
+    fp32 = quantizers.canonical(FP32_SPEC)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name not in covered:
+            entries.append(Entry(name, "param", tuple(p.shape), fp32))
+    return entries
+
+
+@dataclass
+class MemoryPlan:
+    model_config: ModelConfig
+    entries: list[Entry]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    @property
+    def params(self) -> int:
+        return sum(e.params for e in self.entries if e.tied_to is None)
+
+    @property
+    def fp32_bytes(self) -> int:
+        return 4 * self.params
+
+    @property
+    def compression(self) -> float:
+        return self.fp32_bytes / self.total_bytes
+
+    def bytes_by_quantizer(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in self.entries:
+            if e.tied_to is None:
+                out[e.spec["name"]] = out.get(e.spec["name"], 0) + e.nbytes
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_config": self.model_config.to_dict(),
+            "total_bytes": self.total_bytes,
+            "params": self.params,
+            "fp32_bytes": self.fp32_bytes,
+            "compression_vs_fp32": self.compression,
+            "bytes_by_quantizer": self.bytes_by_quantizer(),
+            "entries": [e.to_dict() for e in self.entries],
+        }
+
+
+def memory_plan(model_config: ModelConfig, policy: Policy | dict[str, Any] | str | Path,
+                packing: str | None = None) -> MemoryPlan:
+    """Exact stored bytes of `model_config` under `policy`, per entry, without any real weights."""
+    with torch.device("meta"):
+        model = DecoderLM(model_config)
+    coverage = Policy.load(policy).resolve(model)
+    return MemoryPlan(model_config, model_entries(model, coverage, packing))
+
+
+# ------------------------------------------------------------------------------ packing
+
+
+def _weight(model: nn.Module, entry: Entry) -> Tensor:
+    if entry.kind == "param":
+        return model.get_parameter(entry.name).detach().reshape(1, -1)
+    return model.get_submodule(entry.name).weight.detach()
+
+
+def _model_quantizer(model: nn.Module, entry: Entry) -> quantizers.Quantizer:
+    """The quantizer that computes the entry's codes: the module's own one when it has one
+    (learned scales live there). It may differ from `entry.quantizer` only in storage options
+    (a `packing` override), which is why packing goes through `entry.quantizer`."""
+    if entry.kind != "param":
+        module = model.get_submodule(entry.name)
+        if isinstance(module, QUANT_MODULES):
+            return module.quantizer
+    return entry.quantizer
+
+
+@torch.no_grad()
+def pack_model(model: nn.Module, coverage: Coverage, packing: str | None = None) -> tuple[dict[str, Tensor], list[Entry]]:
+    """Packed tensors {"<entry>.<suffix>": tensor} of a (fake-quantized) model, and its entries."""
+    entries = model_entries(model, coverage, packing)
+    tensors: dict[str, Tensor] = {}
+    for e in entries:
+        if e.tied_to is not None:
+            continue
+        codes = _model_quantizer(model, e).quantize(_weight(model, e).float().cpu())
+        packed = e.quantizer.pack(codes)
+        tensors.update({f"{e.name}.{suffix}": t for suffix, t in packed.items()})
+    return tensors, entries
+
+
+@dataclass
+class PackResult:
+    path: Path
+    predicted_bytes: int  # memory_plan's figure
+    tensor_bytes: int  # sum of the bytes of the tensors written
+    file_bytes: int  # size on disk
+    fp32_bytes: int
+    plan: MemoryPlan
+
+    @property
+    def overhead_bytes(self) -> int:
+        return self.file_bytes - self.tensor_bytes
+
+
+def pack_checkpoint(ckpt_path: str | Path, out: str | Path, packing: str | None = None) -> PackResult:
+    """Write the packed (deployment) form of a training checkpoint."""
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt["kind"] != "train":
+        raise CheckpointError(f"{ckpt['path']}: already a packed checkpoint")
+    model_config = ModelConfig.from_dict(ckpt["model_config"])
+    model, coverage = model_from_checkpoint(ckpt)
+    tensors, entries = pack_model(model, coverage, packing)
+    plan = memory_plan(model_config, ckpt["policy"], packing)
+    policy = {k: _with_packing(quantizers.canonical(v), packing) for k, v in ckpt["policy"].items()}
+    meta = {
+        "model_config": model_config.to_dict(),
+        "policy": policy,
+        "recipe": ckpt.get("recipe", {}),
+        "source": {"checkpoint": str(ckpt["path"]), "step": ckpt.get("step"), "metrics": ckpt.get("metrics", {})},
+        "total_bytes": plan.total_bytes,
+        "layers": [{**e.to_dict(), "tensors": {s: f"{e.name}.{s}" for s in e.layout()}} for e in entries],
+    }
+    path = save_packed(tensors, meta, ckpt["tokenizer"], out)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return PackResult(path, plan.total_bytes, tensor_bytes, os.path.getsize(path), plan.fp32_bytes, plan)
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def unpack_layers(ckpt: dict[str, Any]) -> dict[str, tuple[Entry, quantizers.QTensor]]:
+    """{entry name: (entry, QTensor)} of a packed checkpoint; tied entries are left out."""
+    tensors = ckpt["tensors"]
+    out = {}
+    for layer in ckpt["layers"]:
+        entry = Entry(layer["name"], layer["kind"], tuple(layer["shape"]), layer["spec"], layer.get("rule"),
+                      layer.get("tied_to"))
+        if entry.tied_to is not None:
+            continue
+        shape = entry.shape if len(entry.shape) == 2 else (1, entry.params)
+        try:
+            parts = {s: tensors[key] for s, key in layer["tensors"].items()}
+            q = entry.quantizer.unpack(parts, shape)
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{ckpt['path']}: layer {entry.name}: damaged packed data ({e})") from None
+        out[entry.name] = (entry, q)
+    return out
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def model_from_packed(ckpt: dict[str, Any]) -> DecoderLM:
+    """An inference DecoderLM from a packed checkpoint (dequantized weights, frozen quantizers)."""
+    cfg = ModelConfig.from_dict(ckpt["model_config"])
+    with torch.device("meta"):
+        model = DecoderLM(cfg)
+    layers = unpack_layers(ckpt)
+    by_name = {layer["name"]: layer for layer in ckpt["layers"]}
+    for name, (entry, q) in layers.items():
+        weight = entry.quantizer.dequantize(q).to(torch.float32)
+        if entry.kind == "param":
+            model.get_parameter(name)  # exists
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr,
+                    nn.Parameter(weight.reshape(entry.shape), requires_grad=False))
+        elif entry.spec["name"] == "fp32" and entry.rule is None:  # never quantized: a plain float module
+            module = model.get_submodule(name)
+            module.weight = nn.Parameter(weight, requires_grad=False)
+        else:
+            cls = FrozenQuantEmbedding if entry.kind == "embedding" else FrozenQuantLinear
+            _set_submodule(model, name, cls(weight, entry.quantizer))
+    for name, layer in by_name.items():
+        if layer.get("tied_to"):
+            _set_submodule(model, name, _tied(model.get_submodule(layer["tied_to"]), layer["kind"]))
+    model.rope_cos, model.rope_sin = (t.to("cpu") for t in _rope(cfg))
+    model.eval()
+    return model
+
+
+def _rope(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+    from qtoolkit.model import rope_tables
+
+    return rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+
+
+def _tied(source: nn.Module, kind: str) -> nn.Module:
+    """The other half of a tied embedding/head pair, sharing the source's weight (and quantizer)."""
+    if isinstance(source, (FrozenQuantLinear, FrozenQuantEmbedding)):
+        cls = FrozenQuantLinear if kind == "linear" else FrozenQuantEmbedding
+        return cls(source.weight, source.quantizer)
+    rows, cols = source.weight.shape
+    module = nn.Linear(cols, rows, bias=False, device="meta") if kind == "linear" else nn.Embedding(rows, cols, device="meta")
+    module.weight = source.weight
+    return module
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[DecoderLM, Coverage | None]:
+    """The model of a loaded checkpoint of either kind: (model, coverage).
+
+    Training checkpoints give the fake-quantized training model (with its coverage); packed ones
+    the inference model (coverage None).
+    """
+    if ckpt["kind"] == "packed":
+        return model_from_packed(ckpt), None
+    model, coverage = build_model(ModelConfig.from_dict(ckpt["model_config"]), ckpt["policy"])
+    model.load_state_dict(ckpt["model"])
+    return model, coverage
+
+
+__all__ = ["Entry", "MemoryPlan", "PackResult", "memory_plan", "model_entries", "model_from_checkpoint",
+           "model_from_packed", "pack_checkpoint", "pack_model", "unpack_layers"]
