@@ -137,6 +137,64 @@ def pack(
 
 @app.command()
 @user_errors
+def analyze(
+    ckpt: Annotated[Path, typer.Argument(help="Training or packed checkpoint (or a run directory).")],
+    full: Annotated[bool, typer.Option(help="Add the per-layer table.")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON (schema: docs/analyze.md).")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the report as Markdown.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG figure: sparsity per block, alpha, bits per layer.")] = None,
+    html: Annotated[Path | None, typer.Option(help="Write a one-file HTML report (tables + figure).")] = None,
+    compare: Annotated[Path | None, typer.Option(help="A second checkpoint to set side by side.")] = None,
+    as_: Annotated[str | None, typer.Option("--as", help="Analyse as if quantized: a quantizer spec (ternary, "
+                                            "'{name: ternary, granularity: channel}') or a policy YAML file.")] = None,
+    band: Annotated[float, typer.Option(help="Near-threshold band: | |W/alpha| - 0.5 | < band.")] = 0.05,
+    middle: Annotated[str | None, typer.Option(help="Middle blocks as a range START:STOP [default: the paper's L5-L9 of 12, scaled].")] = None,
+) -> None:
+    """Per-layer sparsity and quantization report of a checkpoint."""
+    import json
+
+    import yaml
+
+    from qtoolkit.analyze import analyze_checkpoint
+    from qtoolkit.checkpoint import atomic_write_text
+
+    as_policy = None
+    if as_ is not None:
+        as_policy = as_ if Path(as_).is_file() else yaml.safe_load(as_)
+    a = analyze_checkpoint(ckpt, as_policy=as_policy, band=band, middle=_range(middle))
+    b = analyze_checkpoint(compare, band=band, middle=_range(middle)) if compare else None
+    for item in report.analysis_renderables(a, full=full):
+        report.console.print(item)
+    if b is not None:
+        report.console.print(report.compare_table(a, b))
+    if json_path:
+        data = a.to_dict() | {"compare": b.to_dict() if b else None}
+        atomic_write_text(json_path, json.dumps(data, indent=2))
+    if markdown:
+        atomic_write_text(markdown, report.analysis_markdown(a, b))
+    if plot:
+        report.save_analysis_plot(a, plot, b)
+    if html:
+        atomic_write_text(html, report.analysis_html(a, b))
+    for label, path in (("json", json_path), ("markdown", markdown), ("plot", plot), ("html", html)):
+        if path:
+            report.console.print(f"wrote {label}: {path}", highlight=False)
+
+
+def _range(text: str | None) -> tuple[int, int] | None:
+    from qtoolkit.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        lo, hi = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--middle takes START:STOP block indices, e.g. 4:9; got {text!r}") from None
+    return lo, hi
+
+
+@app.command()
+@user_errors
 def recipes() -> None:
     """List the shipped recipes."""
     rows = []

@@ -18,6 +18,7 @@ which swaps these nn.Linear/nn.Embedding modules for their quantized versions in
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,17 @@ from torch import Tensor, nn
 
 from qtoolkit.config import ModelConfig
 from qtoolkit.errors import ConfigError
+
+_BLOCK_NAME = re.compile(r"blocks\.(\d+)\.(?:attn|mlp)\.(\w+?)(?:_proj)?$")
+
+
+def layer_position(name: str) -> tuple[int | None, str]:
+    """(block index, module kind) of a module name: ("blocks.3.mlp.up_proj") -> (3, "up"),
+    ("embed") -> (None, "embed"), ("lm_head") -> (None, "lm_head"); anything else (None, name)."""
+    m = _BLOCK_NAME.match(name)
+    if m:
+        return int(m.group(1)), m.group(2)
+    return None, name
 
 
 class RMSNorm(nn.Module):

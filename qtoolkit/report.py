@@ -6,6 +6,7 @@ import math
 import time
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -19,6 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from qtoolkit import quantizers
 from qtoolkit.policy import Coverage
@@ -261,3 +263,273 @@ def pack_summary(result) -> Table:
     ):
         table.add_row(k, v, note)
     return table
+
+
+# ------------------------------------------------------------------------------ analysis
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _alpha(a: dict[str, float] | None) -> str:
+    if not a:
+        return "-"
+    if a["count"] == 1:
+        return f"{a['mean']:.4g}"
+    return f"{a['mean']:.3g} [{a['min']:.2g}, {a['max']:.2g}]"
+
+
+LAYER_COLUMNS = [  # (header, LayerStats -> text); the --full table and the markdown share them
+    ("layer", lambda x: x.name),
+    ("shape", lambda x: _shape(x.shape)),
+    ("quantizer", lambda x: spec_text(x.spec)),
+    ("bits/w", lambda x: f"{x.bits_per_weight:.3f}"),
+    ("bytes", lambda x: f"{x.bytes:,}"),
+    ("zeros", lambda x: _pct(x.zeros)),
+    ("+1", lambda x: _pct(x.plus)),
+    ("-1", lambda x: _pct(x.minus)),
+    ("alpha", lambda x: _alpha(x.alpha)),
+    ("entropy b/w", lambda x: _num(x.entropy_bits) + (f" / {x.code_bits:.1f}" if x.code_bits else "")),
+    ("near thr", lambda x: _pct(x.near_threshold)),
+    ("SQNR dB", lambda x: "exact" if x.sqnr_db is None and x.quantizer in ("fp32",) else _num(x.sqnr_db, ".1f")),
+]
+
+GROUP_COLUMNS = [  # per block / per kind aggregate rows (compact: fits 80 columns)
+    ("quant", lambda g: ",".join(g["quantizers"])),
+    ("bytes", lambda g: fmt_bytes(g["bytes"])),
+    ("bits/w", lambda g: f"{g['bits_per_weight']:.2f}"),
+    ("zeros", lambda g: _pct(g["zeros"])),
+    ("H b/w", lambda g: _num(g["entropy_bits"], ".2f")),
+    ("near", lambda g: _pct(g["near_threshold"])),
+    ("alpha", lambda g: _num(g["alpha_mean"], ".3g")),
+    ("SQNR", lambda g: _num(g["sqnr_db"], ".1f")),
+]
+GROUP_LEGEND = ("zeros/H/near/alpha over ternary weights; H = code entropy (bits/weight lower bound); "
+                "near = share within the rounding band; SQNR in dB")
+
+
+def _analysis_heading(a) -> str:
+    what = f"{a.checkpoint} ({a.kind}" + (f", step {a.step}" if a.step is not None else "") + ")"
+    if a.as_policy:
+        what += f" analysed as {a.as_policy}"
+    return what
+
+
+def middle_boundary_text(a) -> str:
+    mb = a.middle_vs_boundary
+    if not mb:
+        return "middle vs boundary: needs ternary layers in both middle and boundary blocks"
+    return (f"middle blocks {mb['middle_blocks'][0]}-{mb['middle_blocks'][-1]}: {_pct(mb['middle_zeros'])} zeros; "
+            f"boundary blocks: {_pct(mb['boundary_zeros'])} zeros; difference "
+            f"{100 * mb['difference']:+.2f} points")
+
+
+def totals_text(a) -> str:
+    t = a.totals
+    return (f"total {fmt_bytes(t['bytes'])} ({t['bytes']:,} B) vs {fmt_bytes(t['fp32_bytes'])} in fp32: "
+            f"{t['compression_vs_fp32']:.2f}x smaller; ternary zeros overall {_pct(t['zeros'])}")
+
+
+def analysis_renderables(a, full: bool = False) -> list:
+    out: list = [Text(_analysis_heading(a), style="bold")]
+    if full:
+        table = Table(title="Layers", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for header, _ in LAYER_COLUMNS:
+            table.add_column(header, no_wrap=header == "layer", justify="left" if header in ("layer", "quantizer") else "right")
+        for x in a.layers:
+            table.add_row(*(fn(x) for _, fn in LAYER_COLUMNS))
+        out.append(table)
+    blocks = Table(title="By block", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    blocks.add_column("block", justify="right")
+    for header, _ in GROUP_COLUMNS:
+        blocks.add_column(header, justify="left" if header == "quant" else "right")
+    mids = set((a.middle_vs_boundary or {}).get("middle_blocks", []))
+    for g in a.blocks:
+        blocks.add_row(f"{g['block']}{'*' if g['block'] in mids else ''}", *(fn(g) for _, fn in GROUP_COLUMNS))
+    for kind in ("embed", "lm_head"):
+        if kind in a.kinds:
+            blocks.add_row(kind, *(fn(a.kinds[kind]) for _, fn in GROUP_COLUMNS))
+    blocks.caption = "* middle block. " + GROUP_LEGEND
+    out.append(blocks)
+    kinds = Table(title="By module kind", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    kinds.add_column("kind")
+    for header, _ in GROUP_COLUMNS:
+        kinds.add_column(header, justify="left" if header == "quant" else "right")
+    for kind, g in a.kinds.items():
+        kinds.add_row(kind, *(fn(g) for _, fn in GROUP_COLUMNS))
+    out.append(kinds)
+    out.append(Text(middle_boundary_text(a)))
+    out.append(Text(totals_text(a)))
+    return out
+
+
+def compare_table(a, b) -> Table:
+    table = Table(title=f"A: {a.checkpoint}\nB: {b.checkpoint}", title_justify="left")
+    for col in ("layer", "quantizer A", "quantizer B", "bits A", "bits B", "zeros A", "zeros B", "d zeros",
+                "SQNR A", "SQNR B"):
+        table.add_column(col, justify="left" if col.startswith(("layer", "quantizer")) else "right",
+                         no_wrap=col == "layer")
+    other = {x.name: x for x in b.layers}
+    for x in a.layers:
+        y = other.get(x.name)
+        if y is None:
+            continue
+        dz = None if x.zeros is None or y.zeros is None else y.zeros - x.zeros
+        table.add_row(x.name, spec_text(x.spec), spec_text(y.spec), f"{x.bits_per_weight:.3f}",
+                      f"{y.bits_per_weight:.3f}", _pct(x.zeros), _pct(y.zeros),
+                      "-" if dz is None else f"{100 * dz:+.1f}", _num(x.sqnr_db, ".1f"), _num(y.sqnr_db, ".1f"))
+    table.add_section()
+    ta, tb = a.totals, b.totals
+    table.add_row("total", "", "", f"{8 * ta['bytes'] / ta['params']:.3f}", f"{8 * tb['bytes'] / tb['params']:.3f}",
+                  _pct(ta["zeros"]), _pct(tb["zeros"]),
+                  "-" if ta["zeros"] is None or tb["zeros"] is None else f"{100 * (tb['zeros'] - ta['zeros']):+.1f}",
+                  "", "")
+    table.caption = f"A: {fmt_bytes(ta['bytes'])}  B: {fmt_bytes(tb['bytes'])}"
+    return table
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> str:
+    esc = [[c.replace("|", "\\|") for c in r] for r in rows]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(r) + " |" for r in esc]
+    return "\n".join(lines)
+
+
+def analysis_markdown(a, other=None) -> str:
+    parts = [f"# Quantization analysis\n\n{_analysis_heading(a)}\n", f"{middle_boundary_text(a)}.\n",
+             f"{totals_text(a)}.\n", "## By block\n"]
+    parts.append(_md_table(["block"] + [h for h, _ in GROUP_COLUMNS],
+                           [[str(g["block"])] + [fn(g) for _, fn in GROUP_COLUMNS] for g in a.blocks]))
+    parts.append("\n## By module kind\n")
+    parts.append(_md_table(["kind"] + [h for h, _ in GROUP_COLUMNS],
+                           [[k] + [fn(g) for _, fn in GROUP_COLUMNS] for k, g in a.kinds.items()]))
+    parts.append("\n## Layers\n")
+    parts.append(_md_table([h for h, _ in LAYER_COLUMNS], [[fn(x) for _, fn in LAYER_COLUMNS] for x in a.layers]))
+    if other is not None:
+        parts.append(f"\n## Compared with {other.checkpoint}\n")
+        o = {x.name: x for x in other.layers}
+        rows = [[x.name, spec_text(x.spec), spec_text(o[x.name].spec), _pct(x.zeros), _pct(o[x.name].zeros),
+                 _num(x.sqnr_db, ".1f"), _num(o[x.name].sqnr_db, ".1f")] for x in a.layers if x.name in o]
+        parts.append(_md_table(["layer", "quantizer A", "quantizer B", "zeros A", "zeros B", "SQNR A", "SQNR B"], rows))
+    return "\n".join(parts) + "\n"
+
+
+_KIND_STYLE = {"q": "C0", "k": "C1", "v": "C2", "o": "C3", "gate": "C4", "up": "C5", "down": "C6"}
+
+
+def analysis_figure(a, other=None):
+    """Three panels: per-block zero fraction by module kind, alpha per layer, bits per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(11, 11), constrained_layout=True)
+    ax = axes[0]
+    mb = a.middle_vs_boundary
+    if mb:
+        lo, hi = mb["middle_blocks"][0], mb["middle_blocks"][-1]
+        ax.axvspan(lo - 0.5, hi + 0.5, color="0.92", label="middle blocks")
+    for kind, color in _KIND_STYLE.items():
+        pts = sorted((x.block, x.zeros) for x in a.layers if x.kind == kind and x.zeros is not None and x.quantizer == "ternary")
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", color=color, label=kind)
+        if other is not None:
+            opts = sorted((x.block, x.zeros) for x in other.layers if x.kind == kind and x.zeros is not None
+                          and x.quantizer == "ternary")
+            if opts:
+                ax.plot(*zip(*opts, strict=True), marker="x", linestyle="--", color=color, alpha=0.6)
+    if mb:
+        ax.axhline(mb["middle_zeros"], color="k", linestyle=":", linewidth=1,
+                   label=f"middle mean {100 * mb['middle_zeros']:.1f}%")
+        ax.axhline(mb["boundary_zeros"], color="0.4", linestyle="-.", linewidth=1,
+                   label=f"boundary mean {100 * mb['boundary_zeros']:.1f}%")
+    ax.set_xlabel("block")
+    ax.set_ylabel("fraction of zero codes")
+    ax.set_title("Ternary sparsity per block and module kind" + (" (B dashed)" if other is not None else ""))
+    ax.legend(ncol=5, fontsize=8)
+    ax.grid(alpha=0.3)
+
+    ax = axes[1]
+    ternary = [x for x in a.layers if x.alpha and x.quantizer == "ternary"]
+    if ternary:
+        xs = range(len(ternary))
+        means = [x.alpha["mean"] for x in ternary]
+        err = [[m - x.alpha["min"] for m, x in zip(means, ternary, strict=True)],
+               [x.alpha["max"] - m for m, x in zip(means, ternary, strict=True)]]
+        ax.errorbar(xs, means, yerr=err, fmt="o", ms=3, color="C0", ecolor="0.6", capsize=2)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([x.name.replace("blocks.", "").replace("_proj", "") for x in ternary], rotation=90, fontsize=6)
+    ax.set_ylabel("alpha (scale)")
+    ax.set_title("Ternary scale alpha per layer (bars: min-max over rows/groups)")
+    ax.grid(alpha=0.3)
+
+    ax = axes[2]
+    names = [x.name.replace("blocks.", "").replace("_proj", "") for x in a.layers]
+    colors = {"ternary": "C0", "int8": "C1", "fp16": "C2", "bf16": "C4", "fp32": "C3"}
+    ax.bar(range(len(a.layers)), [x.bits_per_weight for x in a.layers],
+           color=[colors.get(x.quantizer, "0.5") for x in a.layers])
+    ent = [(i, x.entropy_bits) for i, x in enumerate(a.layers) if x.entropy_bits is not None]
+    if ent:
+        ax.plot(*zip(*ent, strict=True), "k_", markersize=8, label="code entropy (lower bound)")
+        ax.legend(fontsize=8)
+    ax.set_xticks(range(len(a.layers)))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_yscale("log", base=2)
+    ax.set_ylim(1, 48)
+    ax.set_ylabel("bits per weight (stored, log scale)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for q, c in colors.items() if any(x.quantizer == q for x in a.layers)]
+    labels = [q for q in colors if any(x.quantizer == q for x in a.layers)]
+    ax.legend(handles + ax.get_legend_handles_labels()[0], labels + ax.get_legend_handles_labels()[1], fontsize=8)
+    ax.set_title(f"Bits per weight per layer — total {fmt_bytes(a.totals['bytes'])}, "
+                 f"{a.totals['compression_vs_fp32']:.2f}x smaller than fp32")
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def save_analysis_plot(a, path, other=None) -> None:
+    import matplotlib.pyplot as plt
+
+    from qtoolkit.checkpoint import atomic_path
+
+    fig = analysis_figure(a, other)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=130)
+    plt.close(fig)
+
+
+def analysis_html(a, other=None) -> str:
+    import base64
+    import html
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig = analysis_figure(a, other)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    img = base64.b64encode(buf.getvalue()).decode()
+
+    def table(headers, rows):
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    blocks = table(["block"] + [h for h, _ in GROUP_COLUMNS],
+                   [[str(g["block"])] + [fn(g) for _, fn in GROUP_COLUMNS] for g in a.blocks])
+    kinds = table(["kind"] + [h for h, _ in GROUP_COLUMNS], [[k] + [fn(g) for _, fn in GROUP_COLUMNS] for k, g in a.kinds.items()])
+    layers = table([h for h, _ in LAYER_COLUMNS], [[fn(x) for _, fn in LAYER_COLUMNS] for x in a.layers])
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px} table{border-collapse:collapse;"
+             "font-size:12px;margin-bottom:1.5em} td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left} img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>qtoolkit analysis</title>"
+            f"<style>{style}</style></head><body><h1>Quantization analysis</h1>"
+            f"<p>{html.escape(_analysis_heading(a))}</p><p>{html.escape(middle_boundary_text(a))}</p>"
+            f"<p>{html.escape(totals_text(a))}</p><img src='data:image/png;base64,{img}' alt='analysis plots'>"
+            f"<h2>By block</h2>{blocks}<h2>By module kind</h2>{kinds}<h2>Layers</h2>{layers}</body></html>")

@@ -60,3 +60,20 @@ def shared_tinystories() -> Path:
     if not d.is_dir():
         pytest.skip(f"shared TinyStories data not found at {d}")
     return d
+
+
+def save_untrained_checkpoint(path: Path, recipe_name: str = "ternary_all", overrides=(), mutate=None) -> Path:
+    """A training checkpoint of a freshly built model (no training), optionally edited by `mutate(model)`."""
+    from qtoolkit.checkpoint import save_checkpoint
+    from qtoolkit.policy import build_model
+    from qtoolkit.recipe import load_recipe
+
+    r = load_recipe(recipe_name, ["model.preset=tiny", *overrides]).resolved()
+    model, coverage = build_model(r.model_config(), r.policy)
+    if mutate is not None:
+        with torch.no_grad():
+            mutate(model)
+    save_checkpoint({"kind": "train", "model_config": r.model_config().to_dict(), "recipe": r.to_dict(),
+                     "policy": r.policy, "coverage": coverage.to_dict(), "tokenizer": "{}",
+                     "model": model.state_dict(), "step": 0}, path)
+    return path

@@ -92,3 +92,51 @@ def test_pack_then_eval(corpus_dir, tmp_path):
     assert "== predicted" in r.output and (out / "packed.safetensors").is_file()
     r = run("eval", out / "packed.safetensors", "--batches", 2)
     assert r.exit_code == 0, r.output and "val perplexity" in r.output
+
+
+def test_analyze_outputs_and_compare(tmp_path):
+    from .conftest import save_untrained_checkpoint
+
+    a = save_untrained_checkpoint(tmp_path / "a.pt")
+    b = save_untrained_checkpoint(tmp_path / "b.pt", "fp32_baseline")
+    r = run("analyze", a, "--full", "--json", tmp_path / "r.json", "--markdown", tmp_path / "r.md",
+            "--plot", tmp_path / "r.png", "--html", tmp_path / "r.html", "--compare", b)
+    assert r.exit_code == 0, r.output
+    assert "By block" in r.output and "By module kind" in r.output and "middle blocks" in r.output
+    assert "blocks.0.attn.q_proj" in r.output  # --full
+    import json
+
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["schema_version"] == 1 and data["compare"]["checkpoint"].endswith("b.pt")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "r.md").read_text().startswith("# Quantization analysis")
+    r = run("analyze", b, "--as", "{name: ternary, granularity: channel}")
+    assert r.exit_code == 0, r.output and "analysed as" in r.output
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"hello, not a checkpoint", "not a checkpoint"),
+    (None, "corrupted or truncated"),
+])
+def test_analyze_bad_input_is_one_line(tmp_path, content, message):
+    from .conftest import save_untrained_checkpoint
+
+    path = tmp_path / "x.pt"
+    if content is None:
+        good = save_untrained_checkpoint(tmp_path / "g.pt").read_bytes()
+        path.write_bytes(good[:-200])  # zip directory damaged at the end
+    else:
+        path.write_bytes(content)
+    r = run("analyze", path)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert message in r.output or "not a checkpoint" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_analyze_unknown_version(tmp_path):
+    import torch
+
+    torch.save({"format": "qtoolkit", "version": 3, "kind": "train"}, tmp_path / "v.pt")
+    r = run("analyze", tmp_path / "v.pt")
+    assert r.exit_code == 1 and "version 3 is not supported" in r.output
+    assert len(r.output.strip().splitlines()) == 1
