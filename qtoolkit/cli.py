@@ -195,6 +195,69 @@ def _range(text: str | None) -> tuple[int, int] | None:
 
 @app.command()
 @user_errors
+def probe(
+    ckpt: Annotated[Path, typer.Argument(help="Training checkpoint (latent weights) or its run directory.")],
+    data: Annotated[str | None, typer.Option(help="Local text for calibration (default: the checkpoint's data).")] = None,
+    formats: Annotated[str, typer.Option(help="Candidate formats: ternary,int8,fp16 or a YAML list of specs.")] = "ternary,int8,fp16",
+    units: Annotated[str, typer.Option(help="layer (each linear) or group (a block's attn / mlp).")] = "layer",
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens (fixed, seeded training windows).")] = 4096,
+    seed: Annotated[int, typer.Option(help="Calibration seed.")] = 0,
+    timeout: Annotated[float | None, typer.Option(help="Stop measuring after this many seconds (resumable).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the probe results as JSON.")] = None,
+    full: Annotated[bool, typer.Option(help="Also show the one-pass estimates.")] = False,
+) -> None:
+    """Sparsity and sensitivity probes: loss increase per layer and format, and a one-pass estimate."""
+    import json
+
+    from qtoolkit.checkpoint import atomic_write_text
+    from qtoolkit.probes import parse_formats, run_probe
+
+    with report.StageProgress() as progress:
+        result = run_probe(ckpt, parse_formats(formats), units, data, calib_tokens, seed, timeout, progress)
+    report.console.print(report.probe_table(result, full=full))
+    if json_path:
+        atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2))
+        report.console.print(f"wrote json: {json_path}", highlight=False)
+
+
+@app.command()
+@user_errors
+def search(
+    budget: Annotated[str, typer.Option(help="Packed bytes of the whole model: e.g. 400MB, 1.5GB, 64MiB.")],
+    ckpt: Annotated[Path, typer.Option(help="Training checkpoint to allocate precision for.")],
+    data: Annotated[str | None, typer.Option(help="Local text (default: the checkpoint's data).")] = None,
+    formats: Annotated[str, typer.Option(help="Candidate formats: ternary,int8,fp16 or a YAML list of specs.")] = "ternary,int8,fp16",
+    trials: Annotated[int, typer.Option(help="Completed trials to reach (over-budget ones do not count).")] = 30,
+    timeout: Annotated[float | None, typer.Option(help="Wall-clock limit in seconds (probe included).")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL [default: sqlite:///OUT/search.db].")] = None,
+    study: Annotated[str | None, typer.Option(help="Study name [default: derived from the arguments].")] = None,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("search_out"),
+    units: Annotated[str, typer.Option(help="layer or group.")] = "layer",
+    finetune_steps: Annotated[int, typer.Option(help="QAT steps per trial before evaluating.")] = 0,
+    pareto: Annotated[bool, typer.Option(help="Bytes-vs-loss Pareto front over budgets up to --budget.")] = False,
+    seed: Annotated[int, typer.Option(help="Sampler and calibration seed.")] = 0,
+    calib_tokens: Annotated[int, typer.Option(help="Probe calibration tokens.")] = 4096,
+    eval_batches: Annotated[int, typer.Option(help="Validation batches per trial.")] = 8,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG: trials and Pareto front, chosen formats per layer.")] = None,
+) -> None:
+    """Find a per-layer mixed-precision allocation that fits a memory budget."""
+    from qtoolkit.probes import parse_formats
+    from qtoolkit.search import run_search
+
+    with report.StageProgress() as progress:
+        result = run_search(ckpt, budget, parse_formats(formats), out, data, trials, timeout, storage, study, units,
+                            finetune_steps, pareto, seed, calib_tokens, eval_batches, progress=progress)
+    for item in report.search_renderables(result):
+        report.console.print(item)
+    if plot:
+        report.save_search_plot(result, plot)
+        report.console.print(f"wrote plot: {plot}", highlight=False)
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+@app.command()
+@user_errors
 def recipes() -> None:
     """List the shipped recipes."""
     rows = []

@@ -6,6 +6,7 @@ import math
 import time
 from typing import Any
 
+import numpy as np
 from rich import box
 from rich.console import Console
 from rich.markup import escape
@@ -533,3 +534,190 @@ def analysis_html(a, other=None) -> str:
             f"<p>{html.escape(_analysis_heading(a))}</p><p>{html.escape(middle_boundary_text(a))}</p>"
             f"<p>{html.escape(totals_text(a))}</p><img src='data:image/png;base64,{img}' alt='analysis plots'>"
             f"<h2>By block</h2>{blocks}<h2>By module kind</h2>{kinds}<h2>Layers</h2>{layers}</body></html>")
+
+
+# ------------------------------------------------------------------------------ probes and search
+
+
+class StageProgress:
+    """A (stage, done, total) callback: a bar per stage on a terminal, sparse log lines otherwise."""
+
+    def __init__(self, console: Console = console):
+        self.console = console
+        self.live = console.is_terminal
+        self.progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description:<22}"), BarColumn(bar_width=30),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                                 TimeRemainingColumn(compact=True), console=console)
+        self.tasks: dict[str, TaskID] = {}
+        self._last: dict[str, int] = {}
+
+    def __enter__(self) -> StageProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress.live.is_started:
+            self.progress.stop()
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if not self.live:
+            step = max(1, (total or 10) // 10)
+            if stage not in self._last or done == total or done - self._last[stage] >= step:
+                self._last[stage] = done
+                self.console.print(f"{stage}: {done}" + (f"/{total}" if total else ""), highlight=False)
+            return
+        if not self.progress.live.is_started:
+            self.progress.start()
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+
+def _rho(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.3f}"
+
+
+def probe_table(result, full: bool = False) -> Table:
+    fkeys = [f["key"] for f in result.formats]
+    table = Table(title=f"Sensitivity: increase in calibration loss (base {result.base_loss:.4f}, "
+                  f"{result.calibration['tokens']:,} tokens)", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    table.add_column("unit", no_wrap=True)
+    for f in fkeys:
+        table.add_column(f"dL {f}", justify="right")
+    for f in fkeys if full else ():
+        table.add_column(f"est {f}", justify="right")
+    table.add_column("zeros", justify="right")
+    table.add_column("near", justify="right")
+    for u in result.units:
+        name = u["name"]
+        meas = result.measured.get(name, {})
+        cheap = result.cheap.get(name, {})
+        sp = [result.sparsity[m] for m in u["modules"] if m in result.sparsity]
+        zeros = sum(s["zeros"] for s in sp) / len(sp) if sp else None
+        near = sum(s["near_threshold"] for s in sp) / len(sp) if sp else None
+        table.add_row(name, *(_num(meas.get(f), ".4f") for f in fkeys),
+                      *(_num(cheap.get(f), ".2e") for f in (fkeys if full else ())), _pct(zeros), _pct(near))
+    rho = ", ".join(f"{k} {_rho(v)}" for k, v in result.spearman.items())
+    state = "cached" if result.cached else ("complete" if result.complete else
+                                            f"incomplete: {len(result.missing())} measurements left (re-run to continue)")
+    secs = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    table.caption = f"Spearman(measured, one-pass estimate): {rho}.  {state}; {secs}"
+    return table
+
+
+_FORMAT_COLORS = {"ternary": "cyan", "int8": "yellow", "fp16": "green", "bf16": "green", "fp32": "red"}
+
+
+def search_renderables(result) -> list:
+    out: list = []
+    space = result.space
+    if result.best is None:
+        out.append(Text("no completed trial within the budget yet", style="bold red"))
+        return out
+    alloc = result.best["allocation"]
+    blocks = sorted({u.block for u in space.units if u.block is not None})
+    kinds = []
+    for u in space.units:
+        if u.block is not None:
+            kind = u.name.split(".", 2)[2]
+            if kind not in kinds:
+                kinds.append(kind)
+    grid = Table(title="Chosen format per unit", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    grid.add_column("block", justify="right")
+    for k in kinds:
+        grid.add_column(k.replace("attn.", "").replace("mlp.", "").replace("_proj", ""))
+    for b in blocks:
+        row = []
+        for k in kinds:
+            key = alloc.get(f"blocks.{b}.{k}", "")
+            color = _FORMAT_COLORS.get(key.split("(")[0], "white")
+            row.append(f"[{color}]{escape(key)}[/]")
+        grid.add_row(str(b), *row)
+    others = [u for u in space.units if u.block is None]
+    grid.caption = "; ".join(f"{u.name}: {alloc[u.name]}" for u in others)
+    out.append(grid)
+
+    summary = Table(title="Search summary", title_justify="left", show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    summary.add_column()
+    best = result.best
+    summary.add_row("budget", f"{result.budget:,} B", fmt_bytes(result.budget))
+    summary.add_row("chosen policy", f"{best['bytes']:,} B",
+                    f"{100 * best['bytes'] / result.budget:.1f}% of budget; smallest reachable {fmt_bytes(result.min_bytes)}")
+    summary.add_row("validation loss", f"{best['loss']:.4f}", f"trial {best['number']} ({best['source']})")
+    for key, ref in result.references.items():
+        fits = "fits" if ref["bytes"] <= result.budget else "over budget"
+        summary.add_row(f"all-{key}", f"{ref['loss']:.4f}", f"{fmt_bytes(ref['bytes'])}, {fits}")
+    n_done = sum(t["state"] == "COMPLETE" for t in result.trials)
+    summary.add_row("trials", str(n_done), f"{result.rejected} rejected over budget this run; study {result.study_name}")
+    rho = result.probe.spearman.get("all")
+    summary.add_row("probe", "cached" if result.probe.cached else f"{sum(result.probe.seconds.values()):.0f} s",
+                    f"Spearman(measured, estimate) {_rho(rho)}")
+    summary.add_row("outputs", "", f"{result.out_dir / 'policy.yaml'}, {result.out_dir / 'search.json'}")
+    out.append(summary)
+    if result.interrupted:
+        out.append(Text("interrupted: every finished trial is kept in the study; run the same command to continue",
+                        style="yellow"))
+    return out
+
+
+def save_search_plot(result, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qtoolkit.checkpoint import atomic_path
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.5), constrained_layout=True,
+                                  gridspec_kw={"width_ratios": [1.4, 1]})
+    done = [t for t in result.trials if t["state"] == "COMPLETE" and t["loss"] is not None]
+    ax.scatter([t["bytes"] / 1e6 for t in done], [t["loss"] for t in done], s=14, color="0.6", label="trials")
+    seeds = [t for t in done if t["source"].startswith("milp")]
+    ax.scatter([t["bytes"] / 1e6 for t in seeds], [t["loss"] for t in seeds], s=30, marker="s", color="C1",
+               label="MILP seeds")
+    if result.pareto_front:
+        ax.plot([p["bytes"] / 1e6 for p in result.pareto_front], [p["loss"] for p in result.pareto_front], "-o",
+                color="C0", ms=4, label="Pareto front")
+    for key, ref in result.references.items():
+        ax.scatter([ref["bytes"] / 1e6], [ref["loss"]], marker="*", s=120, label=f"all-{key}")
+    ax.axvline(result.budget / 1e6, color="k", linestyle="--", linewidth=1, label="budget")
+    if result.best:
+        ax.scatter([result.best["bytes"] / 1e6], [result.best["loss"]], s=120, facecolors="none", edgecolors="r",
+                   linewidths=2, label="chosen")
+    ax.set_xlabel("packed model size (MB)")
+    ax.set_ylabel("validation loss")
+    ax.set_title("Search trials: size vs loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+    if result.best:
+        space = result.space
+        keys = space.keys
+        alloc = result.best["allocation"]
+        blocks = sorted({u.block for u in space.units if u.block is not None})
+        cols = []
+        for u in space.units:
+            if u.block is not None and u.name.split(".", 2)[2] not in cols:
+                cols.append(u.name.split(".", 2)[2])
+        grid = np.full((len(blocks), len(cols)), np.nan)
+        for i, b in enumerate(blocks):
+            for j, c in enumerate(cols):
+                name = f"blocks.{b}.{c}"
+                if name in alloc:
+                    grid[i, j] = keys.index(alloc[name])
+        cmap = matplotlib.colormaps["viridis"].resampled(len(keys))
+        im = ax2.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(keys) - 0.5, aspect="auto")
+        ax2.set_xticks(range(len(cols)))
+        ax2.set_xticklabels([c.replace("attn.", "").replace("mlp.", "").replace("_proj", "") for c in cols])
+        ax2.set_yticks(range(len(blocks)))
+        ax2.set_yticklabels([str(b) for b in blocks])
+        ax2.set_ylabel("block")
+        cb = fig.colorbar(im, ax=ax2, ticks=range(len(keys)))
+        cb.ax.set_yticklabels(keys)
+        others = ", ".join(f"{u.name}: {alloc[u.name]}" for u in space.units if u.block is None)
+        ax2.set_title(f"Chosen formats ({fmt_bytes(result.best['bytes'])})\n{others}", fontsize=9)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -140,3 +140,24 @@ def test_analyze_unknown_version(tmp_path):
     r = run("analyze", tmp_path / "v.pt")
     assert r.exit_code == 1 and "version 3 is not supported" in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_probe_and_search_commands(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run("train", "--recipe", "fp32_baseline", "--model", "tiny", "--data", corpus_dir, "--out", out,
+               "--max-steps", 20, "--set", "train.eval_batches=2").exit_code == 0
+    r = run("probe", out, "--units", "group", "--calib-tokens", 256, "--json", tmp_path / "probe.json")
+    assert r.exit_code == 0, r.output
+    assert "blocks.0.attn" in r.output and "Spearman" in r.output and (tmp_path / "probe.json").is_file()
+    r = run("search", "--budget", "1KB", "--ckpt", out, "--out", tmp_path / "s")
+    assert r.exit_code == 1 and "smallest reachable size" in r.output and "Traceback" not in r.output
+    r = run("search", "--budget", "90kB", "--ckpt", out, "--out", tmp_path / "s", "--trials", 4, "--units", "group",
+            "--calib-tokens", 256, "--eval-batches", 2, "--plot", tmp_path / "s.png")
+    assert r.exit_code == 0, r.output
+    assert "Chosen format per unit" in r.output and "Search summary" in r.output
+    assert (tmp_path / "s" / "policy.yaml").is_file() and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    r = run("plan", "--model", "tiny", "--set", f"policy={tmp_path / 's' / 'policy.yaml'}", "--json")
+    import json
+
+    searched = json.loads((tmp_path / "s" / "search.json").read_text())["best"]["bytes"]
+    assert json.loads(r.output)["total_bytes"] == searched
