@@ -402,9 +402,8 @@ def run_search(
             references[f] = {"bytes": space.bytes_of(alloc), "loss": evaluate(alloc)}
             study.set_user_attr("references", references)
 
-    # exact seeds (first run of the study only)
+    # exact seeds (first run of the study only; marked after enqueueing, so a crash loses none)
     if not study.user_attrs.get("seeded"):
-        study.set_user_attr("seeded", True)
         seeds: list[tuple[str, dict[str, str]]] = []
         budgets = np.linspace(space.min_bytes, budget, max(2, seeds_k + 1))[1:] if pareto else [budget]
         for b in budgets:
@@ -419,6 +418,7 @@ def run_search(
             if sig not in seen:
                 seen.add(sig)
                 study.enqueue_trial(alloc, user_attrs={"source": source})
+        study.set_user_attr("seeded", True)
 
     def n_complete() -> int:
         return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))

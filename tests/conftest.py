@@ -38,11 +38,14 @@ def _deterministic():
     random.seed(0)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path_factory, monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_caches(tmp_path_factory):
+    """Caches live in the session's temp dir (session-scoped so session fixtures use them too)."""
     root = tmp_path_factory.getbasetemp()
-    monkeypatch.setenv("QTOOLKIT_CACHE", str(root / "qtoolkit-cache"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets-cache"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QTOOLKIT_CACHE", str(root / "qtoolkit-cache"))
+        mp.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets-cache"))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +55,18 @@ def corpus_dir(tmp_path_factory) -> Path:
     write_corpus(d / "stories_train.txt", 1500, seed=1)
     write_corpus(d / "stories_val.txt", 200, seed=2)
     return d
+
+
+@pytest.fixture(scope="session")
+def fp32_ckpt(corpus_dir, tmp_path_factory) -> Path:
+    """A tiny fp32 model trained for 40 steps on the synthetic corpus (latent weights for probes/search)."""
+    from qtoolkit.recipe import load_recipe
+    from qtoolkit.trainer import train
+
+    out = tmp_path_factory.mktemp("fp32run")
+    train(load_recipe("fp32_baseline", ["model.preset=tiny", f"data.path={corpus_dir}", "train.steps=40",
+                                        "train.eval_batches=2"]), out)
+    return out / "ckpt.pt"
 
 
 @pytest.fixture()

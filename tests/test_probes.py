@@ -18,18 +18,9 @@ from qtoolkit.probes import (
     run_probe,
     search_units,
 )
-from qtoolkit.recipe import load_recipe
-from qtoolkit.trainer import train
 
 FORMATS = "ternary,int8,fp16"
 
-
-@pytest.fixture(scope="module")
-def fp32_ckpt(corpus_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp32run")
-    train(load_recipe("fp32_baseline", ["model.preset=tiny", f"data.path={corpus_dir}", "train.steps=40",
-                                        "train.eval_batches=2"]), out)
-    return out / "ckpt.pt"
 
 
 def test_units_layer_group_and_tied():

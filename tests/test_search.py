@@ -13,17 +13,9 @@ from qtoolkit.pack import memory_plan
 from qtoolkit.probes import parse_formats
 from qtoolkit.recipe import load_recipe
 from qtoolkit.search import SearchError, build_space, milp_allocations, parse_budget, run_search
-from qtoolkit.trainer import train
 
 FORMATS = parse_formats("ternary,int8,fp16")
 
-
-@pytest.fixture(scope="module")
-def fp32_ckpt(corpus_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp32run")
-    train(load_recipe("fp32_baseline", ["model.preset=tiny", f"data.path={corpus_dir}", "train.steps=40",
-                                        "train.eval_batches=2"]), out)
-    return out / "ckpt.pt"
 
 
 def test_parse_budget():
