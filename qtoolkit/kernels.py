@@ -87,38 +87,42 @@ def extension_dir() -> Path:
 
 
 _lock = threading.Lock()
-_loaded: dict[str, tuple[bool, str]] = {}  # build dir -> (ok, reason)
+_loaded: dict[str, tuple[bool, str]] = {}  # build dir -> (ok, reason): one attempt per process
 
 
 def load_extension() -> tuple[bool, str]:
     """Compile (first time) and load the C++ kernels: (loaded, reason if not). Never prints."""
     build_dir = extension_dir()
-    key = str(build_dir)
     with _lock:
-        if hasattr(torch.ops, EXT_NAME) and _has_ops():
+        if _has_ops():
             return True, ""
-        if key in _loaded:
-            return _loaded[key]
-        try:
-            from torch.utils import cpp_extension
+        if str(build_dir) not in _loaded:
+            _loaded[str(build_dir)] = compile_extension(build_dir)
+        return _loaded[str(build_dir)]
 
-            build_dir.mkdir(parents=True, exist_ok=True)
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-                cpp_extension.load(
-                    name=EXT_NAME,
-                    sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-ffp-contract=off", "-std=c++17"],
-                    build_directory=str(build_dir),
-                    is_python_module=False,
-                    verbose=False,
-                )
-            result = (_has_ops(), "")
-        except Exception as e:  # no compiler, no ninja, a failed build: the fallback runs
-            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
-            result = (False, f"C++ extension unavailable ({type(e).__name__}: {lines[0][:200]})")
-        _loaded[key] = result
-        return result
+
+def compile_extension(build_dir: Path) -> tuple[bool, str]:
+    """Build (or reuse the cached build in `build_dir`) and load the library into torch.ops."""
+    try:
+        from torch.utils import cpp_extension
+
+        build_dir.mkdir(parents=True, exist_ok=True)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            cpp_extension.load(
+                name=EXT_NAME,
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-ffp-contract=off", "-std=c++17"],
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=False,
+            )
+    except Exception as e:  # no compiler, no ninja, a failed build: the fallback runs
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+        return False, f"C++ extension unavailable ({type(e).__name__}: {lines[0][:200]})"
+    if not _has_ops():
+        return False, "C++ extension built but its ops did not register"
+    return True, ""
 
 
 def _has_ops() -> bool:

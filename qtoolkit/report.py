@@ -533,3 +533,64 @@ def analysis_html(a, other=None) -> str:
             f"<p>{html.escape(_analysis_heading(a))}</p><p>{html.escape(middle_boundary_text(a))}</p>"
             f"<p>{html.escape(totals_text(a))}</p><img src='data:image/png;base64,{img}' alt='analysis plots'>"
             f"<h2>By block</h2>{blocks}<h2>By module kind</h2>{kinds}<h2>Layers</h2>{layers}</body></html>")
+
+
+# ------------------------------------------------------------------------------ inference
+
+
+def stream_generation(prompt: str, pieces, out: Console = console) -> None:
+    """The prompt (bold), then each generated text piece as soon as it arrives."""
+    out.print(Text(prompt, style="bold"), end="", soft_wrap=True)
+    for piece in pieces:
+        out.print(Text(piece), end="", soft_wrap=True)
+        out.file.flush()
+    out.print()
+
+
+def generation_summary(stats, backend) -> Text:
+    """One line: token counts, prefill and decode speed, and which kernel path ran."""
+    decode = f"{stats.decode_tok_s:.1f} tokens/s" if math.isfinite(stats.decode_tok_s) else "-"
+    end = ", stopped at end-of-text" if stats.stopped_at_eos else ""
+    return Text(f"{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new{end} | prefill "
+                f"{stats.prefill_tok_s:.0f} tokens/s | decode {decode} | kernels: {backend.name} ({backend.reason})",
+                style="dim")
+
+
+class BenchProgress:
+    """A `run_bench` progress callback: a spinner naming the variant being measured."""
+
+    def __init__(self, out: Console = err_console):
+        self.status = out.status("starting", spinner="dots")
+
+    def __enter__(self) -> BenchProgress:
+        self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.status.__exit__(*exc)
+
+    def __call__(self, variant: str) -> None:
+        self.status.update(f"measuring [bold]{escape(variant)}[/] in its own process")
+
+
+def bench_table(report) -> Table:
+    """Side-by-side speed and memory of the packed model and its baselines, with packed/baseline ratios."""
+    first = report.results[0]
+    table = Table(title=f"Inference benchmark: {report.checkpoint}", title_justify="left")
+    for col, justify in (("model", "left"), ("kernels", "left"), ("weights", "right"),
+                         (f"prefill {first.prompt_len} tok/s", "right"), ("decode tok/s", "right"),
+                         ("ms/token", "right"), ("peak RSS", "right")):
+        table.add_column(col, justify=justify)
+    for r in report.results:
+        table.add_row(r.variant, r.backend, fmt_bytes(r.weight_bytes), f"{r.prefill_tok_s:,.0f}",
+                      f"{r.decode_tok_s:,.1f}", f"{r.decode_ms_per_token:.2f}", fmt_bytes(r.peak_rss_bytes))
+    lines = []
+    for name, q in report.ratios().items():
+        lines.append(f"packed vs {name}: decode {q['decode_speedup']:.2f}x, prefill {q['prefill_speedup']:.2f}x, "
+                     f"weights {q['weight_bytes_ratio']:.3f}x, peak RSS {q['peak_rss_ratio']:.3f}x "
+                     f"({q['peak_rss_above_torch_ratio']:.3f}x above the torch import)")
+    torch_mb = fmt_bytes(first.torch_rss_bytes)
+    lines.append(f"{first.threads} threads, {first.new_tokens} decode steps after a {first.prompt_len}-token "
+                 f"prompt, median of {len(first.decode_s)} rounds; `import torch` alone: {torch_mb} RSS")
+    table.caption = "\n".join(lines)
+    return table

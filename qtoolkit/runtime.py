@@ -22,7 +22,7 @@ with every linear replaced by an op that computes from the stored format:
 
 Layers of a block that read the same input with the same format are fused into one op:
 q/k/v -> `qkv` (one activation quantization, one kernel call) and gate/up -> `gate_up`. The same
-fusion is applied to the float baselines (`InferenceModel.from_decoder`), so benchmarks compare
+fusion is applied to the float baselines (`InferenceModel.float_baseline`), so benchmarks compare
 weights and kernels, not graph shapes.
 
 KV cache layout (preallocated for prompt + new tokens, so decoding never reallocates):
@@ -298,43 +298,44 @@ class InferenceModel(nn.Module):
     @classmethod
     def from_packed(cls, ckpt: dict[str, Any], kernels_: str | None = None, device: str | torch.device = "cpu",
                     _consume: bool = False) -> InferenceModel:
-        """Build from a loaded packed checkpoint (`load_checkpoint`). `kernels_` picks the CPU path
-        (`qtoolkit.kernels.select_backend`); on CUDA the dequantize-then-matmul path runs."""
+        """Build from a loaded packed checkpoint (`load_checkpoint`).
+
+        `kernels_` picks the CPU path (`qtoolkit.kernels.select_backend`: auto, reference, avx2,
+        avx512-vnni) or "dequant", the dequantize-then-matmul path that CUDA devices always use."""
         device = torch.device(device)
-        if device.type == "cuda":
-            backend = Backend("cuda", "CUDA device: dequantize-then-matmul (no custom CUDA kernel)")
-        elif device.type == "cpu":
-            backend = kernels.select_backend(kernels_)
-        else:
+        if device.type not in ("cpu", "cuda"):
             raise ConfigError(f"unsupported device {device}; use cpu or cuda")
+        if kernels_ == "dequant":
+            backend = Backend("dequant", "dequantize-then-matmul requested")
+        elif device.type == "cuda":
+            backend = Backend("dequant", "CUDA device: dequantize-then-matmul (no custom CUDA kernel)")
+        else:
+            backend = kernels.select_backend(kernels_)
         return _Builder(ckpt, backend, device, _consume).build(cls)
 
     @classmethod
-    def from_decoder(cls, model: nn.Module, fuse: bool = True) -> InferenceModel:
-        """The same runtime over a plain float DecoderLM (nn.Linear / nn.Embedding weights): the FP32
-        baseline, and with `torch.ao.quantization.quantize_dynamic` on top the dynamic-INT8 one."""
-        cfg = model.config
-        backend = Backend("float", "plain PyTorch float32 (nn.Linear)")
-        blocks = []
-        for blk in model.blocks:
-            a, m = blk.attn, blk.mlp
-            ops: dict[str, nn.Module] = {}
-            if fuse:
-                ops["qkv"] = _float_linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
-                ops["gate_up"] = _float_linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]))
-            else:
-                ops.update(q=_float_linear(a.q_proj.weight), k=_float_linear(a.k_proj.weight),
-                           v=_float_linear(a.v_proj.weight), gate=_float_linear(m.gate_proj.weight),
-                           up=_float_linear(m.up_proj.weight))
-            ops["o"] = _float_linear(a.o_proj.weight)
-            ops["down"] = _float_linear(m.down_proj.weight)
-            norms = {"attn_norm": blk.attn_norm.weight.detach(), "mlp_norm": blk.mlp_norm.weight.detach()}
-            if a.sub_norm is not None:
-                norms.update(attn_sub_norm=a.sub_norm.weight.detach(), mlp_sub_norm=m.sub_norm.weight.detach())
-            blocks.append(RuntimeBlock(cfg, ops, norms))
-        embed = FloatEmbedding(model.embed.weight.detach())
-        head = _float_linear(model.lm_head.weight)
-        return cls(cfg, embed, blocks, model.norm.weight.detach(), head, backend)
+    def float_baseline(cls, ckpt: dict[str, Any], dynamic_int8: bool = False, _consume: bool = False) -> InferenceModel:
+        """The same architecture as a plain PyTorch float32 model (nn.Linear over the dequantized
+        packed weights, fused like the packed model), or with `dynamic_int8` PyTorch's dynamic INT8
+        (`torch.ao.quantization.quantize_dynamic` on every nn.Linear; embeddings stay fp32).
+        Built block by block, so no more than one block's float weights exist beside the result."""
+        if not dynamic_int8:
+            backend = Backend("fp32", "plain PyTorch float32 (nn.Linear)")
+            return _Builder(ckpt, backend, torch.device("cpu"), _consume, as_float=True).build(cls)
+        import warnings
+
+        from torch.ao.quantization import quantize_dynamic
+
+        def quantize(module: nn.Module) -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+        backend = Backend("int8-dynamic", "PyTorch dynamic INT8 (quantize_dynamic on nn.Linear; "
+                          f"engine {torch.backends.quantized.engine})")
+        model = _Builder(ckpt, backend, torch.device("cpu"), _consume, as_float=True, block_hook=quantize).build(cls)
+        quantize(model)  # the head
+        return model
 
 
 def _qscale_bytes(w: Tensor) -> int:
@@ -378,10 +379,12 @@ def _fuse(layers: list[_Layer]) -> _Layer | None:
 
 
 class _Builder:
-    def __init__(self, ckpt: dict[str, Any], backend: Backend, device: torch.device, consume: bool):
+    def __init__(self, ckpt: dict[str, Any], backend: Backend, device: torch.device, consume: bool,
+                 as_float: bool = False, block_hook=None):
         if ckpt.get("kind") != "packed":
             raise CheckpointError(f"{ckpt.get('path')}: expected a packed checkpoint")
         self.ckpt, self.backend, self.device, self.consume = ckpt, backend, device, consume
+        self.as_float, self.block_hook = as_float, block_hook
         self.cfg = ModelConfig.from_dict(ckpt["model_config"])
         self.by_name = {layer["name"]: layer for layer in ckpt["layers"]}
 
@@ -410,6 +413,8 @@ class _Builder:
         entry, q = self._qtensor(self._source(name))
         spec, rows = entry.spec, q.shape[0]
         quantizer = entry.quantizer
+        if self.as_float:
+            return _Layer("float", weight=quantizer.dequantize(q).to(torch.float32))
         if spec["name"] in ("ternary", "int8") and spec.get("granularity") in ("tensor", "channel"):
             scale = q.scales.reshape(-1).float().expand(rows).contiguous()
             act = spec.get("activations") == "int8"
@@ -450,6 +455,8 @@ class _Builder:
                 norms.update(attn_sub_norm=self.param(f"{p}.attn.sub_norm.weight"),
                              mlp_sub_norm=self.param(f"{p}.mlp.sub_norm.weight"))
             blocks.append(RuntimeBlock(cfg, ops, norms))
+            if self.block_hook is not None:
+                self.block_hook(blocks[-1])
         embed_layer = self.layer("embed")
         if embed_layer.kind in ("ternary", "int8"):
             embed = Int8Embedding(embed_layer.codes, embed_layer.scale, self.device)

@@ -1,0 +1,229 @@
+"""`qtool bench`: speed and memory of the packed runtime beside PyTorch FP32 and dynamic-INT8 models.
+
+Every variant runs the same architecture through the same KV-cache decoding loop
+(`qtoolkit.runtime.InferenceModel`, q/k/v and gate/up fused in all of them), so the comparison is
+about weights and kernels:
+
+    packed         the packed checkpoint: 2-bit ternary blocks x int8 activations, INT8 head
+                   (kernel path as `qtoolkit.kernels.select_backend` picks it)
+    fp32           nn.Linear on the dequantized packed weights, float32 (MKL)
+    int8-dynamic   the fp32 model through torch.ao.quantization.quantize_dynamic (FBGEMM / oneDNN
+                   int8 linears with per-call activation quantization; embedding stays fp32)
+
+Each variant is measured in its own child process (`python -m qtoolkit.bench SPEC.json`), so peak
+resident memory (`ru_maxrss` of that process: libraries + weights + KV cache + activations) is
+its own. The child times, after one warm-up round, `repeats` rounds of
+
+    prefill   one forward over `prompt_len` random token ids (seed 0) into an empty KV cache,
+              logits at the last position only                              -> prompt_len / seconds
+    decode    `new_tokens` single-token steps with greedy argmax             -> new_tokens / seconds
+
+and reports the median round. Ratios are packed / baseline (speed: higher is better; bytes and
+memory: lower is better).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qtoolkit.errors import ConfigError
+
+VARIANTS = ("packed", "fp32", "int8-dynamic")
+BASELINES = ("fp32", "int8-dynamic")
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    backend: str
+    backend_reason: str
+    threads: int
+    prompt_len: int
+    new_tokens: int
+    prefill_s: list[float]  # one per measured round
+    decode_s: list[float]
+    weight_bytes: int  # bytes of the weight tensors the model holds
+    kv_cache_bytes: int
+    peak_rss_bytes: int  # ru_maxrss of the child process
+    torch_rss_bytes: int  # ru_maxrss right after `import torch` (the libraries' share)
+    load_s: float
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_len / statistics.median(self.prefill_s)
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.new_tokens / statistics.median(self.decode_s)
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        return 1e3 / self.decode_tok_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
+                "decode_ms_per_token": self.decode_ms_per_token}
+
+
+@dataclass
+class BenchReport:
+    checkpoint: str
+    model: dict[str, Any]  # preset-like summary: layers, d_model, vocab, params
+    results: list[VariantResult] = field(default_factory=list)
+
+    def get(self, variant: str) -> VariantResult | None:
+        return next((r for r in self.results if r.variant == variant), None)
+
+    def ratios(self) -> dict[str, dict[str, float]]:
+        """packed / baseline for each baseline: decode and prefill speed-ups, weight and memory ratios."""
+        p = self.get("packed")
+        out: dict[str, dict[str, float]] = {}
+        for r in self.results:
+            if r.variant == "packed" or p is None:
+                continue
+            out[r.variant] = {
+                "decode_speedup": p.decode_tok_s / r.decode_tok_s,
+                "prefill_speedup": p.prefill_tok_s / r.prefill_tok_s,
+                "weight_bytes_ratio": p.weight_bytes / r.weight_bytes,
+                "peak_rss_ratio": p.peak_rss_bytes / r.peak_rss_bytes,
+                "peak_rss_above_torch_ratio": (p.peak_rss_bytes - p.torch_rss_bytes)
+                / max(1, r.peak_rss_bytes - r.torch_rss_bytes),
+            }
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "model": self.model,
+                "results": [r.to_dict() for r in self.results], "ratios": self.ratios()}
+
+
+def parse_baselines(text: str | None) -> list[str]:
+    if text is None or text.strip() == "":
+        return []
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in BASELINES]
+    if bad:
+        raise ConfigError(f"unknown baseline(s) {', '.join(bad)}; available: {', '.join(BASELINES)}")
+    return list(dict.fromkeys(names))
+
+
+def run_bench(ckpt: str | Path, baselines: list[str] | tuple[str, ...] = BASELINES, threads: int | None = None,
+              prompt_len: int = 128, new_tokens: int = 64, repeats: int = 3, kernels: str | None = None,
+              progress: Callable[[str], None] | None = None) -> BenchReport:
+    """Measure the packed model and each baseline, each in its own process (see the module docstring)."""
+    import torch
+
+    from qtoolkit.checkpoint import load_checkpoint
+    from qtoolkit.config import ModelConfig
+
+    for name in baselines:
+        if name not in BASELINES:
+            raise ConfigError(f"unknown baseline {name!r}; available: {', '.join(BASELINES)}")
+    if prompt_len < 1 or new_tokens < 1 or repeats < 1:
+        raise ConfigError("prompt_len, new_tokens and repeats must be >= 1")
+    threads = threads or torch.get_num_threads()
+    if threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+    ckpt_info = load_checkpoint(ckpt)  # fail early, with a clear error, on a bad file
+    cfg = ModelConfig.from_dict(ckpt_info["model_config"])
+    del ckpt_info
+    if prompt_len + new_tokens > cfg.max_seq_len:
+        raise ConfigError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceed the model's "
+                          f"max_seq_len={cfg.max_seq_len}")
+    report = BenchReport(str(ckpt), {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size,
+                                     "params": cfg.num_params()})
+    for variant in ("packed", *baselines):
+        if progress is not None:
+            progress(variant)
+        spec = {"ckpt": str(ckpt), "variant": variant, "threads": threads, "prompt_len": prompt_len,
+                "new_tokens": new_tokens, "repeats": repeats, "kernels": kernels}
+        report.results.append(VariantResult(**_run_child(spec, threads)))
+    return report
+
+
+def _run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="qtool-bench-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps({**spec, "out": str(out_path)}))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        proc = subprocess.run([sys.executable, "-m", "qtoolkit.bench", str(spec_path)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not out_path.is_file():
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            raise RuntimeError(f"benchmark of {spec['variant']} failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(out_path.read_text())
+
+
+# ------------------------------------------------------------------------------ the child
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Load one variant, time prefill and decode, and return the figures (runs in the child)."""
+    import resource
+    import time
+    import warnings
+
+    def maxrss() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+    import torch
+
+    torch_rss = maxrss()
+    torch.set_num_threads(spec["threads"])
+    warnings.filterwarnings("ignore")
+    from qtoolkit.checkpoint import load_checkpoint
+    from qtoolkit.runtime import InferenceModel, _training_to_packed
+
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(spec["ckpt"])
+    if ckpt["kind"] == "train":
+        ckpt = _training_to_packed(ckpt)
+    variant = spec["variant"]
+    if variant == "packed":
+        model = InferenceModel.from_packed(ckpt, spec.get("kernels"), _consume=True)
+    else:
+        model = InferenceModel.float_baseline(ckpt, dynamic_int8=variant == "int8-dynamic", _consume=True)
+    del ckpt
+    load_s = time.perf_counter() - t0
+
+    P, N = spec["prompt_len"], spec["new_tokens"]
+    prompt = torch.randint(0, model.config.vocab_size, (1, P), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(1, P + N)
+    prefill_s, decode_s = [], []
+    for round_ in range(spec["repeats"] + 1):  # round 0 warms up
+        cache.length = 0
+        t = time.perf_counter()
+        logits = model(prompt, cache, last_only=True)
+        t_prefill = time.perf_counter() - t
+        token = torch.argmax(logits[0, -1]).view(1, 1)
+        t = time.perf_counter()
+        for _ in range(N):
+            logits = model(token, cache)
+            token = torch.argmax(logits[0, -1]).view(1, 1)
+        t_decode = time.perf_counter() - t
+        if round_ > 0:
+            prefill_s.append(t_prefill)
+            decode_s.append(t_decode)
+    return {"variant": variant, "backend": model.backend.name, "backend_reason": model.backend.reason,
+            "threads": torch.get_num_threads(), "prompt_len": P, "new_tokens": N, "prefill_s": prefill_s,
+            "decode_s": decode_s, "weight_bytes": model.weight_bytes(), "kv_cache_bytes": cache.nbytes,
+            "peak_rss_bytes": maxrss(), "torch_rss_bytes": torch_rss, "load_s": load_s}
+
+
+def _main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    result = measure(spec)
+    Path(spec["out"]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
