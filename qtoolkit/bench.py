@@ -11,8 +11,8 @@ about weights and kernels:
                    int8 linears with per-call activation quantization; embedding stays fp32)
 
 Each variant is measured in its own child process (`python -m qtoolkit.bench SPEC.json`), so peak
-resident memory (`ru_maxrss` of that process: libraries + weights + KV cache + activations) is
-its own. The child times, after one warm-up round, `repeats` rounds of
+resident memory (VmHWM of that process: libraries + weights + KV cache + activations) is its
+own. The child times, after one warm-up round, `repeats` rounds of
 
     prefill   one forward over `prompt_len` random token ids (seed 0) into an empty KV cache,
               logits at the last position only                              -> prompt_len / seconds
@@ -121,7 +121,6 @@ def run_bench(ckpt: str | Path, baselines: list[str] | tuple[str, ...] = BASELIN
     """Measure the packed model and each baseline, each in its own process (see the module docstring)."""
     import torch
 
-    from qtoolkit.checkpoint import load_checkpoint
     from qtoolkit.config import ModelConfig
 
     for name in baselines:
@@ -132,9 +131,7 @@ def run_bench(ckpt: str | Path, baselines: list[str] | tuple[str, ...] = BASELIN
     threads = threads or torch.get_num_threads()
     if threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
-    ckpt_info = load_checkpoint(ckpt)  # fail early, with a clear error, on a bad file
-    cfg = ModelConfig.from_dict(ckpt_info["model_config"])
-    del ckpt_info
+    cfg = ModelConfig.from_dict(_model_config(ckpt))  # fails early, with a clear error, on a bad file
     if prompt_len + new_tokens > cfg.max_seq_len:
         raise ConfigError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceed the model's "
                           f"max_seq_len={cfg.max_seq_len}")
@@ -147,6 +144,23 @@ def run_bench(ckpt: str | Path, baselines: list[str] | tuple[str, ...] = BASELIN
                 "new_tokens": new_tokens, "repeats": repeats, "kernels": kernels}
         report.results.append(VariantResult(**_run_child(spec, threads)))
     return report
+
+
+def _model_config(path: str | Path) -> dict[str, Any]:
+    """The model config of a checkpoint; for packed files from the header alone (no tensors read)."""
+    from qtoolkit.checkpoint import _looks_like_safetensors, _resolve, load_checkpoint
+
+    p = _resolve(path)
+    if _looks_like_safetensors(p):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["meta"])
+            return meta["model_config"]
+        except Exception:
+            pass  # let load_checkpoint say what is wrong
+    return load_checkpoint(p)["model_config"]
 
 
 def _run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
@@ -167,16 +181,12 @@ def _run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Load one variant, time prefill and decode, and return the figures (runs in the child)."""
-    import resource
     import time
     import warnings
 
-    def maxrss() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
     import torch
 
-    torch_rss = maxrss()
+    torch_rss = peak_rss_bytes()
     torch.set_num_threads(spec["threads"])
     warnings.filterwarnings("ignore")
     from qtoolkit.checkpoint import load_checkpoint
@@ -215,7 +225,23 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     return {"variant": variant, "backend": model.backend.name, "backend_reason": model.backend.reason,
             "threads": torch.get_num_threads(), "prompt_len": P, "new_tokens": N, "prefill_s": prefill_s,
             "decode_s": decode_s, "weight_bytes": model.weight_bytes(), "kv_cache_bytes": cache.nbytes,
-            "peak_rss_bytes": maxrss(), "torch_rss_bytes": torch_rss, "load_s": load_s}
+            "peak_rss_bytes": peak_rss_bytes(), "torch_rss_bytes": torch_rss, "load_s": load_s}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process: VmHWM on Linux. (`ru_maxrss` would do elsewhere, but
+    Linux carries it across exec, so a child started by a large parent would report the parent's
+    resident size at fork time as its own peak.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _main(argv: list[str]) -> int:

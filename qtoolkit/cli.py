@@ -235,7 +235,7 @@ def generate(
     pieces = generate_text(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k or None, seed=seed, stats=stats)
     report.stream_generation(prompt, pieces)
-    report.err_console.print(report.generation_summary(stats, model.backend))
+    report.err_console.print(report.generation_summary(stats, model.backend), soft_wrap=True)
 
 
 @app.command()
