@@ -228,6 +228,66 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             "peak_rss_bytes": peak_rss_bytes(), "torch_rss_bytes": torch_rss, "load_s": load_s}
 
 
+def _op_group(name: str) -> str:
+    if name.startswith("qtoolkit_kernels::ternary"):
+        return "ternary linears (C++ kernel)"
+    if name.startswith("qtoolkit_kernels::int8"):
+        return "int8 linears / head (C++ kernel)"
+    if "scaled_dot_product" in name or "flash_attention" in name:
+        return "attention (SDPA over the KV cache)"
+    if "rms_norm" in name:
+        return "RMSNorm"
+    return "other tensor ops (RoPE, cache writes, SiLU, adds, views)"
+
+
+def profile_decode(ckpt: str | Path, threads: int | None = None, prompt_len: int = 128, steps: int = 32,
+                   kernels: str | None = None, top: int = 15) -> dict[str, Any]:
+    """Where a decode step of the packed model spends its time, per token: torch.profiler self CPU
+    time per op and per group, beside the unprofiled wall time (their difference is Python and
+    dispatch overhead outside any op)."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from qtoolkit.runtime import load_inference_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_inference_model(ckpt, kernels=kernels)
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+
+    def run() -> float:
+        cache = model.new_cache(1, prompt_len + steps)
+        token = model(prompt, cache, last_only=True)[0, -1].argmax().view(1, 1)
+        t = time.perf_counter()
+        for _ in range(steps):
+            token = model(token, cache)[0, -1].argmax().view(1, 1)
+        return time.perf_counter() - t
+
+    run()
+    wall = min(run() for _ in range(3)) / steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    ops = []
+    for e in prof.key_averages():
+        if e.key.startswith("aten::argmax") or e.self_cpu_time_total <= 0:
+            continue
+        ops.append({"op": e.key, "self_ms_per_token": e.self_cpu_time_total / 1e3 / steps,
+                    "calls_per_token": e.count / steps})
+    ops = [o for o in ops if o["calls_per_token"] >= 0.5]  # decode ops (the prefill ran once)
+    groups: dict[str, float] = {}
+    for o in ops:
+        groups[_op_group(o["op"])] = groups.get(_op_group(o["op"]), 0.0) + o["self_ms_per_token"]
+    ops.sort(key=lambda o: -o["self_ms_per_token"])
+    in_ops = sum(groups.values())
+    return {"backend": model.backend.name, "threads": torch.get_num_threads(), "wall_ms_per_token": 1e3 * wall,
+            "profiled_op_ms_per_token": in_ops, "groups_ms_per_token": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+            "note": "self CPU time under the profiler (which adds its own overhead per op); the wall "
+                    "time is measured without it",
+            "top_ops": ops[:top]}
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process: VmHWM on Linux. (`ru_maxrss` would do elsewhere, but
     Linux carries it across exec, so a child started by a large parent would report the parent's

@@ -112,7 +112,10 @@ def compile_extension(build_dir: Path) -> tuple[bool, str]:
             cpp_extension.load(
                 name=EXT_NAME,
                 sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-ffp-contract=off", "-std=c++17"],
+                # -fopenmp: at::parallel_for is an inline `#pragma omp parallel`; without it, it runs serially.
+                # The library then uses the libgomp torch has already loaded (same soname).
+                extra_cflags=["-O3", "-ffp-contract=off", "-std=c++17", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir),
                 is_python_module=False,
                 verbose=False,
