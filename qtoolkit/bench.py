@@ -200,7 +200,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if variant == "packed":
         model = InferenceModel.from_packed(ckpt, spec.get("kernels"), _consume=True)
     else:
-        model = InferenceModel.float_baseline(ckpt, dynamic_int8=variant == "int8-dynamic", _consume=True)
+        model = InferenceModel.float_baseline(ckpt, dynamic_int8=variant == "int8-dynamic", kernels_=spec.get("kernels"),
+                                              _consume=True)
     del ckpt
     load_s = time.perf_counter() - t0
 

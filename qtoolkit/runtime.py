@@ -192,10 +192,37 @@ class RuntimeBlock(nn.Module):
         for name, w in norms.items():
             self.register_buffer(name, w.float().contiguous())
         self.subln = "attn_sub_norm" in norms
+        self.fused_ops = False  # C++ attention / SwiGLU ops (set by InferenceModel.use_fused_ops)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layer: int, cache: KVCache | None, pos: int) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], layer: int, cache: KVCache | None, pos: int) -> Tensor:
         B, T, C = x.shape
         h = F.rms_norm(x, (C,), self.attn_norm, self.eps).view(B * T, C)
+        if self.fused_ops and cache is not None:
+            # one call: RoPE on q and k, k/v into the cache, attention over positions 0 .. pos + t
+            y = torch.ops.qtoolkit_kernels.attention_step(self.qkv(h), cache.k[layer], cache.v[layer], rope[0],
+                                                          rope[1], pos, self.nh)
+        else:
+            y = self._attention(h, B, T, rope, layer, cache, pos)
+        if self.subln:
+            y = F.rms_norm(y, (C,), self.attn_sub_norm, self.eps)
+        x = x + self.o(y).view(B, T, C)
+        h = F.rms_norm(x, (C,), self.mlp_norm, self.eps).view(B * T, C)
+        if self.fused_ops:
+            m = torch.ops.qtoolkit_kernels.silu_mul(self.gate_up(h))
+        else:
+            if self.fused_gate_up:
+                g, u = self.gate_up(h).split(self.f, dim=1)
+            else:
+                g, u = self.gate(h), self.up(h)
+            m = F.silu(g).mul_(u)
+        if self.subln:
+            m = F.rms_norm(m, (self.f,), self.mlp_sub_norm, self.eps)
+        return x + self.down(m).view(B, T, C)
+
+    def _attention(self, h: Tensor, B: int, T: int, rope: tuple[Tensor, Tensor], layer: int, cache: KVCache | None,
+                   pos: int) -> Tensor:
+        """The PyTorch path: the training model's attention, reading and extending the cache."""
+        C = self.d
         if self.fused_qkv:
             q, k, v = self.qkv(h).split(C, dim=1)
         else:
@@ -204,6 +231,7 @@ class RuntimeBlock(nn.Module):
         q = q.reshape(B, T, self.nh, self.hd).transpose(1, 2)
         k = k.reshape(B, T, self.nh, self.hd).transpose(1, 2)
         v = v.reshape(B, T, self.nh, self.hd).transpose(1, 2)
+        cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             ck, cv = cache.k[layer], cache.v[layer]
@@ -215,21 +243,9 @@ class RuntimeBlock(nn.Module):
         elif pos == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # a chunk after cached positions: query i sees keys 0 .. pos + i
-            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=h.device).tril(diagonal=pos)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B * T, C)
-        if self.subln:
-            y = F.rms_norm(y, (C,), self.attn_sub_norm, self.eps)
-        x = x + self.o(y).view(B, T, C)
-        h = F.rms_norm(x, (C,), self.mlp_norm, self.eps).view(B * T, C)
-        if self.fused_gate_up:
-            g, u = self.gate_up(h).split(self.f, dim=1)
-        else:
-            g, u = self.gate(h), self.up(h)
-        m = F.silu(g).mul_(u)
-        if self.subln:
-            m = F.rms_norm(m, (self.f,), self.mlp_sub_norm, self.eps)
-        return x + self.down(m).view(B, T, C)
+        return y.transpose(1, 2).reshape(B * T, C)
 
 
 class InferenceModel(nn.Module):
@@ -254,6 +270,13 @@ class InferenceModel(nn.Module):
     def device(self) -> torch.device:
         return self.rope_cos.device
 
+    def use_fused_ops(self, enabled: bool) -> InferenceModel:
+        """Run attention (RoPE, cache write, softmax) and SwiGLU through the C++ extension's fused ops
+        (blocks whose q/k/v and gate/up are fused); otherwise the PyTorch ops of the training model."""
+        for block in self.blocks:
+            block.fused_ops = enabled and block.fused_qkv and block.fused_gate_up
+        return self
+
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, batch, max_len or self.config.max_seq_len, self.device)
 
@@ -265,10 +288,10 @@ class InferenceModel(nn.Module):
         limit = cache.max_len if cache is not None else self.config.max_seq_len
         if pos + T > limit:
             raise ConfigError(f"{pos + T} positions exceed the {'cache' if cache else 'model'} length {limit}")
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        rope = (self.rope_cos, self.rope_sin)
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, i, cache, pos)
+            x = block(x, rope, i, cache, pos)
         if cache is not None:
             cache.length = pos + T
         if last_only:
@@ -311,17 +334,21 @@ class InferenceModel(nn.Module):
             backend = Backend("dequant", "CUDA device: dequantize-then-matmul (no custom CUDA kernel)")
         else:
             backend = kernels.select_backend(kernels_)
-        return _Builder(ckpt, backend, device, _consume).build(cls)
+        return _Builder(ckpt, backend, device, _consume).build(cls).use_fused_ops(backend.native)
 
     @classmethod
-    def float_baseline(cls, ckpt: dict[str, Any], dynamic_int8: bool = False, _consume: bool = False) -> InferenceModel:
+    def float_baseline(cls, ckpt: dict[str, Any], dynamic_int8: bool = False, kernels_: str | None = None,
+                       _consume: bool = False) -> InferenceModel:
         """The same architecture as a plain PyTorch float32 model (nn.Linear over the dequantized
         packed weights, fused like the packed model), or with `dynamic_int8` PyTorch's dynamic INT8
         (`torch.ao.quantization.quantize_dynamic` on every nn.Linear; embeddings stay fp32).
-        Built block by block, so no more than one block's float weights exist beside the result."""
+        Built block by block, so no more than one block's float weights exist beside the result.
+        The attention / SwiGLU ops are the packed model's (fused C++ ops when `kernels_` selects a
+        native path), so a comparison measures the linear layers."""
+        fused = kernels.select_backend(kernels_).native
         if not dynamic_int8:
             backend = Backend("fp32", "plain PyTorch float32 (nn.Linear)")
-            return _Builder(ckpt, backend, torch.device("cpu"), _consume, as_float=True).build(cls)
+            return _Builder(ckpt, backend, torch.device("cpu"), _consume, as_float=True).build(cls).use_fused_ops(fused)
         import warnings
 
         from torch.ao.quantization import quantize_dynamic
@@ -335,7 +362,7 @@ class InferenceModel(nn.Module):
                           f"engine {torch.backends.quantized.engine})")
         model = _Builder(ckpt, backend, torch.device("cpu"), _consume, as_float=True, block_hook=quantize).build(cls)
         quantize(model)  # the head
-        return model
+        return model.use_fused_ops(fused)
 
 
 def _qscale_bytes(w: Tensor) -> int:
