@@ -230,15 +230,18 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _op_group(name: str) -> str:
-    if name.startswith("qtoolkit_kernels::ternary"):
+    if name.startswith("qtoolkit::ternary"):
         return "ternary linears (C++ kernel)"
-    if name.startswith("qtoolkit_kernels::int8"):
-        return "int8 linears / head (C++ kernel)"
-    if "scaled_dot_product" in name or "flash_attention" in name:
-        return "attention (SDPA over the KV cache)"
-    if "rms_norm" in name:
-        return "RMSNorm"
-    return "other tensor ops (RoPE, cache writes, SiLU, adds, views)"
+    if name.startswith("qtoolkit::int8"):
+        return "int8 linears / LM head (C++ kernel)"
+    if "attention_step" in name or "scaled_dot_product" in name or "flash_attention" in name:
+        return "attention over the KV cache (RoPE, cache write, softmax)"
+    if "rms_norm" in name or "silu" in name:
+        return "RMSNorm, SwiGLU"
+    if name.startswith("aten::linear") or name.startswith("aten::mm") or name.startswith("aten::addmm") \
+            or name.startswith("quantized::"):
+        return "PyTorch linears"
+    return "other tensor ops (embedding, residual adds, views, allocations)"
 
 
 def profile_decode(ckpt: str | Path, threads: int | None = None, prompt_len: int = 128, steps: int = 32,

@@ -88,13 +88,14 @@ def extension_dir() -> Path:
 
 _lock = threading.Lock()
 _loaded: dict[str, tuple[bool, str]] = {}  # build dir -> (ok, reason): one attempt per process
+_EXT = None  # the loaded module
 
 
 def load_extension() -> tuple[bool, str]:
     """Compile (first time) and load the C++ kernels: (loaded, reason if not). Never prints."""
     build_dir = extension_dir()
     with _lock:
-        if _has_ops():
+        if _EXT is not None:
             return True, ""
         if str(build_dir) not in _loaded:
             _loaded[str(build_dir)] = compile_extension(build_dir)
@@ -102,14 +103,15 @@ def load_extension() -> tuple[bool, str]:
 
 
 def compile_extension(build_dir: Path) -> tuple[bool, str]:
-    """Build (or reuse the cached build in `build_dir`) and load the library into torch.ops."""
+    """Build (or reuse the cached build in `build_dir`) and import the module `qtoolkit_kernels`."""
+    global _EXT
     try:
         from torch.utils import cpp_extension
 
         build_dir.mkdir(parents=True, exist_ok=True)
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            cpp_extension.load(
+            module = cpp_extension.load(
                 name=EXT_NAME,
                 sources=[str(SOURCE)],
                 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel`; without it, it runs serially.
@@ -117,29 +119,23 @@ def compile_extension(build_dir: Path) -> tuple[bool, str]:
                 extra_cflags=["-O3", "-ffp-contract=off", "-std=c++17", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir),
-                is_python_module=False,
                 verbose=False,
             )
     except Exception as e:  # no compiler, no ninja, a failed build: the fallback runs
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
         return False, f"C++ extension unavailable ({type(e).__name__}: {lines[0][:200]})"
-    if not _has_ops():
-        return False, "C++ extension built but its ops did not register"
+    if not hasattr(module, "ternary_linear"):
+        return False, "C++ extension built but it lacks its functions"
+    _EXT = module
     return True, ""
 
 
-def _has_ops() -> bool:
-    try:
-        return hasattr(torch.ops.qtoolkit_kernels, "ternary_linear")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _ops():
+def ext():
+    """The compiled module (loading it if needed); RuntimeError with the reason when unavailable."""
     ok, why = load_extension()
     if not ok:
         raise RuntimeError(why)
-    return torch.ops.qtoolkit_kernels
+    return _EXT
 
 
 def select_backend(kernels: str | None = None) -> Backend:
@@ -156,7 +152,7 @@ def select_backend(kernels: str | None = None) -> Backend:
         if choice != "auto":
             raise ConfigError(f"kernels={choice} requested but {why}")
         return Backend("reference", why)
-    best = int(_ops().best_isa())
+    best = int(_EXT.best_isa())
     if choice == "auto":
         if best == 0:
             return Backend("reference", "this CPU lacks AVX2 (or the OS does not enable it)")
@@ -203,7 +199,7 @@ def quantize_activations(x: Tensor, kp: int, backend: Backend) -> tuple[Tensor, 
     """Per-token int8 codes of x (M, K) padded with zeros to kp columns: (codes int8 (M, kp),
     s fp32 (M,), sum of codes int32 (M,)), the training quantizer's codes and scales exactly."""
     if backend.native:
-        return _ops().quantize_activations(x.contiguous(), kp, backend.isa)
+        return ext().quantize_activations(x.contiguous(), kp, backend.isa)
     codes, s = int8_per_token_codes(x)
     q = F.pad(codes.to(torch.int8), (0, kp - x.shape[1]))
     return q, s.reshape(-1), q.sum(dim=1, dtype=torch.int32)
@@ -221,13 +217,13 @@ def int_matmul(a: Tensor, b_t: Tensor) -> Tensor:
 def ternary_matmul_int(q: Tensor, qsum: Tensor, packed: Tensor, backend: Backend) -> Tensor:
     """Integer accumulations sum_j W~_ij q_tj (M, N) int32 of codes q (M, Kp) and a packed weight."""
     if backend.native:
-        return _ops().ternary_matmul_int(q.contiguous(), qsum.contiguous(), packed, backend.isa)
+        return ext().ternary_matmul_int(q.contiguous(), qsum.contiguous(), packed, backend.isa)
     return int_matmul(q, unpack_ternary(packed, q.shape[1]))
 
 
 def ternary_linear(x: Tensor, packed: Tensor, gamma: Tensor, backend: Backend) -> Tensor:
     """y = float(sum_j W~_ij q_tj) * (gamma_i / s_t) for x (M, K) fp32 (native kernels)."""
-    return _ops().ternary_linear(x.contiguous(), packed, gamma, backend.isa)
+    return ext().ternary_linear(x.contiguous(), packed, gamma, backend.isa)
 
 
 def ternary_linear_reference(x: Tensor, codes: Tensor, gamma: Tensor) -> Tensor:
@@ -241,7 +237,7 @@ def ternary_linear_reference(x: Tensor, codes: Tensor, gamma: Tensor) -> Tensor:
 def int8_linear(x: Tensor, codes: Tensor, scale: Tensor, backend: Backend) -> Tensor:
     """Weight-only INT8: y = (x @ codes.T) * scale, float activations, fp32 accumulation."""
     if backend.native:
-        return _ops().int8_linear(x.contiguous(), codes, scale, backend.isa)
+        return ext().int8_linear(x.contiguous(), codes, scale, backend.isa)
     return F.linear(x, codes.to(x.dtype)) * scale
 
 

@@ -78,10 +78,11 @@ class TernaryLinear(nn.Module):
         else:
             self.register_buffer("packed", kernels.pack_ternary(codes.to(torch.int8)).to(device))
         self._isa = backend.isa
+        self._fn = kernels.ext().ternary_linear if self.mode == "kernel" else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "kernel":
-            return torch.ops.qtoolkit_kernels.ternary_linear(x, self.packed, self.gamma, self._isa)
+            return self._fn(x, self.packed, self.gamma, self._isa)
         if self.mode == "int":
             return kernels.ternary_linear_reference(x, self.codes, self.gamma)
         # dequantize-then-matmul (any device): the training forward's formula
@@ -106,6 +107,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("codes", codes.to(torch.int8).contiguous().to(device))
         self.register_buffer("scale", scale.float().reshape(-1).contiguous().to(device))
         self._isa = backend.isa
+        self._fn = kernels.ext().int8_linear if self.mode == "kernel" else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "dequant":
@@ -118,7 +120,7 @@ class Int8Linear(nn.Module):
             codes, s = int8_per_token_codes(x)
             return kernels.int_matmul(codes.to(torch.int8), self.codes).float() * (self.scale / s)
         if self.mode == "kernel":
-            return torch.ops.qtoolkit_kernels.int8_linear(x, self.codes, self.scale, self._isa)
+            return self._fn(x, self.codes, self.scale, self._isa)
         return F.linear(x, self.codes.to(x.dtype)) * self.scale
 
     def extra_repr(self) -> str:
@@ -195,29 +197,40 @@ class RuntimeBlock(nn.Module):
         self.fused_ops = False  # C++ attention / SwiGLU ops (set by InferenceModel.use_fused_ops)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], layer: int, cache: KVCache | None, pos: int) -> Tensor:
+        if self.fused_ops and cache is not None:
+            return self._fused_forward(x, rope, layer, cache, pos)
         B, T, C = x.shape
         h = F.rms_norm(x, (C,), self.attn_norm, self.eps).view(B * T, C)
-        if self.fused_ops and cache is not None:
-            # one call: RoPE on q and k, k/v into the cache, attention over positions 0 .. pos + t
-            y = torch.ops.qtoolkit_kernels.attention_step(self.qkv(h), cache.k[layer], cache.v[layer], rope[0],
-                                                          rope[1], pos, self.nh)
-        else:
-            y = self._attention(h, B, T, rope, layer, cache, pos)
+        y = self._attention(h, B, T, rope, layer, cache, pos)
         if self.subln:
             y = F.rms_norm(y, (C,), self.attn_sub_norm, self.eps)
         x = x + self.o(y).view(B, T, C)
         h = F.rms_norm(x, (C,), self.mlp_norm, self.eps).view(B * T, C)
-        if self.fused_ops:
-            m = torch.ops.qtoolkit_kernels.silu_mul(self.gate_up(h))
+        if self.fused_gate_up:
+            g, u = self.gate_up(h).split(self.f, dim=1)
         else:
-            if self.fused_gate_up:
-                g, u = self.gate_up(h).split(self.f, dim=1)
-            else:
-                g, u = self.gate(h), self.up(h)
-            m = F.silu(g).mul_(u)
+            g, u = self.gate(h), self.up(h)
+        m = F.silu(g).mul_(u)
         if self.subln:
             m = F.rms_norm(m, (self.f,), self.mlp_sub_norm, self.eps)
         return x + self.down(m).view(B, T, C)
+
+    def _fused_forward(self, x: Tensor, rope: tuple[Tensor, Tensor], layer: int, cache: KVCache, pos: int) -> Tensor:
+        """The same block as ~8 calls into the C++ extension (plus the linear ops); x is updated in place."""
+        e, eps = self._ext, self.eps
+        B, T, C = x.shape
+        x2 = x.view(B * T, C)
+        h = e.rms_norm(x2, self.attn_norm, eps)
+        # RoPE on q and k, k/v into the cache, attention over positions 0 .. pos + t
+        y = e.attention_step(self.qkv(h), cache.k[layer], cache.v[layer], rope[0], rope[1], pos, self.nh)
+        if self.subln:
+            y = e.rms_norm(y, self.attn_sub_norm, eps)
+        h = e.add_rms_norm(x2, self.o(y), self.mlp_norm, eps)  # x += o(y); h = norm(x)
+        m = e.silu_mul(self.gate_up(h))
+        if self.subln:
+            m = e.rms_norm(m, self.mlp_sub_norm, eps)
+        x2.add_(self.down(m))
+        return x
 
     def _attention(self, h: Tensor, B: int, T: int, rope: tuple[Tensor, Tensor], layer: int, cache: KVCache | None,
                    pos: int) -> Tensor:
@@ -273,8 +286,10 @@ class InferenceModel(nn.Module):
     def use_fused_ops(self, enabled: bool) -> InferenceModel:
         """Run attention (RoPE, cache write, softmax) and SwiGLU through the C++ extension's fused ops
         (blocks whose q/k/v and gate/up are fused); otherwise the PyTorch ops of the training model."""
+        ext = kernels.ext() if enabled else None
         for block in self.blocks:
             block.fused_ops = enabled and block.fused_qkv and block.fused_gate_up
+            block._ext = ext
         return self
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:

@@ -28,7 +28,7 @@ def backend(name: str) -> Backend:
     ok, why = kernels.load_extension()
     if not ok:
         pytest.skip(why)
-    best = int(torch.ops.qtoolkit_kernels.best_isa())
+    best = int(kernels.ext().best_isa())
     if kernels.ISA_CODES[name] > best:
         pytest.skip(f"this CPU does not support {name}")
     return Backend(name, "test")
@@ -161,7 +161,7 @@ def test_auto_picks_the_best_native_path(monkeypatch):
     if not ok:
         pytest.skip(why)
     b = kernels.select_backend()
-    best = int(torch.ops.qtoolkit_kernels.best_isa())
+    best = int(kernels.ext().best_isa())
     assert b.name == {2: "avx512-vnni", 1: "avx2", 0: "reference"}[best]
     assert b.reason.startswith("auto")
 
@@ -182,7 +182,6 @@ def test_a_failed_build_is_reported_not_raised(monkeypatch, tmp_path):
         raise RuntimeError("Error building extension 'qtoolkit_kernels': c++: not found")
 
     monkeypatch.setattr(cpp_extension, "load", broken)
-    monkeypatch.setattr(kernels, "_has_ops", lambda: False)
     ok, why = kernels.compile_extension(tmp_path / "ext")
     assert not ok and "RuntimeError" in why and "c++: not found" in why
 
@@ -191,3 +190,40 @@ def test_extension_is_cached_under_qtoolkit_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("QTOOLKIT_CACHE", str(tmp_path))
     d = kernels.extension_dir()
     assert d.parent == tmp_path / "ext" and d.name.startswith("qtoolkit_kernels-torch")
+
+
+def test_fused_block_ops_match_pytorch():
+    """attention_step / silu_mul / rms_norm / add_rms_norm against the PyTorch ops they replace."""
+    backend("avx2")
+    import torch.nn.functional as F
+
+    from qtoolkit.model import apply_rope, rope_tables
+
+    e = kernels.ext()
+    gen = torch.Generator().manual_seed(4)
+    B, nh, hd, L, pos, T = 2, 3, 16, 20, 5, 4
+    C = nh * hd
+    cos, sin = rope_tables(hd, 64, 10000.0)
+    kc = torch.randn(B, nh, L, hd, generator=gen)
+    vc = torch.randn(B, nh, L, hd, generator=gen)
+    qkv = torch.randn(B * T, 3 * C, generator=gen)
+    k_ref, v_ref = kc.clone(), vc.clone()
+    y = e.attention_step(qkv, kc, vc, cos, sin, pos, nh)
+    q, k, v = (t.reshape(B, T, nh, hd).transpose(1, 2) for t in qkv.split(C, dim=1))
+    q, k = apply_rope(q, cos[pos:pos + T], sin[pos:pos + T]), apply_rope(k, cos[pos:pos + T], sin[pos:pos + T])
+    k_ref[:, :, pos:pos + T], v_ref[:, :, pos:pos + T] = k, v
+    assert torch.equal(kc, k_ref) and torch.equal(vc, v_ref)  # RoPE bit for bit; the cache written in place
+    mask = torch.ones(T, pos + T, dtype=torch.bool).tril(diagonal=pos)
+    ref = F.scaled_dot_product_attention(q, k_ref[:, :, :pos + T], v_ref[:, :, :pos + T], attn_mask=mask)
+    torch.testing.assert_close(y, ref.transpose(1, 2).reshape(B * T, C), rtol=1e-5, atol=1e-5)
+
+    gu = torch.randn(3, 2 * 37, generator=gen) * 4
+    g, u = gu.split(37, dim=1)
+    torch.testing.assert_close(e.silu_mul(gu), F.silu(g) * u, rtol=1e-6, atol=1e-6)
+    x, d, w = (torch.randn(3, 37, generator=gen) for _ in range(3))
+    w = w[0].contiguous()
+    torch.testing.assert_close(e.rms_norm(x, w, 1e-6), F.rms_norm(x, (37,), w, 1e-6), rtol=1e-6, atol=1e-6)
+    x0 = x.clone()
+    h = e.add_rms_norm(x, d, w, 1e-6)
+    assert torch.equal(x, x0 + d)
+    torch.testing.assert_close(h, F.rms_norm(x0 + d, (37,), w, 1e-6), rtol=1e-6, atol=1e-6)

@@ -1,7 +1,7 @@
 // CPU kernels for packed ternary and INT8 layers (qtoolkit inference runtime).
 //
-// Built on first use by qtoolkit/kernels.py through torch.utils.cpp_extension and cached; the ops
-// register under torch.ops.qtoolkit_kernels. The file compiles with the compiler's default flags:
+// Built on first use by qtoolkit/kernels.py through torch.utils.cpp_extension and cached, as the
+// Python module `qtoolkit_kernels`. The file compiles with the compiler's default flags:
 // each kernel carries its instruction set in a target attribute and `best_isa()` picks one at run
 // time, so one build serves any x86-64 CPU (AVX2 required, AVX-512 VNNI used when present).
 //
@@ -43,8 +43,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/record_function.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <cpuid.h>
 #include <immintrin.h>
@@ -691,6 +692,7 @@ void check_2d(const at::Tensor& t, at::ScalarType dtype, const char* what) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x, int64_t Kp, int64_t isa) {
+  RECORD_FUNCTION("qtoolkit::quantize_activations", std::vector<c10::IValue>());
   isa = checked_isa(isa);
   check_2d(x, at::kFloat, "x");
   const int64_t M = x.size(0), K = x.size(1);
@@ -708,6 +710,7 @@ void check_packed(const at::Tensor& w) {
 }
 
 at::Tensor ternary_matmul_int(const at::Tensor& q, const at::Tensor& qsum, const at::Tensor& w, int64_t isa) {
+  RECORD_FUNCTION("qtoolkit::ternary_matmul_int", std::vector<c10::IValue>());
   isa = checked_isa(isa);
   check_2d(q, at::kChar, "activation codes");
   check_packed(w);
@@ -724,6 +727,7 @@ at::Tensor ternary_matmul_int(const at::Tensor& q, const at::Tensor& qsum, const
 }
 
 at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gamma, int64_t isa) {
+  RECORD_FUNCTION("qtoolkit::ternary_linear", std::vector<c10::IValue>());
   isa = checked_isa(isa);
   check_2d(x, at::kFloat, "x");
   check_packed(w);
@@ -744,6 +748,7 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& w, const at::Te
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t isa) {
+  RECORD_FUNCTION("qtoolkit::int8_linear", std::vector<c10::IValue>());
   isa = checked_isa(isa);
   check_2d(x, at::kFloat, "x");
   check_2d(w, at::kChar, "int8 weight");
@@ -762,6 +767,7 @@ at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, cons
                           const at::Tensor& cos, const at::Tensor& sin, int64_t pos, int64_t n_heads) {
   // qkv (B*T, 3C) fused projections; caches (B, n_heads, max_len, hd) of one layer; cos/sin
   // (max_seq_len, hd/2) RoPE tables. Writes positions pos..pos+T-1 of the caches; returns (B*T, C).
+  RECORD_FUNCTION("qtoolkit::attention_step", std::vector<c10::IValue>());
   checked_isa(kAvx2);
   check_2d(qkv, at::kFloat, "qkv");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
@@ -794,6 +800,7 @@ at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, cons
 }
 
 at::Tensor silu_mul(const at::Tensor& gu) {
+  RECORD_FUNCTION("qtoolkit::silu_mul", std::vector<c10::IValue>());
   checked_isa(kAvx2);
   check_2d(gu, at::kFloat, "gate_up");
   TORCH_CHECK(gu.size(1) % 2 == 0, "gate_up must have an even number of columns");
@@ -807,15 +814,65 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   return out;
 }
 
+
+QT_AVX2 void rms_norm_row(const float* x, const float* w, int64_t C, float eps, float* y) {
+  // y = x * (1 / sqrt(mean(x^2) + eps)) * w, as F.rms_norm (float32; summation order differs)
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= C; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  float ss = hsum_ps_256(acc);
+  for (; i < C; ++i) ss += x[i] * x[i];
+  const float r = 1.0f / std::sqrt(ss / static_cast<float>(C) + eps);
+  const __m256 vr = _mm256_set1_ps(r);
+  for (i = 0; i + 8 <= C; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vr), _mm256_loadu_ps(w + i)));
+  for (; i < C; ++i) y[i] = x[i] * r * w[i];
+}
+
+QT_AVX2 void add_rows(float* x, const float* d, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(d + i)));
+  for (; i < n; ++i) x[i] += d[i];
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  RECORD_FUNCTION("qtoolkit::rms_norm", std::vector<c10::IValue>());
+  checked_isa(kAvx2);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, "x must be contiguous float32");
+  const int64_t C = x.size(-1), M = x.numel() / std::max<int64_t>(C, 1);
+  TORCH_CHECK(w.numel() == C && w.is_contiguous() && w.scalar_type() == at::kFloat, "norm weight must match x");
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  for (int64_t m = 0; m < M; ++m)
+    rms_norm_row(x.data_ptr<float>() + m * C, w.data_ptr<float>(), C, static_cast<float>(eps), y.data_ptr<float>() + m * C);
+  return y;
+}
+
+at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& d, const at::Tensor& w, double eps) {
+  RECORD_FUNCTION("qtoolkit::add_rms_norm", std::vector<c10::IValue>());
+  checked_isa(kAvx2);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && d.scalar_type() == at::kFloat &&
+                  d.is_contiguous() && d.numel() == x.numel(), "x and delta must be contiguous float32 of one size");
+  add_rows(x.data_ptr<float>(), d.data_ptr<float>(), x.numel());
+  return rms_norm(x, w, eps);
+}
+
 }  // namespace
 
-TORCH_LIBRARY(qtoolkit_kernels, m) {
-  m.def("best_isa() -> int", &best_isa);
-  m.def("quantize_activations(Tensor x, int kp, int isa) -> (Tensor, Tensor, Tensor)", &quantize_activations);
-  m.def("ternary_matmul_int(Tensor q, Tensor qsum, Tensor w, int isa) -> Tensor", &ternary_matmul_int);
-  m.def("ternary_linear(Tensor x, Tensor w, Tensor gamma, int isa) -> Tensor", &ternary_linear);
-  m.def("int8_linear(Tensor x, Tensor w, Tensor scale, int isa) -> Tensor", &int8_linear);
-  m.def("attention_step(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, Tensor sin, int pos, "
-        "int n_heads) -> Tensor", &attention_step);
-  m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
+// A plain pybind11 module: a call costs ~0.2 us, against ~3 us through the torch.ops dispatcher,
+// which matters at ~100 calls per generated token. RECORD_FUNCTION keeps the ops visible to
+// torch.profiler.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "qtoolkit inference kernels (see the header of ternary_kernels.cpp)";
+  m.def("best_isa", &best_isa, "best instruction set this CPU and OS support: 2 AVX-512 VNNI, 1 AVX2, 0 none");
+  m.def("quantize_activations", &quantize_activations, "per-token int8 codes: (codes (M, Kp), s (M,), sums (M,))");
+  m.def("ternary_matmul_int", &ternary_matmul_int, "integer dots (M, N) of codes (M, Kp) and a packed weight");
+  m.def("ternary_linear", &ternary_linear, "float x (M, K) through a packed ternary weight");
+  m.def("int8_linear", &int8_linear, "float x (M, K) through int8 weights with row scales (weight-only)");
+  m.def("attention_step", &attention_step, "RoPE, KV-cache write and causal attention for one layer");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (M, 2F) gate/up output");
+  m.def("rms_norm", &rms_norm, "RMSNorm of the rows of x");
+  m.def("add_rms_norm", &add_rms_norm, "x += delta (in place), then RMSNorm of x");
 }
