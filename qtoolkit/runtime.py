@@ -543,6 +543,8 @@ def load_inference_model(path: str | Path, kernels: str | None = None, device: s
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested, but PyTorch sees no CUDA device (use --device cpu)")
     ckpt = load_checkpoint(path)
     if ckpt["kind"] == "train":
         ckpt = _training_to_packed(ckpt)

@@ -211,10 +211,14 @@ QT_AVX512 inline __m128i hsum4_512(__m512i a, __m512i b, __m512i c, __m512i d) {
 
 template <int R>
 QT_AVX512 inline void reduce_store_512(const TernaryArgs& a, int64_t t, int64_t i, const __m512i* acc) {
-  if constexpr (R == 4) {
-    alignas(16) int32_t d[4];
-    _mm_store_si128(reinterpret_cast<__m128i*>(d), hsum4_512(acc[0], acc[1], acc[2], acc[3]));
-    for (int r = 0; r < 4; ++r) store_out(a, t, i + r, d[r]);
+  if constexpr (R == 4) {  // the epilogue of store_out on 4 rows at once (same IEEE operations)
+    const __m128i v = _mm_sub_epi32(hsum4_512(acc[0], acc[1], acc[2], acc[3]), _mm_set1_epi32(a.xsum[t]));
+    if (a.out_int) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(a.out_int + t * a.N + i), v);
+    } else {
+      const __m128 g = _mm_div_ps(_mm_loadu_ps(a.gamma + i), _mm_set1_ps(a.xscale[t]));
+      _mm_storeu_ps(a.out_f + t * a.N + i, _mm_mul_ps(_mm_cvtepi32_ps(v), g));
+    }
   } else {
     for (int r = 0; r < R; ++r) store_out(a, t, i + r, _mm512_reduce_add_epi32(acc[r]));
   }
@@ -616,6 +620,81 @@ QT_AVX2 inline void axpy256(float alpha, const float* x, float* y, int64_t n) { 
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
+// p[j] <- exp(p[j] - m) for j < n; returns their sum.
+QT_AVX2 inline float softmax_exp(float* p, int64_t n, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 vsum = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + j), vm));
+    _mm256_storeu_ps(p + j, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = hsum_ps_256(vsum);
+  for (; j < n; ++j) {
+    p[j] = std::exp(p[j] - m);
+    sum += p[j];
+  }
+  return sum;
+}
+
+// Attention of T rotated queries (qd, T x hd) over cache positions 0 .. pos + t, one head. V = hd / 8:
+// the query and the output stay in 2V registers, so each key costs V FMAs for the score and V for
+// the output, with no stores in between.
+template <int V>
+QT_AVX2 void attend_queries(const float* qd, int64_t T, int64_t pos, const float* kc, const float* vc, float scale,
+                            float* y, int64_t ystride, float* p) {
+  constexpr int64_t hd = 8 * V;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t n = pos + t + 1;
+    __m256 q[V];
+    for (int v = 0; v < V; ++v) q[v] = _mm256_loadu_ps(qd + t * hd + 8 * v);
+    float m = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) {
+      const float* k = kc + j * hd;
+      __m256 a0 = _mm256_mul_ps(q[0], _mm256_loadu_ps(k));
+      __m256 a1 = V > 1 ? _mm256_mul_ps(q[V > 1 ? 1 : 0], _mm256_loadu_ps(k + 8)) : _mm256_setzero_ps();
+#pragma GCC unroll 16
+      for (int v = 2; v < V; v += 2) {
+        a0 = _mm256_fmadd_ps(q[v], _mm256_loadu_ps(k + 8 * v), a0);
+        if (v + 1 < V) a1 = _mm256_fmadd_ps(q[v + 1], _mm256_loadu_ps(k + 8 * v + 8), a1);
+      }
+      p[j] = hsum_ps_256(_mm256_add_ps(a0, a1)) * scale;
+      m = p[j] > m ? p[j] : m;
+    }
+    const float sum = softmax_exp(p, n, m);
+    __m256 o[V];
+    for (int v = 0; v < V; ++v) o[v] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 pj = _mm256_set1_ps(p[j]);
+      const float* vv = vc + j * hd;
+#pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) o[v] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vv + 8 * v), o[v]);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(y + t * ystride + 8 * v, _mm256_mul_ps(o[v], inv));
+  }
+}
+
+// Any head size: the same computation with the output accumulated in memory.
+QT_AVX2 void attend_queries_any(const float* qd, int64_t T, int64_t pos, const float* kc, const float* vc,
+                                int64_t hd, float scale, float* y, int64_t ystride, float* p) {
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t n = pos + t + 1;
+    float m = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) {
+      p[j] = dot256(qd + t * hd, kc + j * hd, hd) * scale;
+      m = p[j] > m ? p[j] : m;
+    }
+    const float sum = softmax_exp(p, n, m);
+    float* out = y + t * ystride;
+    std::fill(out, out + hd, 0.0f);
+    for (int64_t j = 0; j < n; ++j) axpy256(p[j], vc + j * hd, out, hd);
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+  }
+}
+
 // One (batch row, head): rotate q and k of tokens pos .. pos+T-1 (RoPE), store k and v in the cache,
 // then attend: token t sees cache positions 0 .. pos + t.
 QT_AVX2 void attend_head(const float* qkv, int64_t T, int64_t C, int64_t hd, int64_t h, float* kc, float* vc,
@@ -637,32 +716,13 @@ QT_AVX2 void attend_head(const float* qkv, int64_t T, int64_t C, int64_t hd, int
     }
     std::copy(row + 2 * C + h * hd, row + 2 * C + (h + 1) * hd, vc + (pos + t) * hd);
   }
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t n = pos + t + 1;
-    const float* qd = qrot.data() + t * hd;
-    float m = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) {
-      p[j] = dot256(qd, kc + j * hd, hd) * scale;
-      m = p[j] > m ? p[j] : m;
-    }
-    const __m256 vm = _mm256_set1_ps(m);
-    __m256 vsum = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p.data() + j), vm));
-      _mm256_storeu_ps(p.data() + j, e);
-      vsum = _mm256_add_ps(vsum, e);
-    }
-    float sum = hsum_ps_256(vsum);
-    for (; j < n; ++j) {
-      p[j] = std::exp(p[j] - m);
-      sum += p[j];
-    }
-    float* out = y + t * C + h * hd;
-    std::fill(out, out + hd, 0.0f);
-    for (j = 0; j < n; ++j) axpy256(p[j], vc + j * hd, out, hd);
-    const float inv = 1.0f / sum;
-    for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+  float* out = y + h * hd;
+  switch (hd) {
+    case 16: attend_queries<2>(qrot.data(), T, pos, kc, vc, scale, out, C, p.data()); break;
+    case 32: attend_queries<4>(qrot.data(), T, pos, kc, vc, scale, out, C, p.data()); break;
+    case 64: attend_queries<8>(qrot.data(), T, pos, kc, vc, scale, out, C, p.data()); break;
+    case 128: attend_queries<16>(qrot.data(), T, pos, kc, vc, scale, out, C, p.data()); break;
+    default: attend_queries_any(qrot.data(), T, pos, kc, vc, hd, scale, out, C, p.data()); break;
   }
 }
 
