@@ -87,7 +87,7 @@ int64_t best_isa() {
 }
 
 int64_t checked_isa(int64_t isa) {
-  const int64_t best = best_isa();
+  static const int64_t best = best_isa();  // CPUID in a VM can cost microseconds: probe once
   if (isa < 0) isa = best;
   TORCH_CHECK(isa == kAvx2 || isa == kAvx512Vnni, "qtoolkit kernels: unknown instruction set ", isa,
               " (1 = AVX2, 2 = AVX-512 VNNI)");
