@@ -53,8 +53,9 @@ class VariantResult:
     decode_s: list[float]
     weight_bytes: int  # bytes of the weight tensors the model holds
     kv_cache_bytes: int
-    peak_rss_bytes: int  # ru_maxrss of the child process
-    torch_rss_bytes: int  # ru_maxrss right after `import torch` (the libraries' share)
+    peak_rss_bytes: int  # peak resident memory of the child process (VmHWM)
+    torch_rss_bytes: int  # resident memory right after `import torch` (the libraries' share)
+    loaded_rss_bytes: int  # resident memory once the model is built and the checkpoint dropped
     load_s: float
 
     @property
@@ -204,6 +205,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                                               _consume=True)
     del ckpt
     load_s = time.perf_counter() - t0
+    loaded_rss = rss_bytes()
 
     P, N = spec["prompt_len"], spec["new_tokens"]
     prompt = torch.randint(0, model.config.vocab_size, (1, P), generator=torch.Generator().manual_seed(0))
@@ -226,7 +228,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     return {"variant": variant, "backend": model.backend.name, "backend_reason": model.backend.reason,
             "threads": torch.get_num_threads(), "prompt_len": P, "new_tokens": N, "prefill_s": prefill_s,
             "decode_s": decode_s, "weight_bytes": model.weight_bytes(), "kv_cache_bytes": cache.nbytes,
-            "peak_rss_bytes": peak_rss_bytes(), "torch_rss_bytes": torch_rss, "load_s": load_s}
+            "peak_rss_bytes": peak_rss_bytes(), "torch_rss_bytes": torch_rss, "loaded_rss_bytes": loaded_rss,
+            "load_s": load_s}
 
 
 def _op_group(name: str) -> str:
@@ -292,16 +295,29 @@ def profile_decode(ckpt: str | Path, threads: int | None = None, prompt_len: int
             "top_ops": ops[:top]}
 
 
+def _proc_status(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    """Current resident memory of this process (VmRSS; the peak where /proc is missing)."""
+    now = _proc_status("VmRSS")
+    return now if now is not None else peak_rss_bytes()
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process: VmHWM on Linux. (`ru_maxrss` would do elsewhere, but
     Linux carries it across exec, so a child started by a large parent would report the parent's
     resident size at fork time as its own peak.)"""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_status("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
