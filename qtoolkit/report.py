@@ -545,6 +545,7 @@ def stream_generation(prompt: str, pieces, out: Console = console) -> None:
         out.print(Text(piece), end="", soft_wrap=True)
         out.file.flush()
     out.print()
+    out.file.flush()
 
 
 def generation_summary(stats, backend) -> Text:
@@ -576,21 +577,23 @@ class BenchProgress:
 def bench_table(report) -> Table:
     """Side-by-side speed and memory of the packed model and its baselines, with packed/baseline ratios."""
     first = report.results[0]
-    table = Table(title=f"Inference benchmark: {report.checkpoint}", title_justify="left")
-    for col, justify in (("model", "left"), ("kernels", "left"), ("weights", "right"),
-                         (f"prefill {first.prompt_len} tok/s", "right"), ("decode tok/s", "right"),
-                         ("ms/token", "right"), ("peak RSS", "right")):
-        table.add_column(col, justify=justify)
+    table = Table(title=f"Inference benchmark: {report.checkpoint}", title_justify="left", box=box.SIMPLE_HEAD)
+    for col, justify in (("model", "left"), ("kernels", "left"), ("weights\nMB", "right"),
+                         ("prefill\ntok/s", "right"), ("decode\ntok/s", "right"), ("decode\nms/tok", "right"),
+                         ("peak RSS\nMB", "right")):
+        table.add_column(col, justify=justify, no_wrap=True)
     for r in report.results:
-        table.add_row(r.variant, r.backend, fmt_bytes(r.weight_bytes), f"{r.prefill_tok_s:,.0f}",
-                      f"{r.decode_tok_s:,.1f}", f"{r.decode_ms_per_token:.2f}", fmt_bytes(r.peak_rss_bytes))
+        table.add_row(r.variant, r.backend, f"{r.weight_bytes / 1e6:,.1f}", f"{r.prefill_tok_s:,.0f}",
+                      f"{r.decode_tok_s:,.1f}", f"{r.decode_ms_per_token:.2f}", f"{r.peak_rss_bytes / 1e6:,.0f}")
     lines = []
     for name, q in report.ratios().items():
         lines.append(f"packed vs {name}: decode {q['decode_speedup']:.2f}x, prefill {q['prefill_speedup']:.2f}x, "
                      f"weights {q['weight_bytes_ratio']:.3f}x, peak RSS {q['peak_rss_ratio']:.3f}x "
                      f"({q['peak_rss_above_torch_ratio']:.3f}x above the torch import)")
-    torch_mb = fmt_bytes(first.torch_rss_bytes)
-    lines.append(f"{first.threads} threads, {first.new_tokens} decode steps after a {first.prompt_len}-token "
-                 f"prompt, median of {len(first.decode_s)} rounds; `import torch` alone: {torch_mb} RSS")
+    lines.append(f"{first.threads} threads; {first.new_tokens} decode steps after a {first.prompt_len}-token prompt; "
+                 f"median of {len(first.decode_s)} rounds; `import torch` alone: "
+                 f"{first.torch_rss_bytes / 1e6:,.0f} MB resident")
+    lines.append(f"packed kernels: {first.backend} ({first.backend_reason})")
     table.caption = "\n".join(lines)
+    table.caption_justify = "left"
     return table
