@@ -30,12 +30,15 @@ def test_generate_streams_text_and_is_reproducible(trained_tiny, tmp_path):
     assert greedy.exit_code == 0 and "kernels: reference" in greedy.stderr
 
 
-def test_generate_user_errors(tmp_path):
+def test_generate_user_errors(trained_tiny, tmp_path):
     ckpt = pack_checkpoint(save_untrained_checkpoint(tmp_path / "c.pt"), tmp_path / "p.safetensors").path
     r = run("generate", ckpt, "--prompt", "hi")
     assert r.exit_code == 1 and "no usable tokenizer" in r.output and "Traceback" not in r.output
     r = run("generate", tmp_path / "missing.safetensors", "--prompt", "hi")
     assert r.exit_code == 1 and "no such file" in r.output
+    r = run("generate", trained_tiny, "--prompt", "Once upon a time", "--max-new-tokens", 200)
+    assert r.exit_code == 1 and "exceed the model's context of 64 tokens" in r.output
+    assert not r.stdout.startswith("Once")  # nothing printed before the error
     r = run("generate", ckpt, "--prompt", "hi", "--kernels", "gpu")
     assert r.exit_code == 1 and "kernels" in r.output and "Traceback" not in r.output
 

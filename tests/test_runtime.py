@@ -238,9 +238,11 @@ def test_generate_stops_at_end_of_text_and_checks_its_arguments(trained_tiny):
                           (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"),
                           (dict(top_k=0), "top_k")]:
         with pytest.raises(ConfigError, match=match):
-            list(generate(model, ids, **kwargs))
+            generate(model, ids, **kwargs)  # checked at the call, before any token is produced
     with pytest.raises(ConfigError, match="empty"):
-        list(generate(model, [], max_new_tokens=3))
+        generate(model, [], max_new_tokens=3)
+    with pytest.raises(ConfigError, match="context"):
+        generate_text(model, "Once", max_new_tokens=limit)
 
 
 def test_a_training_checkpoint_loads_like_its_packed_file(trained_tiny, tmp_path):
