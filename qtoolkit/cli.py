@@ -278,5 +278,56 @@ def list_quantizers() -> None:
     report.console.print(report.quantizers_table(rows))
 
 
+@app.command()
+@user_errors
+def generate(
+    ckpt: Annotated[Path, typer.Argument(help="Packed checkpoint (or a training checkpoint / run directory).")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the K most likely tokens (0 = all).")] = 40,
+    seed: Annotated[int, typer.Option(help="Sampling seed: the same seed gives the same text.")] = 0,
+    kernels: Annotated[str | None, typer.Option(help="auto, reference, avx2 or avx512-vnni [default: $QTOOLKIT_KERNELS or auto].")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+) -> None:
+    """Generate text from a packed checkpoint with the fast inference runtime, streaming tokens."""
+    from qtoolkit.runtime import GenerationStats, generate_text, load_inference_model
+
+    model = load_inference_model(ckpt, kernels=kernels, device=device)
+    stats = GenerationStats()
+    pieces = generate_text(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k or None, seed=seed, stats=stats)
+    report.stream_generation(prompt, pieces)
+    report.err_console.print(report.generation_summary(stats, model.backend), soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def bench(
+    ckpt: Annotated[Path, typer.Argument(help="Packed checkpoint (or a training checkpoint / run directory).")],
+    baselines: Annotated[str, typer.Option(help="Comma-separated: fp32, int8-dynamic ('' for none).")] = "fp32,int8-dynamic",
+    threads: Annotated[int | None, typer.Option(help="CPU threads [default: torch's default].")] = None,
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens for the prefill measurement.")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="Decode steps per round.")] = 64,
+    repeats: Annotated[int, typer.Option(help="Measured rounds (after one warm-up); the median is reported.")] = 3,
+    kernels: Annotated[str | None, typer.Option(help="Kernel path of the packed model: auto, reference, avx2, avx512-vnni.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON.")] = None,
+) -> None:
+    """Prefill/decode speed, weight bytes and peak memory: packed vs FP32 and dynamic-INT8 PyTorch."""
+    import json
+
+    from qtoolkit.bench import parse_baselines, run_bench
+    from qtoolkit.checkpoint import atomic_write_text
+
+    names = parse_baselines(baselines)
+    with report.BenchProgress() as progress:
+        result = run_bench(ckpt, names, threads=threads, prompt_len=prompt_len, new_tokens=new_tokens,
+                           repeats=repeats, kernels=kernels, progress=progress)
+    report.console.print(report.bench_table(result))
+    if json_path:
+        atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2))
+        report.console.print(f"wrote json: {json_path}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()

@@ -721,3 +721,66 @@ def save_search_plot(result, path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+# ------------------------------------------------------------------------------ inference
+
+
+def stream_generation(prompt: str, pieces, out: Console = console) -> None:
+    """The prompt (bold), then each generated text piece as soon as it arrives."""
+    out.print(Text(prompt, style="bold"), end="", soft_wrap=True)
+    for piece in pieces:
+        out.print(Text(piece), end="", soft_wrap=True)
+        out.file.flush()
+    out.print()
+    out.file.flush()
+
+
+def generation_summary(stats, backend) -> Text:
+    """One line: token counts, prefill and decode speed, and which kernel path ran."""
+    decode = f"{stats.decode_tok_s:.1f} tokens/s" if math.isfinite(stats.decode_tok_s) else "-"
+    end = ", stopped at end-of-text" if stats.stopped_at_eos else ""
+    return Text(f"{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new{end} | prefill "
+                f"{stats.prefill_tok_s:.0f} tokens/s | decode {decode} | kernels: {backend.name} ({backend.reason})",
+                style="dim")
+
+
+class BenchProgress:
+    """A `run_bench` progress callback: a spinner naming the variant being measured."""
+
+    def __init__(self, out: Console = err_console):
+        self.status = out.status("starting", spinner="dots")
+
+    def __enter__(self) -> BenchProgress:
+        self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.status.__exit__(*exc)
+
+    def __call__(self, variant: str) -> None:
+        self.status.update(f"measuring [bold]{escape(variant)}[/] in its own process")
+
+
+def bench_table(report) -> Table:
+    """Side-by-side speed and memory of the packed model and its baselines, with packed/baseline ratios."""
+    first = report.results[0]
+    table = Table(title=f"Inference benchmark: {report.checkpoint}", title_justify="left", box=box.SIMPLE_HEAD)
+    for col, justify in (("model", "left"), ("kernels", "left"), ("weights\nMB", "right"),
+                         ("prefill\ntok/s", "right"), ("decode\ntok/s", "right"), ("decode\nms/tok", "right"),
+                         ("peak RSS\nMB", "right")):
+        table.add_column(col, justify=justify, no_wrap=True)
+    for r in report.results:
+        table.add_row(r.variant, r.backend, f"{r.weight_bytes / 1e6:,.1f}", f"{r.prefill_tok_s:,.0f}",
+                      f"{r.decode_tok_s:,.1f}", f"{r.decode_ms_per_token:.2f}", f"{r.peak_rss_bytes / 1e6:,.0f}")
+    lines = []
+    for name, q in report.ratios().items():
+        lines.append(f"packed vs {name}: decode {q['decode_speedup']:.2f}x, prefill {q['prefill_speedup']:.2f}x, "
+                     f"weights {q['weight_bytes_ratio']:.3f}x, peak RSS {q['peak_rss_ratio']:.3f}x "
+                     f"({q['peak_rss_above_torch_ratio']:.3f}x above the torch import)")
+    lines.append(f"{first.threads} threads; {first.new_tokens} decode steps after a {first.prompt_len}-token prompt; "
+                 f"median of {len(first.decode_s)} rounds; `import torch` alone: "
+                 f"{first.torch_rss_bytes / 1e6:,.0f} MB resident")
+    lines.append(f"packed kernels: {first.backend} ({first.backend_reason})")
+    table.caption = "\n".join(lines)
+    table.caption_justify = "left"
+    return table

@@ -92,3 +92,21 @@ def save_untrained_checkpoint(path: Path, recipe_name: str = "ternary_all", over
                      "policy": r.policy, "coverage": coverage.to_dict(), "tokenizer": "{}",
                      "model": model.state_dict(), "step": 0}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(corpus_dir, tmp_path_factory) -> Path:
+    """A `ternary_all` tiny model trained for 100 steps on the synthetic stories (~10 s): sharp
+    enough predictions for greedy generations to be compared, with a real tokenizer."""
+    from qtoolkit.recipe import load_recipe
+    from qtoolkit.trainer import train
+
+    out = tmp_path_factory.mktemp("trained_tiny")
+    root = tmp_path_factory.getbasetemp()
+    r = load_recipe("ternary_all", ["model.preset=tiny", f"data.path={corpus_dir}", "train.steps=100",
+                                    "train.eval_batches=2", "train.eval_every=100", "train.ckpt_every=100"])
+    with pytest.MonkeyPatch.context() as mp:  # session fixtures run before the per-test cache isolation
+        mp.setenv("QTOOLKIT_CACHE", str(root / "qtoolkit-cache"))
+        mp.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets-cache"))
+        train(r, out)
+    return out / "ckpt.pt"

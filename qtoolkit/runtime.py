@@ -1,0 +1,693 @@
+"""Inference runtime: a packed checkpoint as a fast decoder with a KV cache, and text generation.
+
+    load_inference_model(path)  -> InferenceModel (packed or training checkpoint; CPU or CUDA)
+    model(idx, cache)           prefill (T tokens) or decode (T = 1) against a preallocated KV cache
+    generate(model, ids, ...)   yields token ids as they are sampled (greedy, temperature, top-k, seed)
+    generate_text(model, text)  the same as decoded text pieces, for streaming
+
+The model is the DecoderLM's computation (RMSNorm, RoPE, causal attention, SwiGLU; `qtoolkit.model`)
+with every linear replaced by an op that computes from the stored format:
+
+    ternary (tensor/channel alpha, int8 activations)  TernaryLinear: weights packed 2 bits/weight in
+        the kernel layout (`qtoolkit.kernels`); per-token int8 activation codes; integer dots; one
+        multiply by gamma_i / s_t per output. Identical integers to the training forward's
+        x_hat @ W_hat^T = (q / s) @ (gamma W~)^T.
+    int8, weight-only (the default; embed/lm_head)   Int8Linear: int8 codes, fp32 row scales, float
+        activations (the layer never quantized its input in training, so neither does the runtime).
+    int8 with `activations: int8` (W8A8)             Int8Linear: per-token codes, exact int32 product.
+    fp16 / bf16 / fp32                               nn.Linear on the dequantized fp32 weight.
+    ternary with `activations: none`                Int8Linear (weight-only) on the codes.
+    ternary with group scales                        ReferenceLinear: the fake-quant formula on the
+                                                     dequantized weight (not accelerated).
+
+When the C++ extension is loaded, attention (RoPE, cache write, softmax), SwiGLU and RMSNorm run as
+single calls into it (`use_fused_ops`), a decode step being ~10 calls per block; otherwise they are
+the training model's PyTorch ops.
+
+Layers of a block that read the same input with the same format are fused into one op:
+q/k/v -> `qkv` (one activation quantization, one kernel call) and gate/up -> `gate_up`. The same
+fusion is applied to the float baselines (`InferenceModel.float_baseline`), so benchmarks compare
+weights and kernels, not graph shapes.
+
+KV cache layout (preallocated for prompt + new tokens, so decoding never reallocates):
+
+    k, v: (n_layers, B, n_heads, max_len, head_dim) fp32;  positions [0, length) are filled
+
+Outputs match the fake-quantized model: identical integer accumulations in every ternary layer;
+float rounding (the training GEMM's summation order against one exact integer sum) moves a few
+activation codes across rounding boundaries, so logits agree to the activation-quantization noise
+level (stated tolerance and measurements in docs/inference.md); greedy generations are identical
+on the test prompts (tests/test_runtime.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qtoolkit import kernels
+from qtoolkit.config import ModelConfig
+from qtoolkit.errors import CheckpointError, ConfigError
+from qtoolkit.kernels import Backend
+from qtoolkit.model import apply_rope, rope_tables
+from qtoolkit.quantizers.base import int8_per_token_codes
+
+EOS = "<|endoftext|>"
+
+# ------------------------------------------------------------------------------ layer ops
+
+
+class TernaryLinear(nn.Module):
+    """Ternary weights x int8 activation codes. Holds (by backend):
+
+        native kernels   packed (N, Kp/4) uint8, 2 bits/weight (kernel layout), gamma (N,)
+        reference        codes (N, K) int8 (unpacked once, for torch._int_mm), gamma (N,)
+        cuda             packed as above, dequantized per call (gamma * W~) for a float matmul
+    """
+
+    def __init__(self, codes: Tensor, gamma: Tensor, backend: Backend, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.backend = backend
+        self.mode = "kernel" if backend.native else ("int" if backend.name == "reference" else "dequant")
+        self.register_buffer("gamma", gamma.float().reshape(-1).contiguous().to(device))
+        if self.mode == "int":
+            self.register_buffer("codes", codes.to(torch.int8).contiguous().to(device))
+        else:
+            self.register_buffer("packed", kernels.pack_ternary(codes.to(torch.int8)).to(device))
+        self._isa = backend.isa
+        self._fn = kernels.ext().ternary_linear if self.mode == "kernel" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "kernel":
+            return self._fn(x, self.packed, self.gamma, self._isa)
+        if self.mode == "int":
+            return kernels.ternary_linear_reference(x, self.codes, self.gamma)
+        # dequantize-then-matmul (any device): the training forward's formula
+        w = kernels.unpack_ternary(self.packed, self.in_features).to(x.dtype) * self.gamma[:, None]
+        codes, s = int8_per_token_codes(x)
+        return F.linear(codes / s, w)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.mode}"
+
+
+class Int8Linear(nn.Module):
+    """INT8 codes (N, K) with fp32 row scales. Weight-only (float activations) unless `act_int8`."""
+
+    def __init__(self, codes: Tensor, scale: Tensor, act_int8: bool, backend: Backend,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.act_int8 = act_int8
+        self.backend = backend
+        self.mode = "kernel" if backend.native else ("int" if backend.name == "reference" else "dequant")
+        self.register_buffer("codes", codes.to(torch.int8).contiguous().to(device))
+        self.register_buffer("scale", scale.float().reshape(-1).contiguous().to(device))
+        self._isa = backend.isa
+        self._fn = kernels.ext().int8_linear if self.mode == "kernel" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "dequant":
+            w = self.codes.to(x.dtype) * self.scale[:, None]
+            if self.act_int8:
+                codes, s = int8_per_token_codes(x)
+                x = codes / s
+            return F.linear(x, w)
+        if self.act_int8:  # W8A8: exact int32 products of the codes, then both scales
+            codes, s = int8_per_token_codes(x)
+            return kernels.int_matmul(codes.to(torch.int8), self.codes).float() * (self.scale / s)
+        if self.mode == "kernel":
+            return self._fn(x, self.codes, self.scale, self._isa)
+        return F.linear(x, self.codes.to(x.dtype)) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {'w8a8' if self.act_int8 else 'w8'}, {self.mode}"
+
+
+class ReferenceLinear(nn.Module):
+    """The fake-quantized layer as trained: quantize the input as the spec says, dequantized weight."""
+
+    def __init__(self, weight: Tensor, quantizer: nn.Module):
+        super().__init__()
+        self.register_buffer("weight", weight.float().contiguous())
+        self.quantizer = quantizer
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.quantizer.quantize_input(x), self.weight)
+
+
+class Int8Embedding(nn.Module):
+    """Lookup of int8 (or ternary) code rows, dequantized on the fly: codes[idx] * scale[idx]."""
+
+    def __init__(self, codes: Tensor, scale: Tensor, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.register_buffer("codes", codes.to(torch.int8).contiguous().to(device))
+        self.register_buffer("scale", scale.float().reshape(-1, 1).contiguous().to(device))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.codes[idx].float() * self.scale[idx]
+
+
+class FloatEmbedding(nn.Module):
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.float().contiguous())
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return F.embedding(idx, self.weight)
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+class KVCache:
+    """Keys and values of the positions seen so far (layout in the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str = "cpu"):
+        if max_len > cfg.max_seq_len:
+            raise ConfigError(f"{max_len} positions exceed the model's max_seq_len={cfg.max_seq_len}")
+        shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device)
+        self.v = torch.zeros(shape, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class RuntimeBlock(nn.Module):
+    """One decoder block over fused ops: qkv (or q, k, v), o, gate_up (or gate, up), down."""
+
+    def __init__(self, cfg: ModelConfig, ops: dict[str, nn.Module], norms: dict[str, Tensor]):
+        super().__init__()
+        self.d, self.f, self.nh, self.hd, self.eps = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.head_dim, cfg.norm_eps
+        for name, op in ops.items():
+            self.add_module(name, op)
+        self.fused_qkv = "qkv" in ops
+        self.fused_gate_up = "gate_up" in ops
+        for name, w in norms.items():
+            self.register_buffer(name, w.float().contiguous())
+        self.subln = "attn_sub_norm" in norms
+        self.fused_ops = False  # C++ attention / SwiGLU ops (set by InferenceModel.use_fused_ops)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], layer: int, cache: KVCache | None, pos: int) -> Tensor:
+        if self.fused_ops and cache is not None:
+            return self._fused_forward(x, rope, layer, cache, pos)
+        B, T, C = x.shape
+        h = F.rms_norm(x, (C,), self.attn_norm, self.eps).view(B * T, C)
+        y = self._attention(h, B, T, rope, layer, cache, pos)
+        if self.subln:
+            y = F.rms_norm(y, (C,), self.attn_sub_norm, self.eps)
+        x = x + self.o(y).view(B, T, C)
+        h = F.rms_norm(x, (C,), self.mlp_norm, self.eps).view(B * T, C)
+        if self.fused_gate_up:
+            g, u = self.gate_up(h).split(self.f, dim=1)
+        else:
+            g, u = self.gate(h), self.up(h)
+        m = F.silu(g).mul_(u)
+        if self.subln:
+            m = F.rms_norm(m, (self.f,), self.mlp_sub_norm, self.eps)
+        return x + self.down(m).view(B, T, C)
+
+    def _fused_forward(self, x: Tensor, rope: tuple[Tensor, Tensor], layer: int, cache: KVCache, pos: int) -> Tensor:
+        """The same block as ~8 calls into the C++ extension (plus the linear ops); x is updated in place."""
+        e, eps = self._ext, self.eps
+        B, T, C = x.shape
+        x2 = x.view(B * T, C)
+        h = e.rms_norm(x2, self.attn_norm, eps)
+        # RoPE on q and k, k/v into the cache, attention over positions 0 .. pos + t
+        y = e.attention_step(self.qkv(h), cache.k[layer], cache.v[layer], rope[0], rope[1], pos, self.nh)
+        if self.subln:
+            y = e.rms_norm(y, self.attn_sub_norm, eps)
+        h = e.add_rms_norm(x2, self.o(y), self.mlp_norm, eps)  # x += o(y); h = norm(x)
+        m = e.silu_mul(self.gate_up(h))
+        if self.subln:
+            m = e.rms_norm(m, self.mlp_sub_norm, eps)
+        x2.add_(self.down(m))
+        return x
+
+    def _attention(self, h: Tensor, B: int, T: int, rope: tuple[Tensor, Tensor], layer: int, cache: KVCache | None,
+                   pos: int) -> Tensor:
+        """The PyTorch path: the training model's attention, reading and extending the cache."""
+        C = self.d
+        if self.fused_qkv:
+            q, k, v = self.qkv(h).split(C, dim=1)
+        else:
+            q, k, v = self.q(h), self.k(h), self.v(h)
+        # (B*T, C) -> (B, nh, T, hd)
+        q = q.reshape(B, T, self.nh, self.hd).transpose(1, 2)
+        k = k.reshape(B, T, self.nh, self.hd).transpose(1, 2)
+        v = v.reshape(B, T, self.nh, self.hd).transpose(1, 2)
+        cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            ck, cv = cache.k[layer], cache.v[layer]
+            ck[:, :, pos:pos + T] = k
+            cv[:, :, pos:pos + T] = v
+            k, v = ck[:, :, :pos + T], cv[:, :, :pos + T]
+        if T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)
+        elif pos == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # a chunk after cached positions: query i sees keys 0 .. pos + i
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=h.device).tril(diagonal=pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return y.transpose(1, 2).reshape(B * T, C)
+
+
+class InferenceModel(nn.Module):
+    """embed -> blocks -> norm -> head, with a KV cache (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, embed: nn.Module, blocks: list[RuntimeBlock], norm: Tensor,
+                 head: nn.Module, backend: Backend, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.config = cfg
+        self.embed = embed
+        self.blocks = nn.ModuleList(blocks)
+        self.register_buffer("norm", norm.float().contiguous())
+        self.head = head
+        self.backend = backend
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos.to(device))
+        self.register_buffer("rope_sin", sin.to(device))
+        self.tokenizer: Any = None
+        self.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.rope_cos.device
+
+    def use_fused_ops(self, enabled: bool) -> InferenceModel:
+        """Run attention (RoPE, cache write, softmax) and SwiGLU through the C++ extension's fused ops
+        (blocks whose q/k/v and gate/up are fused); otherwise the PyTorch ops of the training model."""
+        ext = kernels.ext() if enabled else None
+        for block in self.blocks:
+            block.fused_ops = enabled and block.fused_qkv and block.fused_gate_up
+            block._ext = ext
+        return self
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        return KVCache(self.config, batch, max_len or self.config.max_seq_len, self.device)
+
+    @torch.inference_mode()
+    def forward(self, idx: Tensor, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
+        """idx (B, T) -> logits (B, T, V) (or (B, 1, V) with `last_only`), appending to `cache`."""
+        B, T = idx.shape
+        pos = cache.length if cache is not None else 0
+        limit = cache.max_len if cache is not None else self.config.max_seq_len
+        if pos + T > limit:
+            raise ConfigError(f"{pos + T} positions exceed the {'cache' if cache else 'model'} length {limit}")
+        rope = (self.rope_cos, self.rope_sin)
+        x = self.embed(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, i, cache, pos)
+        if cache is not None:
+            cache.length = pos + T
+        if last_only:
+            x = x[:, -1:]
+        C = self.config.d_model
+        x = F.rms_norm(x, (C,), self.norm, self.config.norm_eps)
+        return self.head(x.reshape(-1, C)).view(B, x.shape[1], -1)
+
+    def weight_bytes(self) -> int:
+        """Bytes of every weight tensor the model holds (tied weights once; RoPE tables excluded)."""
+        seen: set[int] = set()
+        total = 0
+        for name, t in list(self.named_buffers()) + list(self.named_parameters()):
+            if name.startswith("rope_") or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        for m in self.modules():  # torch.ao dynamic-quantized linears keep packed weights off the buffer list
+            packed = getattr(m, "_packed_params", None)
+            if packed is not None and hasattr(packed, "_weight_bias"):
+                w, _ = packed._weight_bias()
+                total += w.numel() * w.element_size() + _qscale_bytes(w)
+        return total
+
+    # -------------------------------------------------------------------------- builders
+
+    @classmethod
+    def from_packed(cls, ckpt: dict[str, Any], kernels_: str | None = None, device: str | torch.device = "cpu",
+                    _consume: bool = False) -> InferenceModel:
+        """Build from a loaded packed checkpoint (`load_checkpoint`).
+
+        `kernels_` picks the CPU path (`qtoolkit.kernels.select_backend`: auto, reference, avx2,
+        avx512-vnni) or "dequant", the dequantize-then-matmul path that CUDA devices always use."""
+        device = torch.device(device)
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"unsupported device {device}; use cpu or cuda")
+        if kernels_ == "dequant":
+            backend = Backend("dequant", "dequantize-then-matmul requested")
+        elif device.type == "cuda":
+            backend = Backend("dequant", "CUDA device: dequantize-then-matmul (no custom CUDA kernel)")
+        else:
+            backend = kernels.select_backend(kernels_)
+        return _Builder(ckpt, backend, device, _consume).build(cls).use_fused_ops(backend.native)
+
+    @classmethod
+    def float_baseline(cls, ckpt: dict[str, Any], dynamic_int8: bool = False, kernels_: str | None = None,
+                       _consume: bool = False) -> InferenceModel:
+        """The same architecture as a plain PyTorch float32 model (nn.Linear over the dequantized
+        packed weights, fused like the packed model), or with `dynamic_int8` PyTorch's dynamic INT8
+        (`torch.ao.quantization.quantize_dynamic` on every nn.Linear; embeddings stay fp32).
+        Built block by block, so no more than one block's float weights exist beside the result.
+        The attention / SwiGLU ops are the packed model's (fused C++ ops when `kernels_` selects a
+        native path), so a comparison measures the linear layers."""
+        fused = kernels.select_backend(kernels_).native
+        if not dynamic_int8:
+            backend = Backend("fp32", "plain PyTorch float32 (nn.Linear)")
+            return _Builder(ckpt, backend, torch.device("cpu"), _consume, as_float=True).build(cls).use_fused_ops(fused)
+        import warnings
+
+        from torch.ao.quantization import quantize_dynamic
+
+        def quantize(module: nn.Module) -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+        backend = Backend("int8-dynamic", "PyTorch dynamic INT8 (quantize_dynamic on nn.Linear; "
+                          f"engine {torch.backends.quantized.engine})")
+        model = _Builder(ckpt, backend, torch.device("cpu"), _consume, as_float=True, block_hook=quantize).build(cls)
+        quantize(model)  # the head
+        return model.use_fused_ops(fused)
+
+
+def _qscale_bytes(w: Tensor) -> int:
+    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        return w.q_per_channel_scales().numel() * 8 + w.q_per_channel_zero_points().numel() * 8
+    return 16
+
+
+def _float_linear(weight: Tensor) -> nn.Linear:
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=False, device="meta")
+    lin.weight = nn.Parameter(weight.detach().float().contiguous(), requires_grad=False)
+    return lin
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+@dataclass
+class _Layer:
+    """One linear's stored weights in a form that can be fused (rows concatenated) and built."""
+
+    kind: str  # "ternary" | "int8" | "float" | "reference"
+    act_int8: bool = False
+    codes: Tensor | None = None  # int8 (N, K)
+    scale: Tensor | None = None  # fp32 (N,)
+    weight: Tensor | None = None  # fp32 (N, K), float and reference kinds
+    quantizer: Any = None
+
+    def fusable_with(self, other: _Layer) -> bool:
+        return self.kind == other.kind and self.kind != "reference" and self.act_int8 == other.act_int8
+
+
+def _fuse(layers: list[_Layer]) -> _Layer | None:
+    if not all(layers[0].fusable_with(x) for x in layers[1:]):
+        return None
+    first = layers[0]
+    if first.kind == "float":
+        return _Layer("float", weight=torch.cat([x.weight for x in layers]))
+    return _Layer(first.kind, first.act_int8, torch.cat([x.codes for x in layers]), torch.cat([x.scale for x in layers]))
+
+
+class _Builder:
+    def __init__(self, ckpt: dict[str, Any], backend: Backend, device: torch.device, consume: bool,
+                 as_float: bool = False, block_hook=None):
+        if ckpt.get("kind") != "packed":
+            raise CheckpointError(f"{ckpt.get('path')}: expected a packed checkpoint")
+        self.ckpt, self.backend, self.device, self.consume = ckpt, backend, device, consume
+        self.as_float, self.block_hook = as_float, block_hook
+        self.cfg = ModelConfig.from_dict(ckpt["model_config"])
+        self.by_name = {layer["name"]: layer for layer in ckpt["layers"]}
+
+    def _qtensor(self, name: str):
+        from qtoolkit.pack import Entry
+
+        layer = self.by_name[name]
+        entry = Entry(layer["name"], layer["kind"], tuple(layer["shape"]), layer["spec"], layer.get("rule"),
+                      layer.get("tied_to"))
+        shape = entry.shape if len(entry.shape) == 2 else (1, entry.params)
+        tensors = self.ckpt["tensors"]
+        try:
+            parts = {s: (tensors.pop(k) if self.consume else tensors[k]) for s, k in layer["tensors"].items()}
+            return entry, entry.quantizer.unpack(parts, shape)
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{self.ckpt['path']}: layer {name}: damaged packed data ({e})") from None
+
+    def _source(self, name: str) -> str:
+        return self.by_name[name].get("tied_to") or name
+
+    def param(self, name: str) -> Tensor:
+        entry, q = self._qtensor(name)
+        return entry.quantizer.dequantize(q).to(torch.float32).reshape(entry.shape).to(self.device)
+
+    def layer(self, name: str) -> _Layer:
+        entry, q = self._qtensor(self._source(name))
+        spec, rows = entry.spec, q.shape[0]
+        quantizer = entry.quantizer
+        if self.as_float:
+            return _Layer("float", weight=quantizer.dequantize(q).to(torch.float32))
+        if spec["name"] in ("ternary", "int8") and spec.get("granularity") in ("tensor", "channel"):
+            scale = q.scales.reshape(-1).float().expand(rows).contiguous()
+            act = spec.get("activations") == "int8"
+            if spec["name"] == "ternary" and act:
+                return _Layer("ternary", True, q.codes, scale)
+            return _Layer("int8", act, q.codes, scale)  # ternary codes without activation quantization too
+        weight = quantizer.dequantize(q).to(torch.float32)
+        if spec["name"] in ("fp32", "fp16", "bf16"):
+            return _Layer("float", weight=weight)
+        return _Layer("reference", weight=weight, quantizer=quantizer)
+
+    def op(self, layer: _Layer) -> nn.Module:
+        if layer.kind == "ternary":
+            return TernaryLinear(layer.codes, layer.scale, self.backend, self.device)
+        if layer.kind == "int8":
+            return Int8Linear(layer.codes, layer.scale, layer.act_int8, self.backend, self.device)
+        if layer.kind == "float":
+            return _float_linear(layer.weight.to(self.device))
+        return ReferenceLinear(layer.weight.to(self.device), layer.quantizer)
+
+    def ops(self, prefix: str, names: tuple[str, ...], fused: str) -> dict[str, nn.Module]:
+        layers = [self.layer(f"{prefix}.{n}_proj") for n in names]
+        f = _fuse(layers)
+        if f is not None:
+            return {fused: self.op(f)}
+        return {n: self.op(x) for n, x in zip(names, layers, strict=True)}
+
+    def build(self, cls):
+        cfg = self.cfg
+        blocks = []
+        for i in range(cfg.n_layers):
+            p = f"blocks.{i}"
+            ops = {**self.ops(f"{p}.attn", ("q", "k", "v"), "qkv"), "o": self.op(self.layer(f"{p}.attn.o_proj"))}
+            ops.update(self.ops(f"{p}.mlp", ("gate", "up"), "gate_up"))
+            ops["down"] = self.op(self.layer(f"{p}.mlp.down_proj"))
+            norms = {"attn_norm": self.param(f"{p}.attn_norm.weight"), "mlp_norm": self.param(f"{p}.mlp_norm.weight")}
+            if cfg.subln:
+                norms.update(attn_sub_norm=self.param(f"{p}.attn.sub_norm.weight"),
+                             mlp_sub_norm=self.param(f"{p}.mlp.sub_norm.weight"))
+            blocks.append(RuntimeBlock(cfg, ops, norms))
+            if self.block_hook is not None:
+                self.block_hook(blocks[-1])
+        embed_layer = self.layer("embed")
+        if embed_layer.kind in ("ternary", "int8"):
+            embed = Int8Embedding(embed_layer.codes, embed_layer.scale, self.device)
+        else:
+            embed = FloatEmbedding(embed_layer.weight.to(self.device))
+        # a tied head reads the embedding's codes (same storage) under the embedding's spec
+        tied = bool(self.by_name["lm_head"].get("tied_to"))
+        head = self.op(embed_layer if tied else self.layer("lm_head"))
+        norm = self.param("norm.weight")
+        return cls(cfg, embed, blocks, norm, head, self.backend, self.device)
+
+
+def _training_to_packed(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The packed form of a training checkpoint, in memory (what `qtool pack` would write)."""
+    from qtoolkit.pack import model_from_checkpoint, pack_model
+
+    model, coverage = model_from_checkpoint(ckpt)
+    tensors, entries = pack_model(model, coverage)
+    layers = [{**e.to_dict(), "tensors": {s: f"{e.name}.{s}" for s in e.layout()}} for e in entries]
+    return {"kind": "packed", "model_config": ckpt["model_config"], "policy": ckpt["policy"], "layers": layers,
+            "tensors": tensors, "tokenizer": ckpt["tokenizer"], "path": ckpt["path"]}
+
+
+def load_tokenizer_json(text: str | None):
+    """The checkpoint's tokenizer, or None when it has none (e.g. test checkpoints)."""
+    if not text:
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(text)
+    except Exception:
+        return None
+
+
+def load_inference_model(path: str | Path, kernels: str | None = None, device: str = "cpu") -> InferenceModel:
+    """A packed checkpoint (or a training one, packed in memory) as an InferenceModel with its tokenizer.
+
+    `kernels`: auto | reference | avx2 | avx512-vnni (default: $QTOOLKIT_KERNELS or auto);
+    `device`: cpu | cuda | auto."""
+    from qtoolkit.checkpoint import load_checkpoint
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested, but PyTorch sees no CUDA device (use --device cpu)")
+    ckpt = load_checkpoint(path)
+    if ckpt["kind"] == "train":
+        ckpt = _training_to_packed(ckpt)
+    model = InferenceModel.from_packed(ckpt, kernels, device, _consume=True)
+    model.tokenizer = load_tokenizer_json(ckpt.get("tokenizer"))
+    model.source = str(ckpt["path"])
+    return model
+
+
+# ------------------------------------------------------------------------------ generation
+
+
+@dataclass
+class GenerationStats:
+    """Filled in while `generate` runs."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0  # time for the forward passes after the first sampled token
+    stopped_at_eos: bool = False
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else math.nan
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = self.new_tokens - 1  # the first new token comes from the prefill's logits
+        return steps / self.decode_s if steps > 0 and self.decode_s else math.nan
+
+
+def sample_next(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
+    """One token id from logits (V,): argmax when temperature == 0, else softmax(logits / T)
+    restricted to the top-k logits, drawn with `generator` (deterministic for a fixed seed)."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.numel():
+        values, indices = torch.topk(logits, top_k)
+        probs = torch.softmax(values, dim=-1)
+        return int(indices[torch.multinomial(probs.cpu(), 1, generator=generator)])
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature >= 0 or math.isinf(temperature):
+        raise ConfigError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be >= 1, got {top_k}")
+
+
+def generate(model: InferenceModel, prompt_ids: Iterable[int], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int | None = None, seed: int | None = 0, eos_id: int | None = None,
+             stats: GenerationStats | None = None) -> Iterator[int]:
+    """Yield up to `max_new_tokens` sampled token ids, one at a time, stopping after `eos_id`.
+
+    Prefill runs the prompt through the model once (filling a KV cache sized for prompt + new
+    tokens); each further token is one decode step. A fixed `seed` makes sampling deterministic.
+    Arguments are checked here, before the first token is asked for."""
+    _check_sampling(max_new_tokens, temperature, top_k)
+    ids = list(prompt_ids)
+    if not ids:
+        raise ConfigError("the prompt is empty")
+    if len(ids) + max_new_tokens > model.config.max_seq_len:
+        raise ConfigError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
+                          f"context of {model.config.max_seq_len} tokens")
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(ids)
+    return _generate(model, ids, max_new_tokens, temperature, top_k, seed, eos_id, stats)
+
+
+def _generate(model: InferenceModel, ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
+              seed: int | None, eos_id: int | None, stats: GenerationStats) -> Iterator[int]:
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    device = model.device
+    cache = model.new_cache(1, len(ids) + max_new_tokens)
+    t0 = time.perf_counter()
+    logits = model(torch.tensor([ids], device=device), cache, last_only=True)[0, -1]
+    stats.prefill_s = time.perf_counter() - t0
+    step = torch.empty(1, 1, dtype=torch.long, device=device)
+    for i in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, generator)
+        stats.new_tokens += 1
+        stats.token_ids.append(token)
+        yield token
+        if eos_id is not None and token == eos_id:
+            stats.stopped_at_eos = True
+            return
+        if i + 1 < max_new_tokens:
+            t = time.perf_counter()
+            step.fill_(token)
+            logits = model(step, cache)[0, -1]
+            stats.decode_s += time.perf_counter() - t
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt, after the end-of-text token that separates training stories (so the
+    prompt starts a document, as stories do in training)."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    eos = tokenizer.token_to_id(EOS)
+    return ([eos] if eos is not None else []) + ids
+
+
+def decode_stream(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
+    """Text pieces as tokens arrive; a piece is held back while it ends inside a UTF-8 character."""
+    ids: list[int] = []
+    emitted = 0
+    for token in token_ids:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > emitted:
+            yield text[emitted:]
+            emitted = len(text)
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def generate_text(model: InferenceModel, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                  top_k: int | None = None, seed: int | None = 0, stop_at_eos: bool = True,
+                  stats: GenerationStats | None = None) -> Iterator[str]:
+    """`generate` from a text prompt with the checkpoint's tokenizer; yields decoded text pieces."""
+    tok = model.tokenizer
+    if tok is None:
+        raise CheckpointError("this checkpoint carries no usable tokenizer; generate from token ids instead")
+    eos = tok.token_to_id(EOS) if stop_at_eos else None
+    ids = generate(model, encode_prompt(tok, prompt), max_new_tokens, temperature, top_k, seed, eos, stats)
+    return decode_stream(tok, (t for t in ids if t != eos))
+
+
+__all__ = ["GenerationStats", "InferenceModel", "Int8Embedding", "Int8Linear", "KVCache", "ReferenceLinear",
+           "TernaryLinear", "decode_stream", "encode_prompt", "generate", "generate_text", "load_inference_model",
+           "sample_next"]

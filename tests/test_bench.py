@@ -1,0 +1,71 @@
+"""`qtool bench`'s library side: child processes, figures, ratios (no timing assertions)."""
+
+from __future__ import annotations
+
+import pytest
+
+from qtoolkit.bench import VariantResult, parse_baselines, run_bench
+from qtoolkit.config import ModelConfig
+from qtoolkit.errors import ConfigError
+from qtoolkit.pack import pack_checkpoint
+from tests.conftest import save_untrained_checkpoint
+
+
+@pytest.fixture(scope="module")
+def packed_tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    return pack_checkpoint(save_untrained_checkpoint(root / "ckpt.pt"), root / "p.safetensors").path
+
+
+def test_bench_measures_every_variant_in_its_own_process(packed_tiny):
+    seen = []
+    rep = run_bench(packed_tiny, ["fp32", "int8-dynamic"], threads=1, prompt_len=8, new_tokens=4, repeats=2,
+                    progress=seen.append)
+    assert seen == ["packed", "fp32", "int8-dynamic"]
+    assert [r.variant for r in rep.results] == seen
+    packed, fp32, dyn = rep.results
+    assert fp32.backend == "fp32" and dyn.backend == "int8-dynamic"
+    for r in rep.results:
+        assert r.threads == 1 and len(r.prefill_s) == 2 and len(r.decode_s) == 2
+        assert r.prefill_tok_s > 0 and r.decode_tok_s > 0
+        assert r.peak_rss_bytes >= r.loaded_rss_bytes > r.torch_rss_bytes > 10 * 2**20
+        assert r.kv_cache_bytes == 2 * 2 * 1 * 4 * 12 * 16 * 4  # k+v, layers, batch, heads, P+N, head dim, fp32
+    # the tiny model: 512 x 64 int8 embed/head, 2-bit blocks; fp32 holds 4 bytes per weight
+    assert fp32.weight_bytes == 4 * ModelConfig.from_name("tiny").num_params()
+    assert packed.weight_bytes < fp32.weight_bytes / 3
+    assert dyn.weight_bytes < fp32.weight_bytes
+    q = rep.ratios()["fp32"]
+    assert q["decode_speedup"] == pytest.approx(packed.decode_tok_s / fp32.decode_tok_s)
+    assert q["peak_rss_ratio"] == pytest.approx(packed.peak_rss_bytes / fp32.peak_rss_bytes)
+    d = rep.to_dict()
+    assert set(d) == {"checkpoint", "model", "results", "ratios"} and d["results"][0]["decode_tok_s"] > 0
+
+
+def test_bench_forced_fallback_and_no_baselines(packed_tiny):
+    rep = run_bench(packed_tiny, [], threads=1, prompt_len=4, new_tokens=2, repeats=1, kernels="reference")
+    assert [r.variant for r in rep.results] == ["packed"] and rep.results[0].backend == "reference"
+    assert rep.ratios() == {}
+
+
+def test_bench_arguments_are_checked(packed_tiny):
+    assert parse_baselines("fp32, int8-dynamic,fp32") == ["fp32", "int8-dynamic"]
+    assert parse_baselines("") == []
+    with pytest.raises(ConfigError, match="unknown baseline.*fp16.*available: fp32, int8-dynamic"):
+        parse_baselines("fp32,fp16")
+    with pytest.raises(ConfigError, match="max_seq_len=64"):
+        run_bench(packed_tiny, [], prompt_len=60, new_tokens=10)
+    with pytest.raises(ConfigError, match=">= 1"):
+        run_bench(packed_tiny, [], new_tokens=0)
+
+
+def test_ratio_arithmetic():
+    def r(variant, dec, pre, wb, rss):
+        return VariantResult(variant, variant, "", 2, 128, 64, [128 / pre], [64 / dec], wb, 0, rss, 200, 250, 1.0)
+
+    from qtoolkit.bench import BenchReport
+
+    rep = BenchReport("x", {}, [r("packed", 150, 1000, 45, 300), r("fp32", 25, 400, 450, 800)])
+    q = rep.ratios()["fp32"]
+    assert q["decode_speedup"] == pytest.approx(6.0) and q["prefill_speedup"] == pytest.approx(2.5)
+    assert q["weight_bytes_ratio"] == pytest.approx(0.1) and q["peak_rss_ratio"] == pytest.approx(0.375)
+    assert q["peak_rss_above_torch_ratio"] == pytest.approx(100 / 600)
