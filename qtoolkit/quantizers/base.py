@@ -222,3 +222,46 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.spec().items() if k != "name")
+
+
+class ScaledIntQuantizer(Quantizer):
+    """Integer codes in [-qmax, qmax] times one fp32 scale per group (ternary, int8).
+
+    Subclasses give `qmax` and `scales(w)` (one scale per group, shaped like `grouped(w)` with a
+    last dim of 1); the config provides `granularity`, optionally `group_size`, and `activations`.
+    Fake quantization, `quantize` and `dequantize` are then the same float operations, so
+    `dequantize(quantize(w)) == forward(w)` bit for bit.
+    """
+
+    qmax: ClassVar[int]
+
+    @property
+    def group_size(self) -> int:
+        return getattr(self.config, "group_size", 0)
+
+    def scales(self, w: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def grouped_codes(self, w: Tensor, scale: Tensor) -> Tensor:
+        """round(w / scale) clamped to [-qmax, qmax], grouped (as w's float dtype)."""
+        return (grouped(w, self.config.granularity, self.group_size) / scale).round_().clamp_(-self.qmax, self.qmax)
+
+    def forward(self, w: Tensor) -> Tensor:
+        with torch.no_grad():
+            scale = self.scales(w)
+            w_hat = ungrouped(self.grouped_codes(w, scale).mul_(scale), tuple(w.shape))
+        return straight_through(w, w_hat)
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        return fake_quant_int8_per_token(x) if self.config.activations == "int8" else x
+
+    @torch.no_grad()
+    def quantize(self, w: Tensor) -> QTensor:
+        scale = self.scales(w)
+        codes = ungrouped(self.grouped_codes(w, scale), tuple(w.shape))
+        return QTensor(codes.to(torch.int8), scale.reshape(scale.shape[:2]).float(), tuple(w.shape))
+
+    def dequantize(self, q: QTensor) -> Tensor:
+        scale = q.scales.reshape(*q.scales.shape, 1)
+        g = grouped(q.codes.to(q.scales.dtype), self.config.granularity, self.group_size)
+        return ungrouped(g * scale, q.shape)

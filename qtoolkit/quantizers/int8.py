@@ -23,13 +23,10 @@ from torch import Tensor
 from qtoolkit.quantizers import register
 from qtoolkit.quantizers.base import (
     QTensor,
-    Quantizer,
+    ScaledIntQuantizer,
     TensorLayout,
-    fake_quant_int8_per_token,
     grouped,
     num_groups,
-    straight_through,
-    ungrouped,
 )
 
 EPS = 1e-8
@@ -42,36 +39,14 @@ class Int8Config:
 
 
 @register("int8")
-class Int8Quantizer(Quantizer):
+class Int8Quantizer(ScaledIntQuantizer):
     Config = Int8Config
     config: Int8Config
+    qmax = 127
 
-    def _scales(self, w: Tensor) -> Tensor:
+    def scales(self, w: Tensor) -> Tensor:
         g = grouped(w.detach(), self.config.granularity, 0)
         return g.abs().amax(dim=-1, keepdim=True).clamp_min(EPS) / 127.0
-
-    def _codes(self, w: Tensor, scale: Tensor) -> Tensor:
-        return (grouped(w, self.config.granularity, 0) / scale).round_().clamp_(-127, 127)
-
-    def forward(self, w: Tensor) -> Tensor:
-        with torch.no_grad():
-            scale = self._scales(w)
-            w_hat = ungrouped(self._codes(w, scale).mul_(scale), tuple(w.shape))
-        return straight_through(w, w_hat)
-
-    def quantize_input(self, x: Tensor) -> Tensor:
-        return fake_quant_int8_per_token(x) if self.config.activations == "int8" else x
-
-    @torch.no_grad()
-    def quantize(self, w: Tensor) -> QTensor:
-        scale = self._scales(w)
-        codes = ungrouped(self._codes(w, scale), tuple(w.shape))
-        return QTensor(codes.to(torch.int8), scale.reshape(scale.shape[:2]).float(), tuple(w.shape))
-
-    def dequantize(self, q: QTensor) -> Tensor:
-        scale = q.scales.reshape(*q.scales.shape, 1)
-        g = grouped(q.codes.to(q.scales.dtype), self.config.granularity, 0)
-        return ungrouped(g * scale, q.shape)
 
     def layout(self, shape: tuple[int, ...]) -> dict[str, TensorLayout]:
         return {

@@ -43,13 +43,11 @@ from torch import Tensor, nn
 from qtoolkit.quantizers import bitpack, register
 from qtoolkit.quantizers.base import (
     QTensor,
-    Quantizer,
+    ScaledIntQuantizer,
     TensorLayout,
-    fake_quant_int8_per_token,
     group_counts,
     grouped,
     num_groups,
-    straight_through,
     ungrouped,
 )
 
@@ -75,11 +73,6 @@ def absmean_scales(w: Tensor, cfg: TernaryConfig) -> Tensor:
     g = grouped(w, cfg.granularity, cfg.group_size)
     counts = group_counts(tuple(w.shape), cfg.granularity, cfg.group_size, device=w.device)
     return (g.abs().sum(dim=-1, keepdim=True) / counts).clamp_min(EPS)
-
-
-def _codes(w: Tensor, scale: Tensor, cfg: TernaryConfig) -> Tensor:
-    """Grouped integer codes in {-1, 0, 1} (as w.dtype)."""
-    return (grouped(w, cfg.granularity, cfg.group_size) / scale).round_().clamp_(-1, 1)
 
 
 class _LearnedScaleFakeQuant(torch.autograd.Function):
@@ -109,9 +102,10 @@ class _LearnedScaleFakeQuant(torch.autograd.Function):
 
 
 @register("ternary")
-class TernaryQuantizer(Quantizer):
+class TernaryQuantizer(ScaledIntQuantizer):
     Config = TernaryConfig
     config: TernaryConfig
+    qmax = 1
 
     def init_from_weight(self, weight: Tensor) -> None:
         if self.config.alpha == "learned":
@@ -128,24 +122,7 @@ class TernaryQuantizer(Quantizer):
     def forward(self, w: Tensor) -> Tensor:
         if self.config.alpha == "learned":
             return _LearnedScaleFakeQuant.apply(w, self.alpha, self.config)
-        with torch.no_grad():
-            scale = self.scales(w)
-            w_hat = ungrouped(_codes(w, scale, self.config).mul_(scale), tuple(w.shape))
-        return straight_through(w, w_hat)
-
-    def quantize_input(self, x: Tensor) -> Tensor:
-        return fake_quant_int8_per_token(x) if self.config.activations == "int8" else x
-
-    @torch.no_grad()
-    def quantize(self, w: Tensor) -> QTensor:
-        scale = self.scales(w)
-        codes = ungrouped(_codes(w, scale, self.config), tuple(w.shape))
-        return QTensor(codes.to(torch.int8), scale.reshape(scale.shape[:2]).float(), tuple(w.shape))
-
-    def dequantize(self, q: QTensor) -> Tensor:
-        scale = q.scales.reshape(*q.scales.shape, 1)
-        g = grouped(q.codes.to(q.scales.dtype), self.config.granularity, self.config.group_size)
-        return ungrouped(g * scale, q.shape)
+        return super().forward(w)
 
     def layout(self, shape: tuple[int, ...]) -> dict[str, TensorLayout]:
         n = bitpack.packed_len(math.prod(shape), self.config.packing)
