@@ -47,7 +47,7 @@ from qtoolkit.config import ModelConfig
 from qtoolkit.errors import CheckpointError
 from qtoolkit.layers import QUANT_MODULES, FrozenQuantEmbedding, FrozenQuantLinear
 from qtoolkit.model import DecoderLM
-from qtoolkit.policy import Coverage, Policy, build_model
+from qtoolkit.policy import Coverage, Policy, build_model, set_by_name
 from qtoolkit.quantizers.base import TensorLayout
 
 FP32_SPEC = {"name": "fp32"}
@@ -249,28 +249,24 @@ def pack_checkpoint(ckpt_path: str | Path, out: str | Path, packing: str | None 
 # ------------------------------------------------------------------------------ loading
 
 
+def unpack_layer(ckpt: dict[str, Any], layer: dict[str, Any], consume: bool = False
+                 ) -> tuple[Entry, quantizers.QTensor]:
+    """(entry, QTensor) of one layer record of a packed checkpoint; `consume` pops its tensors
+    from `ckpt["tensors"]` so they can be freed as soon as the caller is done with them."""
+    entry = Entry(layer["name"], layer["kind"], tuple(layer["shape"]), layer["spec"], layer.get("rule"),
+                  layer.get("tied_to"))
+    shape = entry.shape if len(entry.shape) == 2 else (1, entry.params)
+    tensors = ckpt["tensors"]
+    try:
+        parts = {s: (tensors.pop(k) if consume else tensors[k]) for s, k in layer["tensors"].items()}
+        return entry, entry.quantizer.unpack(parts, shape)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{ckpt['path']}: layer {entry.name}: damaged packed data ({e})") from None
+
+
 def unpack_layers(ckpt: dict[str, Any]) -> dict[str, tuple[Entry, quantizers.QTensor]]:
     """{entry name: (entry, QTensor)} of a packed checkpoint; tied entries are left out."""
-    tensors = ckpt["tensors"]
-    out = {}
-    for layer in ckpt["layers"]:
-        entry = Entry(layer["name"], layer["kind"], tuple(layer["shape"]), layer["spec"], layer.get("rule"),
-                      layer.get("tied_to"))
-        if entry.tied_to is not None:
-            continue
-        shape = entry.shape if len(entry.shape) == 2 else (1, entry.params)
-        try:
-            parts = {s: tensors[key] for s, key in layer["tensors"].items()}
-            q = entry.quantizer.unpack(parts, shape)
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"{ckpt['path']}: layer {entry.name}: damaged packed data ({e})") from None
-        out[entry.name] = (entry, q)
-    return out
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+    return {layer["name"]: unpack_layer(ckpt, layer) for layer in ckpt["layers"] if not layer.get("tied_to")}
 
 
 def model_from_packed(ckpt: dict[str, Any]) -> DecoderLM:
@@ -278,24 +274,19 @@ def model_from_packed(ckpt: dict[str, Any]) -> DecoderLM:
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     with torch.device("meta"):
         model = DecoderLM(cfg)
-    layers = unpack_layers(ckpt)
-    by_name = {layer["name"]: layer for layer in ckpt["layers"]}
-    for name, (entry, q) in layers.items():
+    for name, (entry, q) in unpack_layers(ckpt).items():
         weight = entry.quantizer.dequantize(q).to(torch.float32)
         if entry.kind == "param":
-            model.get_parameter(name)  # exists
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr,
-                    nn.Parameter(weight.reshape(entry.shape), requires_grad=False))
+            set_by_name(model, name, nn.Parameter(weight.reshape(entry.shape), requires_grad=False))
         elif entry.spec["name"] == "fp32" and entry.rule is None:  # never quantized: a plain float module
             module = model.get_submodule(name)
             module.weight = nn.Parameter(weight, requires_grad=False)
         else:
             cls = FrozenQuantEmbedding if entry.kind == "embedding" else FrozenQuantLinear
-            _set_submodule(model, name, cls(weight, entry.quantizer))
-    for name, layer in by_name.items():
+            set_by_name(model, name, cls(weight, entry.quantizer))
+    for layer in ckpt["layers"]:
         if layer.get("tied_to"):
-            _set_submodule(model, name, _tied(model.get_submodule(layer["tied_to"]), layer["kind"]))
+            set_by_name(model, layer["name"], _tied(model.get_submodule(layer["tied_to"]), layer["kind"]))
     model.rope_cos, model.rope_sin = (t.to("cpu") for t in _rope(cfg))
     model.eval()
     return model
@@ -332,4 +323,4 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[DecoderLM, Coverage | N
 
 
 __all__ = ["Entry", "MemoryPlan", "PackResult", "memory_plan", "model_entries", "model_from_checkpoint",
-           "model_from_packed", "pack_checkpoint", "pack_model", "unpack_layers"]
+           "model_from_packed", "pack_checkpoint", "pack_model", "unpack_layer", "unpack_layers"]

@@ -269,9 +269,10 @@ def _is_tied(model: nn.Module) -> bool:
     return embed is not None and head is not None and embed.weight is head.weight
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+def set_by_name(model: nn.Module, name: str, value: nn.Module | nn.Parameter) -> None:
+    """Replace the submodule or parameter at dotted `name` ("blocks.0.attn.q_proj", "norm.weight")."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, value)
 
 
 def build_model(model_config, policy: Policy | dict[str, Any] | str | Path):
@@ -296,5 +297,5 @@ def apply_policy(model: nn.Module, policy: Policy | dict[str, Any] | str | Path)
         if key not in shared:
             shared[key] = quantizers.build(a.spec)
         cls = QuantEmbedding if isinstance(module, nn.Embedding) else QuantLinear
-        _set_submodule(model, a.name, cls.from_float(module, shared[key]))
+        set_by_name(model, a.name, cls.from_float(module, shared[key]))
     return coverage

@@ -56,7 +56,7 @@ from qtoolkit.checkpoint import atomic_write_text, load_checkpoint
 from qtoolkit.config import ModelConfig
 from qtoolkit.errors import CheckpointError, ConfigError, QToolkitError
 from qtoolkit.model import DecoderLM, layer_position
-from qtoolkit.policy import apply_policy
+from qtoolkit.policy import apply_policy, set_by_name
 
 Progress = Callable[[str, int, int | None], None]
 CALIBRATION_STEP = 10**9
@@ -171,8 +171,7 @@ def quantized(model: nn.Module, assignment: dict[str, dict[str, Any]]) -> Iterat
         yield model
     finally:
         for name, module in originals.items():
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module)
+            set_by_name(model, name, module)
 
 
 def _ce(logits: Tensor, y: Tensor) -> Tensor:

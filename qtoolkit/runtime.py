@@ -437,18 +437,9 @@ class _Builder:
         self.by_name = {layer["name"]: layer for layer in ckpt["layers"]}
 
     def _qtensor(self, name: str):
-        from qtoolkit.pack import Entry
+        from qtoolkit.pack import unpack_layer
 
-        layer = self.by_name[name]
-        entry = Entry(layer["name"], layer["kind"], tuple(layer["shape"]), layer["spec"], layer.get("rule"),
-                      layer.get("tied_to"))
-        shape = entry.shape if len(entry.shape) == 2 else (1, entry.params)
-        tensors = self.ckpt["tensors"]
-        try:
-            parts = {s: (tensors.pop(k) if self.consume else tensors[k]) for s, k in layer["tensors"].items()}
-            return entry, entry.quantizer.unpack(parts, shape)
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"{self.ckpt['path']}: layer {name}: damaged packed data ({e})") from None
+        return unpack_layer(self.ckpt, self.by_name[name], consume=self.consume)
 
     def _source(self, name: str) -> str:
         return self.by_name[name].get("tied_to") or name

@@ -50,7 +50,6 @@ from qtoolkit.checkpoint import atomic_write_text, load_checkpoint
 from qtoolkit.config import ModelConfig
 from qtoolkit.errors import ConfigError, QToolkitError
 from qtoolkit.model import DecoderLM
-from qtoolkit.pack import memory_plan
 from qtoolkit.probes import (
     Format,
     ProbeResult,
@@ -490,10 +489,5 @@ def write_outputs(result: SearchResult) -> None:
     atomic_write_text(result.out_dir / "policy.yaml", header + yaml.safe_dump(result.policy, sort_keys=False))
 
 
-def policy_bytes(model_config: ModelConfig, policy: dict[str, Any]) -> int:
-    """What `qtool plan` reports for a policy (used to check search outputs)."""
-    return memory_plan(model_config, policy).total_bytes
-
-
 __all__ = ["Evaluator", "SearchError", "SearchResult", "SearchSpace", "build_space", "milp_allocations",
-           "open_storage", "parse_budget", "policy_bytes", "run_search"]
+           "open_storage", "parse_budget", "run_search"]
