@@ -5,7 +5,7 @@
 
 Without --ckpt, a randomly initialised `ternary_all` model of the preset (2-bit packing, INT8
 embed/head) is packed into --out-dir first and reused on later runs; speed does not depend on the
-weights' values. Runs `qtoolkit.bench.run_bench` (each variant in its own process) and prints JSON:
+weights' values. Runs `qtoolkit.deploy.bench.run_bench` (each variant in its own process) and prints JSON:
 the per-variant figures, the packed/baseline ratios, the issue's targets and whether each is met,
 and with --profile the packed model's per-op decode profile (where the time of a token goes).
 
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from qtoolkit.bench import profile_decode, run_bench
 from qtoolkit.checkpoint import save_checkpoint
+from qtoolkit.deploy.bench import profile_decode, run_bench
 from qtoolkit.pack import pack_checkpoint
 from qtoolkit.policy import build_model
-from qtoolkit.recipe import load_recipe
+from qtoolkit.training.recipe import load_recipe
 
 
 def random_packed(preset: str, out_dir: Path) -> Path:

@@ -40,7 +40,7 @@ def big_probe_time(ckpt: Path, data: str | None, tmp: Path, tokens: int) -> dict
     from qtoolkit import load_recipe
     from qtoolkit.checkpoint import load_checkpoint, save_checkpoint
     from qtoolkit.policy import build_model
-    from qtoolkit.probes import parse_formats, run_probe
+    from qtoolkit.search.probes import parse_formats, run_probe
 
     small = load_checkpoint(ckpt)
     r = load_recipe("fp32_baseline", ["model.preset=ternarylm-132m", f"data.path={data or small['recipe']['data']['path']}",
@@ -74,8 +74,8 @@ def main() -> None:
     os.environ["QTOOLKIT_CACHE"] = str(tmp / "cache")  # fresh: the probe is really measured
     from qtoolkit.checkpoint import load_checkpoint
     from qtoolkit.config import ModelConfig
-    from qtoolkit.probes import parse_formats, run_probe
-    from qtoolkit.search import build_space, run_search
+    from qtoolkit.search.allocate import build_space, run_search
+    from qtoolkit.search.probes import parse_formats, run_probe
 
     formats = parse_formats("ternary,int8,fp16")
     out: dict = {"benchmark": "search", "checkpoint": args.ckpt, "threads": torch.get_num_threads()}
@@ -98,10 +98,10 @@ def main() -> None:
     best_uniform = min(fits.items(), key=lambda kv: kv[1]["loss"]) if fits else None
 
     # random allocations of (about) the same bytes, evaluated like the trials
-    from qtoolkit.data import prepare_data, tokenizer_from_json
-    from qtoolkit.probes import float_model
-    from qtoolkit.recipe import DataConfig
-    from qtoolkit.search import Evaluator
+    from qtoolkit.search.allocate import Evaluator
+    from qtoolkit.search.probes import float_model
+    from qtoolkit.training.data import prepare_data, tokenizer_from_json
+    from qtoolkit.training.recipe import DataConfig
 
     ckpt = load_checkpoint(args.ckpt)
     data_cfg = DataConfig(**ckpt["recipe"]["data"])

@@ -19,7 +19,7 @@ import torch
 
 from qtoolkit import load_recipe
 from qtoolkit.config import TRAIN_DEFAULTS
-from qtoolkit.trainer import build_model, loss_fn, param_groups
+from qtoolkit.training.trainer import build_model, loss_fn, param_groups
 
 
 def make_step(recipe_name: str, preset: str, seed: int = 0):

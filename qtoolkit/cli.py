@@ -10,7 +10,7 @@ import typer
 
 from qtoolkit import quantizers, report
 from qtoolkit.errors import QToolkitError
-from qtoolkit.recipe import available_recipes, load_recipe
+from qtoolkit.training.recipe import available_recipes, load_recipe
 
 app = typer.Typer(
     name="qtool",
@@ -51,7 +51,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/ckpt.pt.")] = False,
 ) -> None:
     """Quantization-aware training of a language model from a recipe."""
-    from qtoolkit.trainer import train as run_train
+    from qtoolkit.training.trainer import train as run_train
 
     overrides = list(set_ or [])
     if model:
@@ -82,7 +82,7 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Validation loss and perplexity of a training or packed checkpoint."""
-    from qtoolkit.trainer import evaluate_checkpoint
+    from qtoolkit.training.trainer import evaluate_checkpoint
 
     result = evaluate_checkpoint(ckpt, data_path=data, batches=batches, device=device)
     report.console.print(report.eval_summary(result))
@@ -155,8 +155,8 @@ def analyze(
 
     import yaml
 
-    from qtoolkit.analyze import analyze_checkpoint
     from qtoolkit.checkpoint import atomic_write_text
+    from qtoolkit.evaluate.analyze import analyze_checkpoint
 
     as_policy = None
     if as_ is not None:
@@ -210,7 +210,7 @@ def probe(
     import json
 
     from qtoolkit.checkpoint import atomic_write_text
-    from qtoolkit.probes import parse_formats, run_probe
+    from qtoolkit.search.probes import parse_formats, run_probe
 
     with report.StageProgress() as progress:
         result = run_probe(ckpt, parse_formats(formats), units, data, calib_tokens, seed, timeout, progress)
@@ -241,8 +241,8 @@ def search(
     plot: Annotated[Path | None, typer.Option(help="Write a PNG: trials and Pareto front, chosen formats per layer.")] = None,
 ) -> None:
     """Find a per-layer mixed-precision allocation that fits a memory budget."""
-    from qtoolkit.probes import parse_formats
-    from qtoolkit.search import run_search
+    from qtoolkit.search.allocate import run_search
+    from qtoolkit.search.probes import parse_formats
 
     with report.StageProgress() as progress:
         result = run_search(ckpt, budget, parse_formats(formats), out, data, trials, timeout, storage, study, units,
@@ -291,7 +291,7 @@ def generate(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
 ) -> None:
     """Generate text from a packed checkpoint with the fast inference runtime, streaming tokens."""
-    from qtoolkit.runtime import GenerationStats, generate_text, load_inference_model
+    from qtoolkit.deploy.runtime import GenerationStats, generate_text, load_inference_model
 
     model = load_inference_model(ckpt, kernels=kernels, device=device)
     stats = GenerationStats()
@@ -316,8 +316,8 @@ def bench(
     """Prefill/decode speed, weight bytes and peak memory: packed vs FP32 and dynamic-INT8 PyTorch."""
     import json
 
-    from qtoolkit.bench import parse_baselines, run_bench
     from qtoolkit.checkpoint import atomic_write_text
+    from qtoolkit.deploy.bench import parse_baselines, run_bench
 
     names = parse_baselines(baselines)
     with report.BenchProgress() as progress:

@@ -60,8 +60,8 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fp32_ckpt(corpus_dir, tmp_path_factory) -> Path:
     """A tiny fp32 model trained for 40 steps on the synthetic corpus (latent weights for probes/search)."""
-    from qtoolkit.recipe import load_recipe
-    from qtoolkit.trainer import train
+    from qtoolkit.training.recipe import load_recipe
+    from qtoolkit.training.trainer import train
 
     out = tmp_path_factory.mktemp("fp32run")
     train(load_recipe("fp32_baseline", ["model.preset=tiny", f"data.path={corpus_dir}", "train.steps=40",
@@ -81,7 +81,7 @@ def save_untrained_checkpoint(path: Path, recipe_name: str = "ternary_all", over
     """A training checkpoint of a freshly built model (no training), optionally edited by `mutate(model)`."""
     from qtoolkit.checkpoint import save_checkpoint
     from qtoolkit.policy import build_model
-    from qtoolkit.recipe import load_recipe
+    from qtoolkit.training.recipe import load_recipe
 
     r = load_recipe(recipe_name, ["model.preset=tiny", *overrides]).resolved()
     model, coverage = build_model(r.model_config(), r.policy)
@@ -98,8 +98,8 @@ def save_untrained_checkpoint(path: Path, recipe_name: str = "ternary_all", over
 def trained_tiny(corpus_dir, tmp_path_factory) -> Path:
     """A `ternary_all` tiny model trained for 100 steps on the synthetic stories (~10 s): sharp
     enough predictions for greedy generations to be compared, with a real tokenizer."""
-    from qtoolkit.recipe import load_recipe
-    from qtoolkit.trainer import train
+    from qtoolkit.training.recipe import load_recipe
+    from qtoolkit.training.trainer import train
 
     out = tmp_path_factory.mktemp("trained_tiny")
     root = tmp_path_factory.getbasetemp()

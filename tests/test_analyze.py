@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from qtoolkit.analyze import SCHEMA_VERSION, analyze_checkpoint, middle_blocks
 from qtoolkit.errors import ConfigError
+from qtoolkit.evaluate.analyze import SCHEMA_VERSION, analyze_checkpoint, middle_blocks
 from qtoolkit.pack import pack_checkpoint
 from qtoolkit.report import analysis_html, analysis_markdown, save_analysis_plot
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qtoolkit.bench import VariantResult, parse_baselines, run_bench
 from qtoolkit.config import ModelConfig
+from qtoolkit.deploy.bench import VariantResult, parse_baselines, run_bench
 from qtoolkit.errors import ConfigError
 from qtoolkit.pack import pack_checkpoint
 from tests.conftest import save_untrained_checkpoint
@@ -62,7 +62,7 @@ def test_ratio_arithmetic():
     def r(variant, dec, pre, wb, rss):
         return VariantResult(variant, variant, "", 2, 128, 64, [128 / pre], [64 / dec], wb, 0, rss, 200, 250, 1.0)
 
-    from qtoolkit.bench import BenchReport
+    from qtoolkit.deploy.bench import BenchReport
 
     rep = BenchReport("x", {}, [r("packed", 150, 1000, 45, 300), r("fp32", 25, 400, 450, 800)])
     q = rep.ratios()["fp32"]

@@ -3,10 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qtoolkit import data as qdata
-from qtoolkit.data import EOS, TokenStream, local_files, prepare_data, split_stories
 from qtoolkit.errors import DataError
-from qtoolkit.recipe import DataConfig
+from qtoolkit.training import data as qdata
+from qtoolkit.training.data import EOS, TokenStream, local_files, prepare_data, split_stories
+from qtoolkit.training.recipe import DataConfig
 
 from .conftest import write_corpus
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qtoolkit import kernels
+from qtoolkit.deploy import kernels
+from qtoolkit.deploy.kernels import Backend
 from qtoolkit.errors import ConfigError
-from qtoolkit.kernels import Backend
 from qtoolkit.quantizers.base import int8_per_token_codes
 
 PATHS = ["avx512-vnni", "avx2", "reference"]

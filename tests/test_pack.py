@@ -13,8 +13,8 @@ from qtoolkit.config import ModelConfig
 from qtoolkit.errors import CheckpointError
 from qtoolkit.pack import memory_plan, model_from_checkpoint, pack_checkpoint, pack_model
 from qtoolkit.policy import build_model
-from qtoolkit.recipe import available_recipes, load_recipe
-from qtoolkit.trainer import evaluate_checkpoint, train
+from qtoolkit.training.recipe import available_recipes, load_recipe
+from qtoolkit.training.trainer import evaluate_checkpoint, train
 
 # Odd sizes: 36x77 MLP weights (2772 elements, not a multiple of 5 or 8), a 97-token vocabulary.
 ODD = dict(vocab_size=297, d_model=36, n_heads=3, d_ff=77, n_layers=3)
@@ -141,7 +141,7 @@ def test_loading_a_packed_checkpoint_needs_no_training_code(trained, tmp_path):
         "from qtoolkit.pack import model_from_checkpoint; "
         f"m, _ = model_from_checkpoint(load_checkpoint({str(res.path)!r})); "
         "m(torch.zeros(1, 4, dtype=torch.long)); "
-        "bad = [k for k in ('qtoolkit.trainer', 'qtoolkit.data', 'datasets') if k in sys.modules]; "
+        "bad = [k for k in ('qtoolkit.training.trainer', 'qtoolkit.training.data', 'datasets') if k in sys.modules]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from qtoolkit import probes
 from qtoolkit.checkpoint import load_checkpoint
 from qtoolkit.config import ModelConfig
 from qtoolkit.errors import CheckpointError, ConfigError
 from qtoolkit.model import DecoderLM
-from qtoolkit.probes import (
+from qtoolkit.search import probes
+from qtoolkit.search.probes import (
     ProbeError,
     float_model,
     parse_formats,
@@ -79,8 +79,8 @@ def test_measured_matches_a_direct_evaluation(fp32_ckpt, tmp_path, monkeypatch):
     monkeypatch.setenv("QTOOLKIT_CACHE", str(tmp_path / "cache"))
     r = run_probe(fp32_ckpt, parse_formats("ternary"), "group", calib_tokens=256)
     model = float_model(load_checkpoint(fp32_ckpt))
-    from qtoolkit.data import prepare_data, tokenizer_from_json
-    from qtoolkit.recipe import DataConfig
+    from qtoolkit.training.data import prepare_data, tokenizer_from_json
+    from qtoolkit.training.recipe import DataConfig
 
     ckpt = load_checkpoint(fp32_ckpt)
     data = prepare_data(DataConfig(**ckpt["recipe"]["data"]), 512, tokenizer=tokenizer_from_json(ckpt["tokenizer"]))

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from qtoolkit.errors import UnknownNameError
-from qtoolkit.recipe import available_recipes, load_recipe
 from qtoolkit.schema import SchemaError
+from qtoolkit.training.recipe import available_recipes, load_recipe
 
 REQUIRED = {"ternary_all", "fp32_baseline", "fp16_all", "int8_all", "ternary_middle"}
 

@@ -19,12 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtoolkit import kernels
 from qtoolkit.checkpoint import load_checkpoint
-from qtoolkit.errors import ConfigError
-from qtoolkit.pack import model_from_packed, pack_checkpoint
-from qtoolkit.recipe import load_recipe
-from qtoolkit.runtime import (
+from qtoolkit.deploy import kernels
+from qtoolkit.deploy.runtime import (
     GenerationStats,
     InferenceModel,
     Int8Linear,
@@ -35,7 +32,10 @@ from qtoolkit.runtime import (
     load_inference_model,
     sample_next,
 )
-from qtoolkit.trainer import train
+from qtoolkit.errors import ConfigError
+from qtoolkit.pack import model_from_packed, pack_checkpoint
+from qtoolkit.training.recipe import load_recipe
+from qtoolkit.training.trainer import train
 from tests.conftest import SHARED_DATA, save_untrained_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,10 +257,10 @@ def test_a_training_checkpoint_loads_like_its_packed_file(trained_tiny, tmp_path
 
 def test_loading_imports_no_training_code(packed):
     code = (
-        "import sys, torch; from qtoolkit.runtime import load_inference_model; "
+        "import sys, torch; from qtoolkit.deploy.runtime import load_inference_model; "
         f"m = load_inference_model({str(packed['ternary_all'])!r}); "
         "m(torch.zeros(1, 4, dtype=torch.long)); "
-        "bad = [k for k in ('qtoolkit.trainer', 'qtoolkit.data', 'datasets') if k in sys.modules]; "
+        "bad = [k for k in ('qtoolkit.training.trainer', 'qtoolkit.training.data', 'datasets') if k in sys.modules]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})

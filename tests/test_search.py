@@ -6,13 +6,19 @@ import random
 
 import pytest
 
-from qtoolkit import search as qsearch
 from qtoolkit.config import ModelConfig
 from qtoolkit.errors import ConfigError
 from qtoolkit.pack import memory_plan
-from qtoolkit.probes import parse_formats
-from qtoolkit.recipe import load_recipe
-from qtoolkit.search import SearchError, build_space, milp_allocations, parse_budget, run_search
+from qtoolkit.search import allocate as qsearch
+from qtoolkit.search.allocate import (
+    SearchError,
+    build_space,
+    milp_allocations,
+    parse_budget,
+    run_search,
+)
+from qtoolkit.search.probes import parse_formats
+from qtoolkit.training.recipe import load_recipe
 
 FORMATS = parse_formats("ternary,int8,fp16")
 

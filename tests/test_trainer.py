@@ -7,11 +7,11 @@ import threading
 import pytest
 import torch
 
-from qtoolkit import trainer
 from qtoolkit.checkpoint import load_checkpoint
 from qtoolkit.errors import CheckpointError, TrainingDiverged
-from qtoolkit.recipe import TrainConfig, available_recipes, load_recipe
-from qtoolkit.trainer import evaluate_checkpoint, lr_and_wd, model_from_checkpoint, train
+from qtoolkit.training import trainer
+from qtoolkit.training.recipe import TrainConfig, available_recipes, load_recipe
+from qtoolkit.training.trainer import evaluate_checkpoint, lr_and_wd, model_from_checkpoint, train
 
 
 def tiny_recipe(name, corpus_dir, *extra):

@@ -42,7 +42,7 @@ import torch
 
 from qtoolkit.checkpoint import atomic_write_text
 from qtoolkit.errors import DataError
-from qtoolkit.recipe import DataConfig
+from qtoolkit.training.recipe import DataConfig
 
 EOS = "<|endoftext|>"
 TOKENIZER_TRAIN_CHARS = 64 * 2**20  # BPE is trained on at most this much text

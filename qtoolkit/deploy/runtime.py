@@ -9,7 +9,7 @@ The model is the DecoderLM's computation (RMSNorm, RoPE, causal attention, SwiGL
 with every linear replaced by an op that computes from the stored format:
 
     ternary (tensor/channel alpha, int8 activations)  TernaryLinear: weights packed 2 bits/weight in
-        the kernel layout (`qtoolkit.kernels`); per-token int8 activation codes; integer dots; one
+        the kernel layout (`qtoolkit.deploy.kernels`); per-token int8 activation codes; integer dots; one
         multiply by gamma_i / s_t per output. Identical integers to the training forward's
         x_hat @ W_hat^T = (q / s) @ (gamma W~)^T.
     int8, weight-only (the default; embed/lm_head)   Int8Linear: int8 codes, fp32 row scales, float
@@ -53,10 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qtoolkit import kernels
 from qtoolkit.config import ModelConfig
+from qtoolkit.deploy import kernels
+from qtoolkit.deploy.kernels import Backend
 from qtoolkit.errors import CheckpointError, ConfigError
-from qtoolkit.kernels import Backend
 from qtoolkit.model import apply_rope, rope_tables
 from qtoolkit.quantizers.base import int8_per_token_codes
 
@@ -344,7 +344,7 @@ class InferenceModel(nn.Module):
                     _consume: bool = False) -> InferenceModel:
         """Build from a loaded packed checkpoint (`load_checkpoint`).
 
-        `kernels_` picks the CPU path (`qtoolkit.kernels.select_backend`: auto, reference, avx2,
+        `kernels_` picks the CPU path (`qtoolkit.deploy.kernels.select_backend`: auto, reference, avx2,
         avx512-vnni) or "dequant", the dequantize-then-matmul path that CUDA devices always use."""
         device = torch.device(device)
         if device.type not in ("cpu", "cuda"):

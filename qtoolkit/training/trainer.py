@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qtoolkit.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from qtoolkit.data import PreparedData, TokenStream, prepare_data, tokenizer_from_json
 from qtoolkit.errors import CheckpointError, ConfigError, TrainingDiverged
 from qtoolkit.pack import model_from_checkpoint
 from qtoolkit.policy import Coverage, build_model
-from qtoolkit.recipe import DataConfig, Recipe, TrainConfig, save_recipe
+from qtoolkit.training.data import PreparedData, TokenStream, prepare_data, tokenizer_from_json
+from qtoolkit.training.recipe import DataConfig, Recipe, TrainConfig, save_recipe
 
 
 @dataclass

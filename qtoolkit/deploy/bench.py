@@ -1,16 +1,16 @@
 """`qtool bench`: speed and memory of the packed runtime beside PyTorch FP32 and dynamic-INT8 models.
 
 Every variant runs the same architecture through the same KV-cache decoding loop
-(`qtoolkit.runtime.InferenceModel`, q/k/v and gate/up fused in all of them), so the comparison is
+(`qtoolkit.deploy.runtime.InferenceModel`, q/k/v and gate/up fused in all of them), so the comparison is
 about weights and kernels:
 
     packed         the packed checkpoint: 2-bit ternary blocks x int8 activations, INT8 head
-                   (kernel path as `qtoolkit.kernels.select_backend` picks it)
+                   (kernel path as `qtoolkit.deploy.kernels.select_backend` picks it)
     fp32           nn.Linear on the dequantized packed weights, float32 (MKL)
     int8-dynamic   the fp32 model through torch.ao.quantization.quantize_dynamic (FBGEMM / oneDNN
                    int8 linears with per-call activation quantization; embedding stays fp32)
 
-Each variant is measured in its own child process (`python -m qtoolkit.bench SPEC.json`), so peak
+Each variant is measured in its own child process (`python -m qtoolkit.deploy.bench SPEC.json`), so peak
 resident memory (VmHWM of that process: libraries + weights + KV cache + activations) is its
 own. The child times, after one warm-up round, `repeats` rounds of
 
@@ -169,7 +169,7 @@ def _run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps({**spec, "out": str(out_path)}))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        proc = subprocess.run([sys.executable, "-m", "qtoolkit.bench", str(spec_path)], env=env,
+        proc = subprocess.run([sys.executable, "-m", "qtoolkit.deploy.bench", str(spec_path)], env=env,
                               capture_output=True, text=True)
         if proc.returncode != 0 or not out_path.is_file():
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
@@ -191,7 +191,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     warnings.filterwarnings("ignore")
     from qtoolkit.checkpoint import load_checkpoint
-    from qtoolkit.runtime import InferenceModel, _training_to_packed
+    from qtoolkit.deploy.runtime import InferenceModel, _training_to_packed
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(spec["ckpt"])
@@ -257,7 +257,7 @@ def profile_decode(ckpt: str | Path, threads: int | None = None, prompt_len: int
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from qtoolkit.runtime import load_inference_model
+    from qtoolkit.deploy.runtime import load_inference_model
 
     if threads:
         torch.set_num_threads(threads)

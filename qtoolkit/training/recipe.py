@@ -183,8 +183,8 @@ def _check_model_section(model: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def recipe_dirs() -> list[Path]:
-    here = Path(__file__).resolve().parent
-    return [d for d in (here / "recipes", here.parent / "recipes") if d.is_dir()]
+    package = Path(__file__).resolve().parent.parent  # recipes/ sits in the wheel's package, or at the repo root
+    return [d for d in (package / "recipes", package.parent / "recipes") if d.is_dir()]
 
 
 def available_recipes() -> list[str]:

@@ -26,7 +26,7 @@ vanishes in expectation). It ignores activation quantization. The probe reports 
 the (unit, format) pairs against the measured S: Spearman's rho, overall and per format.
 
 Sparsity probe: per linear, the ternary zero fraction, near-threshold fraction and alpha of its
-latent weights under the default ternary quantizer, computed by `qtoolkit.analyze`.
+latent weights under the default ternary quantizer, computed by `qtoolkit.evaluate.analyze`.
 
 Results are cached as JSON under `$QTOOLKIT_CACHE/probes/`, keyed by the checkpoint (path, size,
 modification time), the calibration data and settings, the formats and the unit granularity. A
@@ -51,10 +51,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qtoolkit import quantizers
-from qtoolkit.analyze import code_stats, latent_stats
 from qtoolkit.checkpoint import atomic_write_text, load_checkpoint
 from qtoolkit.config import ModelConfig
 from qtoolkit.errors import CheckpointError, ConfigError, QToolkitError
+from qtoolkit.evaluate.analyze import code_stats, latent_stats
 from qtoolkit.model import DecoderLM, layer_position
 from qtoolkit.policy import apply_policy, set_by_name
 
@@ -291,7 +291,7 @@ def checkpoint_fingerprint(path: str | Path) -> str:
 
 
 def _cache_path(key: str) -> Path:
-    from qtoolkit.data import cache_dir
+    from qtoolkit.training.data import cache_dir
 
     return cache_dir() / "probes" / f"{key}.json"
 
@@ -377,8 +377,8 @@ def run_probe(
     """Sparsity probe, cheap estimate and measured sensitivities (module docstring), cached."""
     import dataclasses
 
-    from qtoolkit.data import prepare_data, tokenizer_from_json
-    from qtoolkit.recipe import DataConfig
+    from qtoolkit.training.data import prepare_data, tokenizer_from_json
+    from qtoolkit.training.recipe import DataConfig
 
     ckpt = load_checkpoint(ckpt_path)
     model = float_model(ckpt)

@@ -1,6 +1,6 @@
 """CPU kernels for packed ternary and INT8 layers: which path runs, and the pure-PyTorch fallback.
 
-Three paths compute the quantized layers of the inference runtime (`qtoolkit.runtime`):
+Three paths compute the quantized layers of the inference runtime (`qtoolkit.deploy.runtime`):
 
     avx512-vnni | avx2   the C++ extension `csrc/ternary_kernels.cpp`: ternary weights stay packed at
                          2 bits per weight and are multiplied by int8 activation codes with integer

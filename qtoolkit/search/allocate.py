@@ -1,7 +1,7 @@
 """Mixed-precision allocation under a memory budget (`qtool search`).
 
 Given a training checkpoint, candidate formats and a budget in bytes, find one format per unit
-(see `qtoolkit.probes`: layers or groups) so that the packed model fits the budget and loses as
+(see `qtoolkit.search.probes`: layers or groups) so that the packed model fits the budget and loses as
 little validation loss as possible.
 
 1. Costs. For every unit and format the exact packed bytes (codes and scales), from the quantizers'
@@ -50,7 +50,7 @@ from qtoolkit.checkpoint import atomic_write_text, load_checkpoint
 from qtoolkit.config import ModelConfig
 from qtoolkit.errors import ConfigError, QToolkitError
 from qtoolkit.model import DecoderLM
-from qtoolkit.probes import (
+from qtoolkit.search.probes import (
     Format,
     ProbeResult,
     Unit,
@@ -212,7 +212,7 @@ class Evaluator:
 
     @torch.no_grad()
     def _val_loss(self, model: nn.Module) -> float:
-        from qtoolkit.probes import _ce
+        from qtoolkit.search.probes import _ce
 
         model.eval()
         return sum(_ce(model(x), y).item() for x, y in self.val_batches) / self.tokens
@@ -223,7 +223,7 @@ class Evaluator:
             with quantized(self.model, assignment):
                 return self._val_loss(self.model)
         from qtoolkit.policy import apply_policy
-        from qtoolkit.trainer import loss_fn
+        from qtoolkit.training.trainer import loss_fn
 
         model = copy.deepcopy(self.model)
         apply_policy(model, assignment)
@@ -343,9 +343,9 @@ def run_search(
 
     import optuna
 
-    from qtoolkit.data import prepare_data, tokenizer_from_json
-    from qtoolkit.probes import checkpoint_fingerprint
-    from qtoolkit.recipe import DataConfig
+    from qtoolkit.search.probes import checkpoint_fingerprint
+    from qtoolkit.training.data import prepare_data, tokenizer_from_json
+    from qtoolkit.training.recipe import DataConfig
 
     t_start = time.perf_counter()
     deadline = None if timeout is None else t_start + timeout

@@ -1,0 +1,1 @@
+"""Deployment: packed checkpoints and their memory model, the inference runtime, its kernels, benchmarks."""

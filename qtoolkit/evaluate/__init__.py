@@ -1,0 +1,1 @@
+"""Evaluation of quantized models beyond the training loss: per-layer analysis."""

@@ -1,0 +1,40 @@
+"""The report layer: the only code that renders (rich terminal output, figures, documents).
+
+Library modules return data or emit progress events; the CLI hands them to these functions.
+
+    text        the consoles, `error`, and the number/spec formatters every renderer shares
+    progress    live displays: training, staged library work, benchmarks, streamed generation
+    tables      the tables and summaries printed after a command
+    figures     matplotlib PNGs (analysis, search)
+    documents   Markdown and one-file HTML reports
+
+Everything is re-exported here, so callers write `report.train_summary(...)`.
+"""
+
+from qtoolkit.report.documents import analysis_html, analysis_markdown
+from qtoolkit.report.figures import analysis_figure, save_analysis_plot, save_search_plot
+from qtoolkit.report.progress import BenchProgress, StageProgress, TrainProgress, stream_generation
+from qtoolkit.report.tables import (
+    analysis_renderables,
+    bench_table,
+    compare_table,
+    coverage_table,
+    eval_summary,
+    generation_summary,
+    pack_summary,
+    plan_table,
+    probe_table,
+    quantizers_table,
+    recipes_table,
+    search_renderables,
+    train_summary,
+)
+from qtoolkit.report.text import console, err_console, error, fmt_bytes, human_count, spec_text
+
+__all__ = [
+    "BenchProgress", "StageProgress", "TrainProgress", "analysis_figure", "analysis_html", "analysis_markdown",
+    "analysis_renderables", "bench_table", "compare_table", "console", "coverage_table", "err_console", "error",
+    "eval_summary", "fmt_bytes", "generation_summary", "human_count", "pack_summary", "plan_table", "probe_table",
+    "quantizers_table", "recipes_table", "save_analysis_plot", "save_search_plot", "search_renderables",
+    "spec_text", "stream_generation", "train_summary",
+]

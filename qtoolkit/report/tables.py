@@ -1,0 +1,324 @@
+"""Rich tables and summaries that the CLI prints after a command."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from qtoolkit.policy import Coverage
+from qtoolkit.report.text import (
+    GROUP_COLUMNS,
+    GROUP_LEGEND,
+    LAYER_COLUMNS,
+    _analysis_heading,
+    _num,
+    _pct,
+    _rho,
+    _shape,
+    fmt_bytes,
+    human_count,
+    middle_boundary_text,
+    spec_text,
+    totals_text,
+)
+
+
+def coverage_table(coverage: Coverage, title: str = "Policy coverage") -> Table:
+    """Groups layers with the same quantizer spec and rule into one row."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("quantizer")
+    table.add_column("rule")
+    table.add_column("layers", justify="right")
+    table.add_column("params", justify="right")
+    table.add_column("examples", overflow="fold")
+    groups: dict[tuple[str, str], list] = {}
+    for a in coverage.layers:
+        groups.setdefault((spec_text(a.spec), a.rule or "-"), []).append(a)
+    for (spec, rule), layers in groups.items():
+        names = [a.name for a in layers]
+        examples = ", ".join(names[:3]) + (f", ... (+{len(names) - 3})" if len(names) > 3 else "")
+        table.add_row(spec, rule, str(len(layers)), human_count(sum(a.numel for a in layers)), examples)
+    return table
+
+
+def train_summary(result) -> Table:
+    table = Table(title="Training summary", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("checkpoint", str(result.checkpoint)),
+        ("steps", f"{result.steps} / {result.total_steps}" + (" (interrupted)" if result.interrupted else "")),
+        ("parameters", human_count(result.params)),
+        ("quantizers", ", ".join(f"{k}: {human_count(v)}" for k, v in result.coverage.params_by_quantizer().items())),
+        ("val loss", f"{result.val_loss:.4f}"),
+        ("val perplexity", f"{result.val_ppl:.2f}"),
+        ("train cross-entropy", f"{result.train_ce:.4f}" if math.isfinite(result.train_ce) else "-"),
+        ("throughput", f"{human_count(result.tokens_per_s)} tokens/s"),
+        ("time", f"{result.elapsed_s:.0f} s"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+def eval_summary(result) -> Table:
+    table = Table(title="Evaluation", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in (
+        ("checkpoint", f"{result.checkpoint} (step {result.step})"),
+        ("data", result.data),
+        ("tokens", human_count(result.val_tokens)),
+        ("val loss", f"{result.val_loss:.4f}"),
+        ("val perplexity", f"{result.val_ppl:.2f}"),
+    ):
+        table.add_row(k, v)
+    return table
+
+
+def recipes_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="Recipes", title_justify="left")
+    for col in ("name", "preset", "policy", "description"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        rules = ", ".join(f"{k}={s if isinstance(s, str) else s.get('name', '?')}" for k, s in r["policy"].items())
+        table.add_row(r["name"], r["preset"], rules, r["description"])
+    return table
+
+
+def quantizers_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="Quantizers", title_justify="left")
+    for col in ("name", "default options", "bits/weight (768x768)"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], r["options"], r["bits"])
+    return table
+
+
+def plan_table(plan, title: str, full: bool = False) -> Table:
+    """Per-layer bytes of a MemoryPlan; small fp32 parameters (norms) in one row unless `full`."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("layer", no_wrap=True)
+    for col, justify in (("shape", "right"), ("quantizer", "left"), ("bits/weight", "right"), ("bytes", "right")):
+        table.add_column(col, justify=justify)
+    rest = []
+    for e in plan.entries:
+        if e.kind == "param" and not full:
+            rest.append(e)
+            continue
+        quant = f"tied to {e.tied_to}" if e.tied_to else spec_text(e.spec)
+        table.add_row(e.name, _shape(e.shape), quant, f"{float(e.bits_per_weight):.4f}", f"{e.nbytes:,}")
+    if rest:
+        n, b = sum(e.params for e in rest), sum(e.nbytes for e in rest)
+        table.add_row(f"{len(rest)} norm weights", f"{n:,}", "fp32", f"{8 * b / n:.4f}", f"{b:,}")
+    table.add_section()
+    table.add_row("[bold]total", f"{plan.params:,}", "", f"{8 * plan.total_bytes / plan.params:.4f}",
+                  f"[bold]{plan.total_bytes:,}")
+    by_q = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in plan.bytes_by_quantizer().items())
+    table.caption = (f"{fmt_bytes(plan.total_bytes)} ({by_q}) vs {fmt_bytes(plan.fp32_bytes)} in fp32: "
+                     f"{plan.compression:.2f}x smaller")
+    return table
+
+
+def pack_summary(result) -> Table:
+    table = Table(title="Packed checkpoint", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_column()
+    exact = "[green]== predicted[/]" if result.tensor_bytes == result.predicted_bytes else "[red]!= predicted[/]"
+    for k, v, note in (
+        ("file", str(result.path), ""),
+        ("predicted (memory model)", f"{result.predicted_bytes:,} B", fmt_bytes(result.predicted_bytes)),
+        ("packed tensors written", f"{result.tensor_bytes:,} B", exact),
+        ("file size", f"{result.file_bytes:,} B", fmt_bytes(result.file_bytes)),
+        ("header + metadata", f"{result.overhead_bytes:,} B", "config, policy, layers, tokenizer"),
+        ("fp32 model", f"{result.fp32_bytes:,} B", f"{result.fp32_bytes / result.predicted_bytes:.2f}x larger"),
+    ):
+        table.add_row(k, v, note)
+    return table
+
+
+# ------------------------------------------------------------------------------ analysis
+
+
+def analysis_renderables(a, full: bool = False) -> list:
+    out: list = [Text(_analysis_heading(a), style="bold")]
+    if full:
+        table = Table(title="Layers", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for header, _ in LAYER_COLUMNS:
+            table.add_column(header, no_wrap=header == "layer", justify="left" if header in ("layer", "quantizer") else "right")
+        for x in a.layers:
+            table.add_row(*(fn(x) for _, fn in LAYER_COLUMNS))
+        out.append(table)
+    blocks = Table(title="By block", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    blocks.add_column("block", justify="right")
+    for header, _ in GROUP_COLUMNS:
+        blocks.add_column(header, justify="left" if header == "quant" else "right")
+    mids = set((a.middle_vs_boundary or {}).get("middle_blocks", []))
+    for g in a.blocks:
+        blocks.add_row(f"{g['block']}{'*' if g['block'] in mids else ''}", *(fn(g) for _, fn in GROUP_COLUMNS))
+    for kind in ("embed", "lm_head"):
+        if kind in a.kinds:
+            blocks.add_row(kind, *(fn(a.kinds[kind]) for _, fn in GROUP_COLUMNS))
+    blocks.caption = "* middle block. " + GROUP_LEGEND
+    out.append(blocks)
+    kinds = Table(title="By module kind", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    kinds.add_column("kind")
+    for header, _ in GROUP_COLUMNS:
+        kinds.add_column(header, justify="left" if header == "quant" else "right")
+    for kind, g in a.kinds.items():
+        kinds.add_row(kind, *(fn(g) for _, fn in GROUP_COLUMNS))
+    out.append(kinds)
+    out.append(Text(middle_boundary_text(a)))
+    out.append(Text(totals_text(a)))
+    return out
+
+
+def compare_table(a, b) -> Table:
+    table = Table(title=f"A: {a.checkpoint}\nB: {b.checkpoint}", title_justify="left")
+    for col in ("layer", "quantizer A", "quantizer B", "bits A", "bits B", "zeros A", "zeros B", "d zeros",
+                "SQNR A", "SQNR B"):
+        table.add_column(col, justify="left" if col.startswith(("layer", "quantizer")) else "right",
+                         no_wrap=col == "layer")
+    other = {x.name: x for x in b.layers}
+    for x in a.layers:
+        y = other.get(x.name)
+        if y is None:
+            continue
+        dz = None if x.zeros is None or y.zeros is None else y.zeros - x.zeros
+        table.add_row(x.name, spec_text(x.spec), spec_text(y.spec), f"{x.bits_per_weight:.3f}",
+                      f"{y.bits_per_weight:.3f}", _pct(x.zeros), _pct(y.zeros),
+                      "-" if dz is None else f"{100 * dz:+.1f}", _num(x.sqnr_db, ".1f"), _num(y.sqnr_db, ".1f"))
+    table.add_section()
+    ta, tb = a.totals, b.totals
+    table.add_row("total", "", "", f"{8 * ta['bytes'] / ta['params']:.3f}", f"{8 * tb['bytes'] / tb['params']:.3f}",
+                  _pct(ta["zeros"]), _pct(tb["zeros"]),
+                  "-" if ta["zeros"] is None or tb["zeros"] is None else f"{100 * (tb['zeros'] - ta['zeros']):+.1f}",
+                  "", "")
+    table.caption = f"A: {fmt_bytes(ta['bytes'])}  B: {fmt_bytes(tb['bytes'])}"
+    return table
+
+
+def probe_table(result, full: bool = False) -> Table:
+    fkeys = [f["key"] for f in result.formats]
+    table = Table(title=f"Sensitivity: increase in calibration loss (base {result.base_loss:.4f}, "
+                  f"{result.calibration['tokens']:,} tokens)", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    table.add_column("unit", no_wrap=True)
+    for f in fkeys:
+        table.add_column(f"dL {f}", justify="right")
+    for f in fkeys if full else ():
+        table.add_column(f"est {f}", justify="right")
+    table.add_column("zeros", justify="right")
+    table.add_column("near", justify="right")
+    for u in result.units:
+        name = u["name"]
+        meas = result.measured.get(name, {})
+        cheap = result.cheap.get(name, {})
+        sp = [result.sparsity[m] for m in u["modules"] if m in result.sparsity]
+        zeros = sum(s["zeros"] for s in sp) / len(sp) if sp else None
+        near = sum(s["near_threshold"] for s in sp) / len(sp) if sp else None
+        table.add_row(name, *(_num(meas.get(f), ".4f") for f in fkeys),
+                      *(_num(cheap.get(f), ".2e") for f in (fkeys if full else ())), _pct(zeros), _pct(near))
+    rho = ", ".join(f"{k} {_rho(v)}" for k, v in result.spearman.items())
+    state = "cached" if result.cached else ("complete" if result.complete else
+                                            f"incomplete: {len(result.missing())} measurements left (re-run to continue)")
+    secs = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    table.caption = f"Spearman(measured, one-pass estimate): {rho}.  {state}; {secs}"
+    return table
+
+
+_FORMAT_COLORS = {"ternary": "cyan", "int8": "yellow", "fp16": "green", "bf16": "green", "fp32": "red"}
+
+
+def search_renderables(result) -> list:
+    out: list = []
+    space = result.space
+    if result.best is None:
+        out.append(Text("no completed trial within the budget yet", style="bold red"))
+        return out
+    alloc = result.best["allocation"]
+    blocks = sorted({u.block for u in space.units if u.block is not None})
+    kinds = []
+    for u in space.units:
+        if u.block is not None:
+            kind = u.name.split(".", 2)[2]
+            if kind not in kinds:
+                kinds.append(kind)
+    grid = Table(title="Chosen format per unit", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    grid.add_column("block", justify="right")
+    for k in kinds:
+        grid.add_column(k.replace("attn.", "").replace("mlp.", "").replace("_proj", ""))
+    for b in blocks:
+        row = []
+        for k in kinds:
+            key = alloc.get(f"blocks.{b}.{k}", "")
+            color = _FORMAT_COLORS.get(key.split("(")[0], "white")
+            row.append(f"[{color}]{escape(key)}[/]")
+        grid.add_row(str(b), *row)
+    others = [u for u in space.units if u.block is None]
+    grid.caption = "; ".join(f"{u.name}: {alloc[u.name]}" for u in others)
+    out.append(grid)
+
+    summary = Table(title="Search summary", title_justify="left", show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    summary.add_column()
+    best = result.best
+    summary.add_row("budget", f"{result.budget:,} B", fmt_bytes(result.budget))
+    summary.add_row("chosen policy", f"{best['bytes']:,} B",
+                    f"{100 * best['bytes'] / result.budget:.1f}% of budget; smallest reachable {fmt_bytes(result.min_bytes)}")
+    summary.add_row("validation loss", f"{best['loss']:.4f}", f"trial {best['number']} ({best['source']})")
+    for key, ref in result.references.items():
+        fits = "fits" if ref["bytes"] <= result.budget else "over budget"
+        summary.add_row(f"all-{key}", f"{ref['loss']:.4f}", f"{fmt_bytes(ref['bytes'])}, {fits}")
+    n_done = sum(t["state"] == "COMPLETE" for t in result.trials)
+    summary.add_row("trials", str(n_done), f"{result.rejected} rejected over budget this run; study {result.study_name}")
+    rho = result.probe.spearman.get("all")
+    summary.add_row("probe", "cached" if result.probe.cached else f"{sum(result.probe.seconds.values()):.0f} s",
+                    f"Spearman(measured, estimate) {_rho(rho)}")
+    summary.add_row("outputs", "", f"{result.out_dir / 'policy.yaml'}, {result.out_dir / 'search.json'}")
+    out.append(summary)
+    if result.interrupted:
+        out.append(Text("interrupted: every finished trial is kept in the study; run the same command to continue",
+                        style="yellow"))
+    return out
+
+
+def generation_summary(stats, backend) -> Text:
+    """One line: token counts, prefill and decode speed, and which kernel path ran."""
+    decode = f"{stats.decode_tok_s:.1f} tokens/s" if math.isfinite(stats.decode_tok_s) else "-"
+    end = ", stopped at end-of-text" if stats.stopped_at_eos else ""
+    return Text(f"{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new{end} | prefill "
+                f"{stats.prefill_tok_s:.0f} tokens/s | decode {decode} | kernels: {backend.name} ({backend.reason})",
+                style="dim")
+
+
+def bench_table(report) -> Table:
+    """Side-by-side speed and memory of the packed model and its baselines, with packed/baseline ratios."""
+    first = report.results[0]
+    table = Table(title=f"Inference benchmark: {report.checkpoint}", title_justify="left", box=box.SIMPLE_HEAD)
+    for col, justify in (("model", "left"), ("kernels", "left"), ("weights\nMB", "right"),
+                         ("prefill\ntok/s", "right"), ("decode\ntok/s", "right"), ("decode\nms/tok", "right"),
+                         ("peak RSS\nMB", "right")):
+        table.add_column(col, justify=justify, no_wrap=True)
+    for r in report.results:
+        table.add_row(r.variant, r.backend, f"{r.weight_bytes / 1e6:,.1f}", f"{r.prefill_tok_s:,.0f}",
+                      f"{r.decode_tok_s:,.1f}", f"{r.decode_ms_per_token:.2f}", f"{r.peak_rss_bytes / 1e6:,.0f}")
+    lines = []
+    for name, q in report.ratios().items():
+        lines.append(f"packed vs {name}: decode {q['decode_speedup']:.2f}x, prefill {q['prefill_speedup']:.2f}x, "
+                     f"weights {q['weight_bytes_ratio']:.3f}x, peak RSS {q['peak_rss_ratio']:.3f}x "
+                     f"({q['peak_rss_above_torch_ratio']:.3f}x above the torch import)")
+    lines.append(f"{first.threads} threads; {first.new_tokens} decode steps after a {first.prompt_len}-token prompt; "
+                 f"median of {len(first.decode_s)} rounds; `import torch` alone: "
+                 f"{first.torch_rss_bytes / 1e6:,.0f} MB resident")
+    lines.append(f"packed kernels: {first.backend} ({first.backend_reason})")
+    table.caption = "\n".join(lines)
+    table.caption_justify = "left"
+    return table

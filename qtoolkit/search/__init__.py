@@ -1,0 +1,1 @@
+"""Mixed-precision allocation: per-layer sensitivity probes and the budgeted search."""

@@ -1,0 +1,1 @@
+"""Training: recipes (YAML -> validated dataclasses), the data pipeline, and the QAT loop."""
