@@ -35,6 +35,7 @@ u = c + 1 of columns j, j + 64, j + 128, j + 192 in bits 0-1, 2-3, 4-5, 6-7:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import sys
@@ -82,7 +83,9 @@ class Backend:
 
 def extension_dir() -> Path:
     root = Path(os.environ.get("QTOOLKIT_CACHE") or Path.home() / ".cache" / "qtoolkit")
-    tag = f"torch{torch.__version__.split('+')[0]}-py{sys.version_info.major}{sys.version_info.minor}"
+    # keyed by the source's content too: two checkouts with different kernels never share a build
+    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    tag = f"torch{torch.__version__.split('+')[0]}-py{sys.version_info.major}{sys.version_info.minor}-{source}"
     return root / "ext" / f"{EXT_NAME}-{tag}"
 
 
