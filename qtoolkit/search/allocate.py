@@ -204,8 +204,9 @@ class Evaluator:
 
     def __init__(self, model: DecoderLM, space: SearchSpace, val_batches: list, train=None,
                  finetune_steps: int = 0, finetune_lr: float = 1e-4, batch_size: int = 8, seq_len: int = 256,
-                 seed: int = 0):
+                 seed: int = 0, device: torch.device | str = "cpu"):
         self.model, self.space, self.val_batches = model, space, val_batches
+        self.device = torch.device(device)
         self.train, self.finetune_steps, self.finetune_lr = train, finetune_steps, finetune_lr
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.tokens = sum(y.numel() for _, y in val_batches)
@@ -231,6 +232,7 @@ class Evaluator:
         opt = torch.optim.AdamW(model.parameters(), lr=self.finetune_lr, weight_decay=0.0)
         for step in range(self.finetune_steps):  # the same batches for every trial
             x, y = self.train.batch(step, self.batch_size, self.seq_len, self.seed + 1)
+            x, y = x.to(self.device), y.to(self.device)
             with torch.enable_grad():
                 loss, _ = loss_fn(model(x), y, 0.0)
                 opt.zero_grad(set_to_none=True)
@@ -283,6 +285,8 @@ class SearchResult:
     interrupted: bool = False
     rejected: int = 0
     elapsed_s: float = 0.0
+    study: Any = field(default=None, repr=False, compare=False)  # the optuna.Study (figures draw from it)
+    pareto: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -297,8 +301,15 @@ class SearchResult:
                       "calibration": self.probe.calibration},
             "references": self.references, "best": self.best, "policy": self.policy,
             "pareto_front": self.pareto_front, "trials": self.trials, "rejected_over_budget": self.rejected,
-            "interrupted": self.interrupted,
+            "interrupted": self.interrupted, "pareto": self.pareto,
         }
+
+    def outputs(self) -> list[Path]:
+        """The files this search writes (the study's SQLite file when the storage is the default)."""
+        files = [self.out_dir / "search.json"] + ([self.out_dir / "policy.yaml"] if self.best else [])
+        if self.storage.startswith("sqlite:///"):
+            files.append(Path(self.storage[len("sqlite:///"):]))
+        return files
 
 
 def _trial_record(t) -> dict[str, Any]:
@@ -338,11 +349,13 @@ def run_search(
     eval_batches: int = 8,
     seeds_k: int = 3,
     progress: Progress = _noop,
+    device: str = "auto",
 ) -> SearchResult:
     import dataclasses
 
     import optuna
 
+    from qtoolkit.device import resolve_device
     from qtoolkit.search.probes import checkpoint_fingerprint
     from qtoolkit.training.data import prepare_data, tokenizer_from_json
     from qtoolkit.training.recipe import DataConfig
@@ -352,6 +365,7 @@ def run_search(
     budget = parse_budget(budget)
     if trials < 1:
         raise ConfigError(f"trials must be >= 1, got {trials}")
+    dev = resolve_device(device)
     ckpt = load_checkpoint(ckpt_path)
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     space = build_space(cfg, formats, granularity)
@@ -366,10 +380,10 @@ def run_search(
 
     probe = run_probe(ckpt_path, formats, granularity, data_path, calib_tokens, seed,
                       timeout=None if deadline is None else max(1.0, deadline - time.perf_counter()),
-                      progress=progress)
+                      progress=progress, device=device)
     sens = probe.sensitivity()
 
-    model = float_model(ckpt)
+    model = float_model(ckpt).to(dev)
     recipe = ckpt.get("recipe") or {}
     train_cfg = recipe.get("train", {})
     data_cfg = DataConfig(**recipe.get("data", {}))
@@ -378,9 +392,10 @@ def run_search(
     data = prepare_data(data_cfg, cfg.vocab_size, tokenizer=tokenizer_from_json(ckpt["tokenizer"]),
                         need_train=finetune_steps > 0, progress=progress)
     bs, sl = int(train_cfg.get("batch_size") or 8), int(train_cfg.get("seq_len") or cfg.max_seq_len)
-    val_batches = list(data.val.eval_batches(bs, sl, eval_batches))
+    val_batches = [(x.to(dev), y.to(dev)) for x, y in data.val.eval_batches(bs, sl, eval_batches)]
     evaluate = Evaluator(model, space, val_batches, data.train, finetune_steps,
-                         float(train_cfg.get("lr", 1e-3)) * float(train_cfg.get("min_lr_ratio", 0.1)), bs, sl, seed)
+                         float(train_cfg.get("lr", 1e-3)) * float(train_cfg.get("min_lr_ratio", 0.1)), bs, sl, seed,
+                         dev)
 
     storage_url = storage or f"sqlite:///{(out_dir / 'search.db').resolve()}"
     name = study_name or default_study_name(checkpoint_fingerprint(ckpt["path"]), space, budget, pareto,
@@ -467,7 +482,7 @@ def run_search(
         out_dir=out_dir, budget=budget, min_bytes=space.min_bytes, max_bytes=space.max_bytes, space=space,
         probe=probe, study_name=name, storage=storage_url, trials=records, best=best, references=references,
         pareto_front=front, policy=policy, interrupted=interrupted, rejected=rejected,
-        elapsed_s=time.perf_counter() - t_start,
+        elapsed_s=time.perf_counter() - t_start, study=study, pareto=pareto,
     )
     write_outputs(result)
     return result
