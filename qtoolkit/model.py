@@ -119,14 +119,22 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Under `with torch.device("meta")` (memory plans, checkpoint checks) a model has shapes only:
+        # skip initialisation, whose normal_ on meta tensors costs seconds (it imports torch._dynamo).
+        meta = torch.empty(0).device.type == "meta"
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model,
+                                  _weight=torch.empty(cfg.vocab_size, cfg.d_model) if meta else None)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        if meta:
+            cos = sin = torch.empty(cfg.max_seq_len, cfg.head_dim // 2)
+        else:
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        if not meta:
+            self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
