@@ -20,9 +20,18 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# Errors a user can cause and fix: reported without a traceback, exit status 1. Anything else is
-# a bug and keeps its traceback.
-USER_ERRORS = (QToolkitError, FileNotFoundError)
+# Errors a user can cause and fix: reported without a traceback, exit status 1. The environment's
+# refusals (OSError: a read-only or full disk, a missing or unwritable path, a file where a directory
+# belongs) and running out of memory are reported the same way. Anything else is a bug and keeps
+# its traceback.
+USER_ERRORS = (QToolkitError,)
+
+
+def os_error_text(e: OSError) -> str:
+    """One line for an OSError: the file(s) it concerns and the system's reason."""
+    where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{where}: {reason}" if where else reason
 
 
 def user_errors(fn):
@@ -34,7 +43,11 @@ def user_errors(fn):
             raise
         except USER_ERRORS as e:
             report.error(str(e))
-            raise typer.Exit(1) from None
+        except OSError as e:
+            report.error(os_error_text(e) + " (check the path, its permissions and the free space)")
+        except MemoryError:
+            report.error("out of memory: use a smaller model, batch or evaluation size")
+        raise typer.Exit(1)
 
     return wrapper
 
@@ -153,14 +166,13 @@ def analyze(
     """Per-layer sparsity and quantization report of a checkpoint."""
     import json
 
-    import yaml
-
     from qtoolkit.checkpoint import atomic_write_text
     from qtoolkit.evaluate.analyze import analyze_checkpoint
+    from qtoolkit.yamlsafe import parse_yaml
 
     as_policy = None
     if as_ is not None:
-        as_policy = as_ if Path(as_).is_file() else yaml.safe_load(as_)
+        as_policy = as_ if Path(as_).is_file() else parse_yaml(as_, "--as")
     a = analyze_checkpoint(ckpt, as_policy=as_policy, band=band, middle=_range(middle))
     b = analyze_checkpoint(compare, band=band, middle=_range(middle)) if compare else None
     for item in report.analysis_renderables(a, full=full):

@@ -318,7 +318,11 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[DecoderLM, Coverage | N
     if ckpt["kind"] == "packed":
         return model_from_packed(ckpt), None
     model, coverage = build_model(ModelConfig.from_dict(ckpt["model_config"]), ckpt["policy"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # quantizer state of the wrong shape (verify bounds it, not its exact shape)
+        reason = (str(e).strip().splitlines() or ["state dict mismatch"])[-1].strip()[:200]
+        raise CheckpointError(f"{ckpt['path']}: weights do not fit the model ({reason})") from None
     return model, coverage
 
 

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from qtoolkit import quantizers
 from qtoolkit.checkpoint import atomic_write_text, load_checkpoint
 from qtoolkit.config import ModelConfig
-from qtoolkit.errors import CheckpointError, ConfigError, QToolkitError
+from qtoolkit.errors import CheckpointError, ConfigError, QToolkitError, short_repr
 from qtoolkit.evaluate.analyze import code_stats, latent_stats
 from qtoolkit.model import DecoderLM, layer_position
 from qtoolkit.policy import apply_policy, set_by_name
@@ -87,12 +87,14 @@ def format_key(spec: dict[str, Any]) -> str:
 
 def parse_formats(value: str | list[Any]) -> list[Format]:
     """"ternary,int8,fp16", or a YAML list of specs: "[{name: ternary, packing: base3}, int8]"."""
-    import yaml
+    from qtoolkit.yamlsafe import parse_yaml
 
     if isinstance(value, str):
-        items = yaml.safe_load(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
+        items = parse_yaml(value, "--formats") if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
     else:
         items = list(value)
+    if not isinstance(items, list):
+        raise ConfigError(f"--formats takes ternary,int8,fp16 or a YAML list of specs, got {short_repr(value)}")
     if not items:
         raise ConfigError("--formats needs at least one quantizer")
     formats, seen = [], set()
