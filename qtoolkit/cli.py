@@ -168,8 +168,11 @@ def analyze(
 
     from qtoolkit.checkpoint import atomic_write_text
     from qtoolkit.evaluate.analyze import analyze_checkpoint
+    from qtoolkit.outputs import check_outputs
     from qtoolkit.yamlsafe import parse_yaml
 
+    check_outputs([("--json", json_path, None), ("--markdown", markdown, None), ("--plot", plot, None),
+                   ("--html", html, None)], [ckpt, compare, as_ if as_ and Path(as_).is_file() else None])
     as_policy = None
     if as_ is not None:
         as_policy = as_ if Path(as_).is_file() else parse_yaml(as_, "--as")
@@ -222,8 +225,10 @@ def probe(
     import json
 
     from qtoolkit.checkpoint import atomic_write_text
+    from qtoolkit.outputs import check_outputs
     from qtoolkit.search.probes import parse_formats, run_probe
 
+    check_outputs([("--json", json_path, None)], [ckpt, data])
     with report.StageProgress() as progress:
         result = run_probe(ckpt, parse_formats(formats), units, data, calib_tokens, seed, timeout, progress)
     report.console.print(report.probe_table(result, full=full))
@@ -253,9 +258,11 @@ def search(
     plot: Annotated[Path | None, typer.Option(help="Write a PNG: trials and Pareto front, chosen formats per layer.")] = None,
 ) -> None:
     """Find a per-layer mixed-precision allocation that fits a memory budget."""
+    from qtoolkit.outputs import check_outputs
     from qtoolkit.search.allocate import run_search
     from qtoolkit.search.probes import parse_formats
 
+    check_outputs([("--plot", plot, None)], [ckpt, data])
     with report.StageProgress() as progress:
         result = run_search(ckpt, budget, parse_formats(formats), out, data, trials, timeout, storage, study, units,
                             finetune_steps, pareto, seed, calib_tokens, eval_batches, progress=progress)
@@ -330,7 +337,9 @@ def bench(
 
     from qtoolkit.checkpoint import atomic_write_text
     from qtoolkit.deploy.bench import parse_baselines, run_bench
+    from qtoolkit.outputs import check_outputs
 
+    check_outputs([("--json", json_path, None)], [ckpt])
     names = parse_baselines(baselines)
     with report.BenchProgress() as progress:
         result = run_bench(ckpt, names, threads=threads, prompt_len=prompt_len, new_tokens=new_tokens,

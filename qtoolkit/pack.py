@@ -47,6 +47,7 @@ from qtoolkit.config import ModelConfig
 from qtoolkit.errors import CheckpointError
 from qtoolkit.layers import QUANT_MODULES, FrozenQuantEmbedding, FrozenQuantLinear
 from qtoolkit.model import DecoderLM
+from qtoolkit.outputs import check_outputs
 from qtoolkit.policy import Coverage, Policy, build_model, set_by_name
 from qtoolkit.quantizers.base import TensorLayout
 
@@ -225,6 +226,7 @@ class PackResult:
 
 def pack_checkpoint(ckpt_path: str | Path, out: str | Path, packing: str | None = None) -> PackResult:
     """Write the packed (deployment) form of a training checkpoint."""
+    check_outputs([("output", out, "packed")], [ckpt_path])
     ckpt = load_checkpoint(ckpt_path)
     if ckpt["kind"] != "train":
         raise CheckpointError(f"{ckpt['path']}: already a packed checkpoint")

@@ -9,8 +9,9 @@ holds `DIR/.qtool.lock` for as long as it runs:
 The lock is `fcntl.flock(LOCK_EX | LOCK_NB)` on that file, so it is released by the kernel when the
 process exits however it exits (kill -9 included) and is never left stale. A second process fails at
 once with `RunDirBusy` naming the directory and the holder (its pid and command, which the holder
-writes into the lock file). The lock file itself stays: deleting it would let two processes lock two
-different files of the same name.
+writes into the lock file). The lock file itself stays (deleting it would let two processes lock two
+different files of the same name), except in a directory the command created and then failed in
+before writing anything: that directory is removed again.
 
 While the lock is held nobody else writes into the directory, so the temporary files of
 `qtoolkit.checkpoint.atomic_path` found there (`.NAME.XXXXXXXX.tmp`) were left by a crashed writer:
@@ -55,9 +56,11 @@ def run_dir_lock(directory: str | Path, command: str) -> Iterator[list[Path]]:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise OutputError(f"{directory}: is a file, not a directory; choose another output directory")
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     lock_path = directory / LOCK_NAME
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    failed = True
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -74,7 +77,12 @@ def run_dir_lock(directory: str | Path, command: str) -> Iterator[list[Path]]:
                 p.unlink()
                 removed.append(p)
         yield removed
+        failed = False
     finally:
+        if failed and created and [p.name for p in directory.iterdir()] == [LOCK_NAME]:
+            lock_path.unlink()  # a command that failed before writing anything leaves no directory
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         os.close(fd)  # closing the descriptor releases the lock
 
 
