@@ -17,6 +17,7 @@ which swaps these nn.Linear/nn.Embedding modules for their quantized versions in
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -161,3 +162,16 @@ class DecoderLM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared (tied) parameters counted once
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model(fields: tuple[tuple[str, object], ...]) -> DecoderLM:
+    with torch.device("meta"):
+        return DecoderLM(ModelConfig(**dict(fields)))
+
+
+def meta_model(cfg: ModelConfig) -> DecoderLM:
+    """A shapes-only DecoderLM of `cfg` on the meta device (no memory), cached per config: memory
+    plans, recipe checks, checkpoint checks and search spaces of one process share it. Read it,
+    never modify it (apply a policy to a model of your own)."""
+    return _meta_model(tuple(cfg.to_dict().items()))

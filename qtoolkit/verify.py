@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from qtoolkit import quantizers
 from qtoolkit.config import ModelConfig
 from qtoolkit.errors import CheckpointError, QToolkitError, short_repr
-from qtoolkit.model import DecoderLM
+from qtoolkit.model import meta_model
 from qtoolkit.policy import Policy
 
 _SHOW = 3  # problems listed in a message
@@ -59,11 +59,6 @@ def model_config(path: Path | str, raw: Any) -> ModelConfig:
         raise CheckpointError(f"{path}: invalid model_config: {e}") from None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid model_config: {short_repr(str(e), 160)}") from None
-
-
-def _meta_model(cfg: ModelConfig) -> nn.Module:
-    with torch.device("meta"):
-        return DecoderLM(cfg)
 
 
 def _shape(t: Any) -> tuple[int, ...]:
@@ -98,7 +93,7 @@ def check_train(path: Path | str, obj: dict[str, Any]) -> ModelConfig:
             f"{path}: model_config describes {expected_n:,} parameters but the file stores {stored:,} "
             "weights: the config does not belong to these tensors (damaged or edited checkpoint)"
         )
-    model = _meta_model(cfg)
+    model = meta_model(cfg)
     expected = {k: _shape(v) for k, v in model.state_dict().items()}
     problems = [f"{k}: missing" for k in expected if k not in latent]
     problems += [f"{k}: not in the model" for k in latent if k not in expected]
@@ -139,7 +134,7 @@ def _check_quantizer_state(path, cfg: ModelConfig, policy: dict[str, Any], model
 def expected_entries(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{entry name: (kind, shape)} of the config's model, in the packed format's terms: each
     nn.Linear / nn.Embedding ("linear" / "embedding") and every other parameter ("param")."""
-    model = _meta_model(cfg)
+    model = meta_model(cfg)
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     owned: set[str] = set()
     for name, m in model.named_modules():

@@ -13,6 +13,7 @@ from qtoolkit.checkpoint import (
     save_checkpoint,
 )
 from qtoolkit.errors import CheckpointError
+
 from .conftest import save_untrained_checkpoint
 
 

@@ -56,8 +56,20 @@ def build(spec: Any, path: str = "") -> Quantizer:
     return get(name).from_options(options, path=path)
 
 
+_CANONICAL: dict[Any, dict[str, Any]] = {}
+
+
 def canonical(spec: Any) -> dict[str, Any]:
-    return build(spec).spec()
+    """The full spec ({"name", every option}) of a spec; memoized, since policies on models of
+    thousands of layers ask for the same few specs thousands of times."""
+    try:
+        key = spec if isinstance(spec, str) else (type(spec), tuple(sorted(spec.items())))
+        hash(key)
+    except (AttributeError, TypeError):  # not a name or a flat mapping: validate without the memo
+        return build(spec).spec()
+    if key not in _CANONICAL:
+        _CANONICAL[key] = build(spec).spec()
+    return dict(_CANONICAL[key])
 
 
 # Built-in quantizers register themselves on import.

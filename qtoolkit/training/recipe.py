@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 
 from qtoolkit import schema
 from qtoolkit.config import PRESETS, TRAIN_DEFAULTS, ModelConfig
 from qtoolkit.errors import ConfigError, PolicyError, UnknownNameError, short_repr
-from qtoolkit.model import DecoderLM
+from qtoolkit.model import meta_model
 from qtoolkit.policy import Policy, PolicyFitError
 from qtoolkit.schema import SchemaError
 from qtoolkit.yamlsafe import parse_yaml, read_yaml_file
@@ -142,9 +141,8 @@ class Recipe:
             seq_len = self.train.seq_len or TRAIN_DEFAULTS[self.preset]["seq_len"]
             if seq_len > model_config.max_seq_len:
                 errors.append(("train.seq_len", f"{seq_len} exceeds model.max_seq_len={model_config.max_seq_len}"))
-        try:  # does the policy fit this model? (on the meta device: no memory, no time)
-            with torch.device("meta"):
-                Policy(self.policy).resolve(DecoderLM(model_config))
+        try:  # does the policy fit this model? (on the meta device: no memory, little time)
+            Policy(self.policy).resolve(meta_model(model_config))
         except PolicyFitError as e:
             errors += [(f"policy.{key}", message) for key, message in e.problems]
         return errors
@@ -226,7 +224,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             errors.append((item, "an override is KEY=VALUE, e.g. train.lr=3e-4"))
             continue
         try:
-            value = parse_yaml(text, f"--set {key}") if text.strip() else ""
+            value = parse_yaml(text, "the value") if text.strip() else ""
         except ConfigError as e:
             if "refused" in str(e) or "duplicate key" in str(e):
                 errors.append((key, str(e)))
@@ -284,6 +282,14 @@ def _load_policy_file(text: str, base_dir: Path) -> dict[str, Any]:
             except PolicyError as e:
                 raise SchemaError([("policy", str(e))], "recipe") from None
     raise SchemaError([("policy", f"policy file not found: {text}")], "recipe")
+
+
+def checkpoint_data_config(ckpt: dict[str, Any], data_path: str | Path | None = None) -> DataConfig:
+    """The data section of a checkpoint's recipe (validated), with `data_path` as --data if given."""
+    recipe = ckpt.get("recipe") or {}
+    raw = recipe.get("data") if isinstance(recipe, dict) else None
+    cfg = schema.from_dict(DataConfig, raw if isinstance(raw, dict) else {}, what=f"{ckpt['path']}: recipe.data")
+    return dataclasses.replace(cfg, path=str(data_path)) if data_path is not None else cfg
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

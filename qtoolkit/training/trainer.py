@@ -31,10 +31,10 @@ Nothing lost (docs/reliability.md):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import json
 import math
+import re
 import signal
 import threading
 import time
@@ -47,13 +47,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qtoolkit import schema
 from qtoolkit.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from qtoolkit.errors import CheckpointError, ConfigError, TrainingDiverged, short_repr
+from qtoolkit.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, short_repr
 from qtoolkit.pack import model_from_checkpoint
 from qtoolkit.policy import Coverage, build_model
 from qtoolkit.rundir import run_dir_lock
+from qtoolkit.schema import check_int
 from qtoolkit.training.data import PreparedData, TokenStream, prepare_data, tokenizer_from_json
-from qtoolkit.training.recipe import DataConfig, Recipe, TrainConfig, save_recipe
+from qtoolkit.training.recipe import Recipe, TrainConfig, checkpoint_data_config, save_recipe
 from qtoolkit.training.resume import resume_recipe
 
 
@@ -91,11 +93,16 @@ def _noop(event: TrainEvent) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N -> a torch.device this machine has, or ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {short_repr(name)}")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but CUDA is not available on this machine")
+        raise ConfigError(f"device {name} requested, but CUDA is not available on this machine (use cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -289,8 +296,11 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback,
     tokens_needed = cfg.steps * cfg.batch_size * cfg.seq_len
     tokenizer = tokenizer_from_json(ckpt["tokenizer"]) if ckpt else None
     data = prepare_data(recipe.data, model_config.vocab_size, tokens_needed, tokenizer, progress=data_progress)
-    data.train.require_window(cfg.seq_len)  # before any work, not at the first evaluation
-    data.val.require_window(cfg.seq_len)
+    try:  # before any work, not at the first evaluation
+        data.train.require_window(cfg.seq_len)
+        data.val.require_window(cfg.seq_len)
+    except DataError as e:
+        raise DataError(f"{'--data ' + recipe.data.path if recipe.data.path else recipe.data.dataset}: {e}") from None
     saved_source = (ckpt.get("data") or {}).get("source") if ckpt else None
     if saved_source is not None and saved_source != data.info.get("source"):
         raise CheckpointError(
@@ -437,6 +447,16 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback,
 # ------------------------------------------------------------------------------ evaluation
 
 
+def _checkpoint_train_config(ckpt: dict[str, Any]) -> TrainConfig:
+    """The (resolved) train section of a checkpoint's recipe, validated."""
+    recipe = ckpt.get("recipe") or {}
+    raw = recipe.get("train") if isinstance(recipe, dict) else None
+    cfg = schema.from_dict(TrainConfig, raw if isinstance(raw, dict) else {}, what=f"{ckpt['path']}: recipe.train")
+    if cfg.batch_size is None or cfg.seq_len is None:
+        raise CheckpointError(f"{ckpt['path']}: its recipe has no train.batch_size / train.seq_len to evaluate with")
+    return cfg
+
+
 @dataclass
 class EvalResult:
     checkpoint: str
@@ -457,20 +477,20 @@ def evaluate_checkpoint(
 ) -> EvalResult:
     """Validation loss/perplexity of a training or packed checkpoint, on its own data config
     (or on `data_path`)."""
-    ckpt = load_checkpoint(path)
-    recipe = ckpt["recipe"]
-    data_cfg = DataConfig(**recipe["data"])
-    if data_path is not None:
-        data_cfg = dataclasses.replace(data_cfg, path=str(data_path))
+    if batches is not None:
+        check_int(batches, "--batches", 1)
     dev = resolve_device(device)
+    ckpt = load_checkpoint(path)
+    data_cfg = checkpoint_data_config(ckpt, data_path)
+    train_cfg = _checkpoint_train_config(ckpt)
     model, _ = model_from_checkpoint(ckpt)
     model.to(dev)
     tokenizer = tokenizer_from_json(ckpt["tokenizer"])
     kwargs = {"progress": progress} if progress else {}
     data: PreparedData = prepare_data(data_cfg, model.config.vocab_size, tokenizer=tokenizer, need_train=False, **kwargs)
-    train_cfg = recipe["train"]
-    res = evaluate(model, data.val, train_cfg["batch_size"], train_cfg["seq_len"],
-                   batches or train_cfg["eval_batches"], dev)
+    data.val.require_window(train_cfg.seq_len)
+    res = evaluate(model, data.val, train_cfg.batch_size, train_cfg.seq_len,
+                   batches if batches is not None else train_cfg.eval_batches, dev)
     step = ckpt.get("step", ckpt.get("source", {}).get("step")) or 0
     return EvalResult(str(ckpt["path"]), step, res["val_loss"], res["val_ppl"], int(res["val_tokens"]),
                       data.description, ckpt["kind"])
