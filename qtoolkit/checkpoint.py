@@ -56,6 +56,7 @@ FORMAT = "qtoolkit"
 VERSION = 1
 KINDS = ("train", "packed")
 CKPT_NAME = "ckpt.pt"  # the checkpoint file inside a run directory
+PACKED_METADATA = frozenset({"format", "kind", "version", "meta", "tokenizer", "digest"})
 
 
 def _umask() -> int:
@@ -277,6 +278,10 @@ def _load_packed(path: Path, map_location) -> dict[str, Any]:
             metadata = f.metadata() or {}
             if metadata.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: a safetensors file, but not a qtoolkit packed checkpoint")
+            unknown = sorted(set(metadata) - PACKED_METADATA)
+            if metadata.get("kind") != "packed" or unknown:  # a damaged key could hide the digest
+                raise CheckpointError(f"{path}: packed checkpoint with damaged metadata (kind "
+                                      f"{short_repr(metadata.get('kind'))}, unknown keys {short_repr(unknown)})")
             version = metadata.get("version", "")
             _check_version(path, int(version) if version.isdigit() else version)
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iteration)

@@ -153,6 +153,8 @@ def _build(cls: type[T], data: Any, path: str, errors: list[tuple[str, str]]) ->
                 failed.add(name)
                 if dataclasses.is_dataclass(hints[name]):
                     kwargs[name] = None
+                elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    return None  # type: ignore[return-value]  # a required field is wrong: nothing to check
                 else:
                     del kwargs[name]  # check() below sees the default instead
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:

@@ -91,8 +91,9 @@ def _where(mark) -> str:
 
 def parse_yaml(text: str, where: str, error: type[QToolkitError] = ConfigError) -> Any:
     """Strict `yaml.safe_load` of `text` (module docstring); problems raise `error` in one line."""
-    loader = StrictLoader(text)
+    loader = None
     try:
+        loader = StrictLoader(text)  # the reader already refuses some characters here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -108,7 +109,8 @@ def parse_yaml(text: str, where: str, error: type[QToolkitError] = ConfigError) 
     except RecursionError:
         raise error(f"{where}: refused: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_text_file(path: str | Path, what: str, error: type[QToolkitError] = ConfigError,

@@ -164,7 +164,7 @@ class Recipe:
 def _check_model_section(model: dict[str, Any]) -> list[tuple[str, str]]:
     errors = []
     preset = model.get("preset", "small")
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         return [("model.preset", f"unknown preset {short_repr(preset)}; available: {', '.join(PRESETS)}")]
     hints = typing.get_type_hints(ModelConfig)
     values = dict(PRESETS[preset])
