@@ -47,6 +47,11 @@ def user_errors(fn):
             report.error(os_error_text(e) + " (check the path, its permissions and the free space)")
         except MemoryError:
             report.error("out of memory: use a smaller model, batch or evaluation size")
+        except RuntimeError as e:  # torch's allocators raise RuntimeError subclasses when memory runs out
+            if not any(s in str(e) for s in ("can't allocate memory", "out of memory", "OutOfMemory")):
+                raise
+            report.error("out of memory: use a smaller model, batch or evaluation size "
+                         f"({(str(e).strip().splitlines() or [''])[0][:160]})")
         raise typer.Exit(1)
 
     return wrapper

@@ -26,6 +26,7 @@ from qtoolkit.errors import ConfigError, UnknownNameError, short_repr
 # Bounds that no real model reaches but that keep a hostile config from asking for terabytes before
 # anything checks it against stored tensors (qtoolkit/verify.py does that exactly).
 MAX_DIM = 2**31 - 1  # any single dimension, layer or head count
+MAX_LAYERS = 10_000  # a meta model (plans, checks) costs ~1 ms and ~150 kB per block
 MAX_SEQ_LEN = 2**20  # RoPE tables are (max_seq_len, head_dim / 2) in fp32, built at model construction
 
 
@@ -62,6 +63,9 @@ class ModelConfig:
             errors.append(("n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"))
         elif not errors and (self.d_model // self.n_heads) % 2:
             errors.append(("n_heads", f"head dim {self.d_model // self.n_heads} must be even for RoPE"))
+        if not errors and self.n_layers > MAX_LAYERS:
+            errors.append(("n_layers", f"at most {MAX_LAYERS:,} (every layer is a module, even in a memory "
+                                       f"plan), got {self.n_layers:,}"))
         if not errors and self.max_seq_len > MAX_SEQ_LEN:
             errors.append(("max_seq_len", f"at most {MAX_SEQ_LEN:,} (the RoPE tables are built for every "
                                           f"position), got {self.max_seq_len:,}"))

@@ -455,3 +455,22 @@ def test_foreign_json_output_may_be_replaced_but_not_a_checkpoint(base, tmp_path
     assert json.loads((tmp_path / "old.json").read_text())["schema_version"] == 1
     buf = io.BytesIO((run / "ckpt.pt").read_bytes())
     assert zipfile.is_zipfile(buf)  # the checkpoint it read is untouched
+
+
+def test_out_of_memory_is_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch):
+    import qtoolkit.training.trainer as trainer
+
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 68719476736 bytes")
+
+    monkeypatch.setattr(trainer, "train", oom)
+    result = runner.invoke(app, ["train", "--model", "tiny", "--out", str(tmp_path / "o")])
+    assert_one_line_error(result, "out of memory")
+
+    def bug(*a, **k):
+        raise RuntimeError("shape mismatch in a matmul")
+
+    monkeypatch.setattr(trainer, "train", bug)
+    result = runner.invoke(app, ["train", "--model", "tiny", "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)  # a bug: not hidden
