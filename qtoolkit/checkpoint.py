@@ -129,8 +129,10 @@ def atomic_path(path: str | Path, kind: str | None = None) -> Iterator[Path]:
             os.fsync(f.fileno())
         check_replaceable(path, kind)  # again: the destination may have changed while we wrote
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):
+            raise OSError(e.errno, e.strerror, str(path)) from None  # a full disk names the file being written
         raise
     _fsync_dir(path.parent)
 

@@ -178,6 +178,18 @@ def test_stale_temp_files_are_removed_and_stale_metrics_moved_aside(corpus_dir, 
     assert 7 not in steps and max(steps) == 3
 
 
+def test_token_cache_temp_files_of_dead_writers_are_removed(tmp_path):
+    from qtoolkit.training.data import _remove_dead_temps
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"k.{dead.pid}.tmp").write_bytes(b"half")
+    (tmp_path / f"k.{os.getpid()}.tmp").write_bytes(b"being written")  # a live writer's: kept
+    (tmp_path / "k.bin").write_bytes(b"done")
+    _remove_dead_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["k.bin", f"k.{os.getpid()}.tmp"])
+
+
 def test_renames_are_made_durable(tmp_path, monkeypatch):
     import qtoolkit.checkpoint as ck
 

@@ -474,3 +474,35 @@ def test_out_of_memory_is_one_line_and_bugs_keep_their_traceback(tmp_path, monke
     monkeypatch.setattr(trainer, "train", bug)
     result = runner.invoke(app, ["train", "--model", "tiny", "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)  # a bug: not hidden
+
+
+def test_unwritable_cache_is_one_line(base, tmp_path):
+    result = runner.invoke(app, ["train", "--model", "tiny", "--data", str(base["corpus"]), "--out",
+                                 str(tmp_path / "out"), "--max-steps", 2], env={"QTOOLKIT_CACHE": "/proc/qtool-cache"})
+    assert_one_line_error(result, "/proc/qtool-cache")
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_disk_keeps_the_last_checkpoint(base, tmp_path, monkeypatch):
+    """ENOSPC while writing a checkpoint: one line, the previous checkpoint byte-identical, no temp file."""
+    import errno
+
+    import qtoolkit.checkpoint as ck
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "tiny", "--data", str(base["corpus"]), "--out", str(out),
+            "--set", "train.eval_batches=1"]
+    assert runner.invoke(app, [*argv, "--max-steps", "4"]).exit_code == 0
+    before = snapshot(out)
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", full)
+    result = runner.invoke(app, [*argv, "--max-steps", "8", "--resume"])
+    assert_one_line_error(result, "No space left on device", "ckpt.pt")
+    # the resume itself legitimately updated recipe.yaml (steps 4 -> 8) and logged its steps; the
+    # checkpoint, which the failed write would have replaced, is byte-identical
+    assert_unchanged({out / "ckpt.pt": before[out / "ckpt.pt"]})
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

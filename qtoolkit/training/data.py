@@ -371,6 +371,21 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+def _remove_dead_temps(root: Path) -> None:
+    """Token arrays being written are `<key>.<pid>.tmp`; those of processes that no longer run were
+    left by a crash (the cache is shared by concurrent runs, so only dead writers' files go)."""
+    for p in root.glob("*.tmp"):
+        pid = p.suffixes[-2][1:] if len(p.suffixes) >= 2 else ""
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+        except (PermissionError, OverflowError):
+            pass  # alive (another user's) or not a pid
+
+
 def tokenize_to_cache(
     texts: Iterable[str],
     tokenizer,
@@ -392,6 +407,7 @@ def tokenize_to_cache(
         if n_cached > 0 and bin_path.stat().st_size == n_cached * dtype.itemsize:
             return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_cached,))
     root.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps(root)
     eos = eos_id(tokenizer)
     tmp = bin_path.with_suffix(f".{os.getpid()}.tmp")
     n = 0
