@@ -358,7 +358,7 @@ CASES = [
     ("huge-seed", _train_set(f"train.seed={2**70}"), ["train.seed"]),
     ("device-tpu-recipe", _train_set("train.device=tpu"), ["train.device"]),
     ("policy-duplicate-keys", _policy_dupes, ["duplicate key 'embed'"]),
-    ("set-alias-bomb", _train_set("train.lr=" + "[" * 2000), ["--set train.lr"]),
+    ("set-deep-nesting", _train_set("train.lr=" + "[" * 2000), ["--set overrides: train.lr", "nested too deeply"]),
     # text data
     ("data-not-utf8", _data(_STORY + b"caf\xe9 " + _STORY), ["not UTF-8", "train.txt"]),
     ("data-binary", _data(b"\x7fELF\x02\x01\x01\x00" + os.urandom(500)), ["binary file", "train.txt"]),
