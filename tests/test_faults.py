@@ -236,6 +236,22 @@ def test_resume_refuses_other_settings_and_allows_more_steps(corpus_dir, tmp_pat
         train(tiny(corpus_dir, "train.steps=5"), out, resume=True)
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda o: o["optimizer"]["state"][0].update(exp_avg=torch.zeros(3, 3)), "optimizer exp_avg of shape"),
+    (lambda o: o["optimizer"]["state"][0]["exp_avg_sq"].fill_(float("inf")), "optimizer state holds NaN or inf"),
+    (lambda o: o["optimizer"].update(param_groups=[]), "damaged resume state"),
+    (lambda o: o.update(rng={"torch": torch.zeros(3)}), "damaged resume state"),
+])
+def test_damaged_resume_state_is_refused(corpus_dir, tmp_path, damage, message):
+    out = tmp_path / "run"
+    train(tiny(corpus_dir, "train.steps=2"), out)
+    obj = torch.load(out / "ckpt.pt", weights_only=True)
+    damage(obj)
+    torch.save(obj, out / "ckpt.pt")
+    with pytest.raises(CheckpointError, match=message):
+        train(tiny(corpus_dir, "train.steps=4"), out, resume=True)
+
+
 def test_resume_without_max_steps_continues_to_the_original_horizon(corpus_dir, tmp_path):
     out = tmp_path / "run"
     stop = threading.Event()

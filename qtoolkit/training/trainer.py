@@ -248,6 +248,26 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer):
                 yield v
 
 
+def _load_resume_state(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Weights, optimizer state and RNG of a checkpoint, each checked against this run's model (the
+    loader checked the weights; the optimizer state must match them tensor for tensor)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{ckpt['path']}: damaged resume state ({reason})") from None
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, Tensor) and v.dim() and v.shape != p.shape:
+                    raise CheckpointError(f"{ckpt['path']}: damaged resume state (optimizer {name} of shape "
+                                          f"{list(v.shape)} for a weight of {list(p.shape)})")
+    if not _all_finite(_optimizer_tensors(optimizer)):
+        raise CheckpointError(f"{ckpt['path']}: the optimizer state holds NaN or inf; it cannot be resumed")
+
+
 def train(
     recipe: Recipe,
     out_dir: str | Path,
@@ -315,10 +335,8 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback,
     step = 0
     last_eval: dict[str, float] = {}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        _load_resume_state(ckpt, model, optimizer)
         step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
         last_eval = dict(ckpt.get("metrics") or {})
         _rewrite_metrics(metrics_path, step)
     stale = None if ckpt is not None else _set_aside(metrics_path)  # a run that crashed before its first checkpoint
