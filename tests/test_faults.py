@@ -359,6 +359,38 @@ def test_interrupted_seed_trials_are_run_again(fp32_ckpt, tmp_path, monkeypatch)
     assert milp1[0]["allocation"] == milp1[1]["allocation"]
 
 
+def test_trials_of_a_killed_search_process_are_failed_and_retried(fp32_ckpt, tmp_path, monkeypatch):
+    """kill -9 in the middle of a seed trial leaves it RUNNING in the database; its heartbeat stops, so
+    the next process fails it and retries it (heartbeat interval shortened to 1 s for the test)."""
+    import qtoolkit.search.allocate as qsearch
+
+    script = textwrap.dedent(f"""
+        import os
+        import qtoolkit.search.allocate as qsearch
+        from qtoolkit.search.probes import parse_formats
+        qsearch.HEARTBEAT_S = 1
+        real, calls = qsearch.Evaluator.__call__, {{"n": 0}}
+        def dies(self, alloc):
+            calls["n"] += 1
+            if calls["n"] == 4:  # 3 references, then the first seed: the process is killed mid-trial
+                os._exit(9)
+            return real(self, alloc)
+        qsearch.Evaluator.__call__ = dies
+        qsearch.run_search({str(fp32_ckpt)!r}, 100_000, parse_formats("ternary,int8,fp16"), {str(tmp_path / "out")!r},
+                           trials=3, calib_tokens=256, eval_batches=2)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env={**_env(tmp_path), "QTOOLKIT_CACHE": os.environ["QTOOLKIT_CACHE"]},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    time.sleep(4)  # > grace period (3 heartbeats)
+    monkeypatch.setattr(qsearch, "HEARTBEAT_S", 1)
+    res = qsearch.run_search(fp32_ckpt, 100_000, _formats(), tmp_path / "out", trials=3, calib_tokens=256,
+                             eval_batches=2)
+    milp1 = [t for t in res.trials if t["source"] == "milp#1"]
+    assert [t["state"] for t in milp1] == ["FAIL", "COMPLETE"], milp1
+    assert not any(t["state"] == "RUNNING" for t in res.trials)
+
+
 def test_best_is_never_worse_than_a_measured_uniform_that_fits(fp32_ckpt, tmp_path, monkeypatch):
     import qtoolkit.search.allocate as qsearch
 

@@ -548,17 +548,21 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
         trial.set_user_attr("loss", loss)
         return [nbytes, loss] if pareto else loss
 
+    def seeds_waiting() -> bool:  # an exact seed (a retried one included) is never left unevaluated
+        return any(t.user_attrs.get("source", "sampler") != "sampler"
+                   for t in study.get_trials(deepcopy=False, states=(TS.WAITING,)))
+
     def after_trial(study, frozen) -> None:
         if frozen.state == TS.COMPLETE:
             counts["done"] = n_complete()
             progress("search trials", min(counts["done"], trials), trials)
-        if counts["done"] >= trials or counts["rejected"] >= max_rejections:
+        if (counts["done"] >= trials and not seeds_waiting()) or counts["rejected"] >= max_rejections:
             study.stop()
 
     interrupted = False
     progress("search trials", counts["done"], trials)
     remaining = None if deadline is None else deadline - time.perf_counter()
-    if counts["done"] < trials and (remaining is None or remaining > 0):
+    if (counts["done"] < trials or seeds_waiting()) and (remaining is None or remaining > 0):
         try:
             # study.optimize, not ask/tell: it runs the heartbeat of each trial and fails stale ones
             study.optimize(objective, timeout=remaining, callbacks=[after_trial], gc_after_trial=False)
