@@ -512,17 +512,6 @@ class _Builder:
         return cls(cfg, embed, blocks, norm, head, self.backend, self.device)
 
 
-def _training_to_packed(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The packed form of a training checkpoint, in memory (what `qtool pack` would write)."""
-    from qtoolkit.pack import model_from_checkpoint, pack_model
-
-    model, coverage = model_from_checkpoint(ckpt)
-    tensors, entries = pack_model(model, coverage)
-    layers = [{**e.to_dict(), "tensors": {s: f"{e.name}.{s}" for s in e.layout()}} for e in entries]
-    return {"kind": "packed", "model_config": ckpt["model_config"], "policy": ckpt["policy"], "layers": layers,
-            "tensors": tensors, "tokenizer": ckpt["tokenizer"], "path": ckpt["path"]}
-
-
 def load_tokenizer_json(text: str | None):
     """The checkpoint's tokenizer, or None when it has none (e.g. test checkpoints)."""
     if not text:
@@ -546,9 +535,9 @@ def load_inference_model(path: str | Path, kernels: str | None = None, device: s
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device cuda requested, but PyTorch sees no CUDA device (use --device cpu)")
-    ckpt = load_checkpoint(path)
-    if ckpt["kind"] == "train":
-        ckpt = _training_to_packed(ckpt)
+    from qtoolkit.pack import packed_form
+
+    ckpt = packed_form(load_checkpoint(path))
     model = InferenceModel.from_packed(ckpt, kernels, device, _consume=True)
     model.tokenizer = load_tokenizer_json(ckpt.get("tokenizer"))
     model.source = str(ckpt["path"])
