@@ -130,8 +130,10 @@ def _tensors(ckpt: dict[str, Any], cfg: ModelConfig, target: str, progress: Prog
 def export_gguf(ckpt_path: str | Path, out: str | Path, target: str = "tq2_0", name: str | None = None,
                 progress: Progress = _noop) -> GGUFExportResult:
     """Write CKPT (training or packed) as a llama-architecture GGUF file (see the module docstring)."""
-    import gguf
-
+    try:
+        import gguf
+    except ImportError:
+        raise ConversionError("export --format gguf needs the gguf package: pip install 'qtoolkit[gguf]'") from None
     target = target.lower()
     ckpt = packed_form(load_checkpoint(ckpt_path))
     cfg = ModelConfig.from_dict(ckpt["model_config"])

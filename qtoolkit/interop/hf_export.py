@@ -140,26 +140,20 @@ def _hf_config(cfg: ModelConfig, modules_to_not_convert: list[str], eos: int | N
     try:
         import transformers
     except ImportError:
-        raise ConversionError("export --format hf needs transformers: pip install 'qtoolkit[hf]'") from None
+        raise ConversionError("export --format hf needs transformers >= 5: pip install 'qtoolkit[hf]'") from None
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu",
         bos_token_id=eos, eos_token_id=eos, pad_token_id=None, attention_bias=False,
     )
-    rope = {"rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
-    if int(transformers.__version__.split(".")[0]) < 5:
-        rope = {"rope_theta": cfg.rope_theta}
     config_cls = transformers.BitNetConfig if cfg.subln else transformers.LlamaConfig
-    config = config_cls(**common, **rope)
+    config = config_cls(**common, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
     config.architectures = ["BitNetForCausalLM" if cfg.subln else "LlamaForCausalLM"]
     config.quantization_config = {"quant_method": "bitnet", "linear_class": "autobitlinear",
                                   "quantization_mode": "offline", "modules_to_not_convert": modules_to_not_convert,
                                   "use_rms_norm": False}
-    if hasattr(config, "dtype"):  # transformers 5 (`torch_dtype` before)
-        config.dtype = torch.float32
-    else:
-        config.torch_dtype = torch.float32
+    config.dtype = torch.float32
     return config
 
 
