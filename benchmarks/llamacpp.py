@@ -207,21 +207,45 @@ def llama_perplexity(binary: Path, model: str, text: Path, ctx: int, chunks: int
     raise RuntimeError(f"llama-perplexity failed ({run.returncode}): {output[-2000:]}")
 
 
-@torch.no_grad()
-def qtoolkit_perplexity(packed: Path, tokens: list[int], ctx: int) -> float:
-    """llama-perplexity's protocol on qtoolkit's runtime: per chunk of ctx tokens, the mean NLL of
-    tokens first+1 .. ctx-1 (first = ctx/2) given everything before them in the chunk."""
-    from qtoolkit.deploy.runtime import load_inference_model
+def runtime(packed: Path, fp16_scales: bool = False):
+    """qtoolkit's inference model of a packed checkpoint; with `fp16_scales` every ternary/int8 scale is
+    first rounded to fp16, as the GGUF blocks store it (isolates that rounding from llama.cpp's kernels)."""
+    from qtoolkit.checkpoint import load_checkpoint
+    from qtoolkit.deploy.runtime import InferenceModel
 
-    model = load_inference_model(packed)
-    first, nll, count = ctx // 2, 0.0, 0
+    ckpt = load_checkpoint(packed)
+    if fp16_scales:
+        for layer in ckpt["layers"]:
+            if layer["spec"]["name"] in ("ternary", "int8") and "scales" in layer["tensors"]:
+                key = layer["tensors"]["scales"]
+                ckpt["tensors"][key] = ckpt["tensors"][key].half().float()
+    return InferenceModel.from_packed(ckpt)
+
+
+@torch.no_grad()
+def qtoolkit_perplexity(packed: Path, tokens: list[int], ctx: int) -> dict:
+    """llama-perplexity's protocol on qtoolkit's runtime (the packed model with its kernels): per chunk
+    of ctx tokens, the mean NLL of tokens first+1 .. ctx-1 (first = ctx/2) given the chunk before
+    them; the same with the scales rounded to fp16, and how far that moves the logits."""
+    models = {"ppl": runtime(packed), "ppl_fp16_scales": runtime(packed, fp16_scales=True)}
+    first = ctx // 2
+    nll = dict.fromkeys(models, 0.0)
+    count, max_diff, sum_diff, n_diff, scale = 0, 0.0, 0.0, 0, 0.0
     for c in range(len(tokens) // ctx):
         ids = torch.tensor([tokens[c * ctx:(c + 1) * ctx]])
-        logp = torch.log_softmax(model(ids)[0].double(), dim=-1)
-        targets = ids[0, first + 1:]
-        nll -= float(logp[first:ctx - 1].gather(1, targets[:, None]).sum())
+        targets = ids[0, first + 1:, None]
+        logits = {}
+        for key, model in models.items():
+            logits[key] = model(ids)[0]
+            logp = torch.log_softmax(logits[key].double(), dim=-1)
+            nll[key] -= float(logp[first:ctx - 1].gather(1, targets).sum())
+        diff = (logits["ppl"] - logits["ppl_fp16_scales"]).abs()
+        max_diff, sum_diff, n_diff = max(max_diff, float(diff.max())), sum_diff + float(diff.sum()), n_diff + diff.numel()
+        scale = max(scale, float(logits["ppl"].abs().max()))
         count += ctx - 1 - first
-    return float(torch.exp(torch.tensor(nll / count)))
+    out = {k: float(torch.exp(torch.tensor(v / count))) for k, v in nll.items()}
+    out["fp16_scales_logit_diff"] = {"max": max_diff, "mean": sum_diff / n_diff, "max_abs_logit": scale}
+    return out
 
 
 def measure_perplexity(args, perplexity_bin: Path, out_dir: Path) -> dict:
@@ -242,7 +266,7 @@ def measure_perplexity(args, perplexity_bin: Path, out_dir: Path) -> dict:
         assert tokens is None or toks == tokens  # one tokenizer in every file
         tokens = toks
     t0 = time.perf_counter()
-    out["qtoolkit packed"] = {"ppl": qtoolkit_perplexity(packed, tokens, args.ctx), "seconds": time.perf_counter() - t0}
+    out["qtoolkit packed"] = {**qtoolkit_perplexity(packed, tokens, args.ctx), "seconds": time.perf_counter() - t0}
     ckpt = load_checkpoint(args.ppl_ckpt)
     ours = tokenizer_from_json(ckpt["tokenizer"]).encode(text.read_text(), add_special_tokens=False).ids
     out["tokens_scored"] = (len(tokens) // args.ctx) * (args.ctx - 1 - args.ctx // 2)
