@@ -136,7 +136,7 @@ def _quantizes_input(spec: dict[str, Any]) -> bool:
     return spec.get("activations") == "int8"
 
 
-def _hf_config(cfg: ModelConfig, modules_to_not_convert: list[str], eos: int | None):
+def _hf_config(cfg: ModelConfig, modules_to_not_convert: list[str], eos: int | None, bitnet: bool):
     try:
         import transformers
     except ImportError:
@@ -150,9 +150,10 @@ def _hf_config(cfg: ModelConfig, modules_to_not_convert: list[str], eos: int | N
     config_cls = transformers.BitNetConfig if cfg.subln else transformers.LlamaConfig
     config = config_cls(**common, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
     config.architectures = ["BitNetForCausalLM" if cfg.subln else "LlamaForCausalLM"]
-    config.quantization_config = {"quant_method": "bitnet", "linear_class": "autobitlinear",
-                                  "quantization_mode": "offline", "modules_to_not_convert": modules_to_not_convert,
-                                  "use_rms_norm": False}
+    if bitnet:  # a model without ternary layers is a plain float model: no quantization_config
+        config.quantization_config = {"quant_method": "bitnet", "linear_class": "autobitlinear",
+                                      "quantization_mode": "offline", "modules_to_not_convert": modules_to_not_convert,
+                                      "use_rms_norm": False}
     config.dtype = torch.float32
     return config
 
@@ -243,7 +244,7 @@ def export_hf(ckpt_path: str | Path, out: str | Path, progress: Progress = _noop
     progress("converting tensors", len(records), len(records))
 
     not_converted = [x.hf_name for x in layers if x.how == "float"]
-    config = _hf_config(cfg, not_converted, eos)
+    config = _hf_config(cfg, not_converted, eos, any(x.how == "bitnet" for x in layers))
     arch = config.architectures[0]
     progress("writing files", 0, 1)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,17 @@ def test_import_then_export_to_both_formats(hf_llama, tmp_path):
     r = run("export", tmp_path / "imp", "--format", "hf", "-o", tmp_path / "hf")
     assert r.exit_code == 0, r.output
     assert "transformers export (LlamaForCausalLM)" in r.output and (tmp_path / "hf" / "config.json").is_file()
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert "quantization_config" not in config  # an fp32 model: nothing for bitnet to hold
+
+    # and transformers gives back the logits of the model that was imported
+    import transformers
+
+    x = torch.randint(0, 300, (1, 24))
+    with torch.no_grad():
+        a = transformers.LlamaForCausalLM.from_pretrained(hf_llama)(x).logits
+        b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(x).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(a.abs().max()))
 
 
 @pytest.mark.parametrize("args,message", [
