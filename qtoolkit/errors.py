@@ -35,6 +35,11 @@ class TrainingDiverged(QToolkitError, RuntimeError):
     """A non-finite loss; the run stopped before applying the update."""
 
 
+class ConversionError(QToolkitError, ValueError):
+    """A model that cannot be imported or exported as asked (an architecture, option or layer format
+    the other side lacks); the message names the field or layer."""
+
+
 class OutputError(QToolkitError, ValueError):
     """An output path that would destroy something the user has: an input of the same command, a
     checkpoint replaced by another kind of file, a directory where a file belongs."""
