@@ -99,9 +99,18 @@ def _root(
     """Mixed-precision (ternary-first) quantization for transformer language models."""
 
 
-# Errors a user can cause and fix: reported without a traceback, exit status 1. Anything else is
-# a bug and keeps its traceback.
-USER_ERRORS = (QToolkitError, FileNotFoundError)
+# Errors a user can cause and fix: reported without a traceback, exit status 1. The environment's
+# refusals (OSError: a read-only or full disk, a missing or unwritable path, a file where a directory
+# belongs) and running out of memory are reported the same way. Anything else is a bug and keeps
+# its traceback.
+USER_ERRORS = (QToolkitError,)
+
+
+def os_error_text(e: OSError) -> str:
+    """One line for an OSError: the file(s) it concerns and the system's reason."""
+    where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{where}: {reason}" if where else reason
 
 
 def user_errors(fn):
@@ -113,7 +122,16 @@ def user_errors(fn):
             raise
         except USER_ERRORS as e:
             report.error(str(e))
-            raise typer.Exit(1) from None
+        except OSError as e:
+            report.error(os_error_text(e) + " (check the path, its permissions and the free space)")
+        except MemoryError:
+            report.error("out of memory: use a smaller model, batch or evaluation size")
+        except RuntimeError as e:  # torch's allocators raise RuntimeError subclasses when memory runs out
+            if not any(s in str(e) for s in ("can't allocate memory", "out of memory", "OutOfMemory")):
+                raise
+            report.error("out of memory: use a smaller model, batch or evaluation size "
+                         f"({(str(e).strip().splitlines() or [''])[0][:160]})")
+        raise typer.Exit(1)
 
     return wrapper
 
@@ -147,6 +165,15 @@ def _json_target(value: str | None) -> str | None:
     if path.is_dir():
         raise ConfigError(f"--json {value}: is a directory; give a file path (or '-' for stdout)")
     return value
+
+
+def _check_outputs(json_target: str | None, inputs: list, *others) -> None:
+    """Before any work: the --json target and the other outputs (option, path, kind) must not
+    destroy an input or a checkpoint (`qtoolkit.outputs.check_outputs`)."""
+    from qtoolkit.outputs import check_outputs
+
+    check_outputs([("--json", None if json_target in (None, "-") else json_target, None), *others], inputs)
+    _json_target(json_target)
 
 
 @contextlib.contextmanager
@@ -202,7 +229,7 @@ def train(
     from qtoolkit.training.recipe import load_recipe
     from qtoolkit.training.trainer import train as run_train
 
-    _json_target(json_)
+    _check_outputs(json_, [data])
     overrides = list(set_ or [])
     if model:
         overrides.append(f"model.preset={model}")
@@ -244,7 +271,7 @@ def eval_(
     """Validation loss and perplexity of a training or packed checkpoint."""
     from qtoolkit.training.trainer import evaluate_checkpoint
 
-    _json_target(json_)
+    _check_outputs(json_, [ckpt, data])
     if batches is not None:
         _deprecated("--batches", "--eval-batches")
         eval_batches = eval_batches if eval_batches is not None else batches
@@ -303,7 +330,7 @@ def pack(
     """Write a deployment checkpoint whose bytes are the packed weights."""
     from qtoolkit.pack import pack_checkpoint
 
-    _json_target(json_)
+    _check_outputs(json_, [ckpt])
     src = ckpt if ckpt.is_file() else ckpt / "ckpt.pt"
     result = pack_checkpoint(ckpt, out or src.with_name("packed.safetensors"), _packing(packing))
     with _human_output(json_):
@@ -332,15 +359,16 @@ def analyze(
                                                     "L5-L9 of 12, scaled]", show_default=False)] = None,
 ) -> None:
     """Per-layer sparsity and quantization report of a checkpoint."""
-    import yaml
 
     from qtoolkit.checkpoint import atomic_write_text
     from qtoolkit.evaluate.analyze import analyze_checkpoint
+    from qtoolkit.yamlsafe import parse_yaml
 
-    _json_target(json_)
+    _check_outputs(json_, [ckpt, compare, as_ if as_ and Path(as_).is_file() else None],
+                   ("--markdown", markdown, None), ("--plot", plot, None), ("--html", html, None))
     as_policy = None
     if as_ is not None:
-        as_policy = as_ if Path(as_).is_file() else yaml.safe_load(as_)
+        as_policy = as_ if Path(as_).is_file() else parse_yaml(as_, "--as")
     a = analyze_checkpoint(ckpt, as_policy=as_policy, band=band, middle=_range(middle))
     b = analyze_checkpoint(compare, band=band, middle=_range(middle)) if compare else None
     with _human_output(json_):
@@ -386,7 +414,7 @@ def probe(
     """Sparsity and sensitivity probes: loss increase per layer and format, and a one-pass estimate."""
     from qtoolkit.search.probes import parse_formats, run_probe
 
-    _json_target(json_)
+    _check_outputs(json_, [ckpt, data])
     with _human_output(json_):
         with report.StageProgress() as progress:
             result = run_probe(ckpt, parse_formats(formats), units, data, calib_tokens, seed, timeout, progress,
@@ -428,7 +456,6 @@ def search(
     from qtoolkit.search.allocate import run_search
     from qtoolkit.search.probes import parse_formats
 
-    _json_target(json_)
     if ckpt_opt is not None:
         _deprecated("--ckpt", "the positional CKPT (qtool search CKPT --budget ...)")
         if ckpt_arg is not None and ckpt_arg != ckpt_opt:
@@ -436,6 +463,7 @@ def search(
     ckpt = ckpt_arg or ckpt_opt
     if ckpt is None:
         raise ConfigError("missing CKPT: qtool search CKPT --budget SIZE (the training checkpoint to allocate for)")
+    _check_outputs(json_, [ckpt, data], ("--plot", plot, None))
     with _human_output(json_):
         with report.StageProgress() as progress:
             result = run_search(ckpt, budget, parse_formats(formats), out, data, trials, timeout, storage, study, units,
@@ -499,7 +527,7 @@ def generate(
     """Generate text from a packed checkpoint with the fast inference runtime, streaming tokens."""
     from qtoolkit.deploy.runtime import GenerationStats, generate_text, load_inference_model
 
-    _json_target(json_)
+    _check_outputs(json_, [ckpt])
     with _human_output(json_):
         with report.KernelBuildNotice() as notice:
             model = load_inference_model(ckpt, kernels=kernels, device=device, progress=notice)
@@ -533,7 +561,7 @@ def bench(
     """CPU prefill/decode speed, weight bytes and peak memory: packed vs FP32 and dynamic-INT8 PyTorch."""
     from qtoolkit.deploy.bench import parse_baselines, run_bench
 
-    _json_target(json_)
+    _check_outputs(json_, [ckpt])
     names = parse_baselines(baselines)
     with _human_output(json_):
         with report.BenchProgress() as progress:
@@ -541,6 +569,70 @@ def bench(
                                repeats=repeats, kernels=kernels, progress=progress)
         written = _write_json(json_, result.to_dict())
         report.console.print(report.bench_table(result, written))
+
+
+@app.command("import")
+@user_errors
+def import_(
+    hf_dir: Annotated[Path, typer.Argument(help="Local Hugging Face model directory (config.json, safetensors, "
+                                                "tokenizer.json).", show_default=False)],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output run directory.  [default: "
+                                             "runs/import-<HF_DIR name>]", show_default=False)] = None,
+    json_: Json = None,
+) -> None:
+    """Import a Hugging Face Llama-architecture model as a qtoolkit training checkpoint (OUT/ckpt.pt)."""
+    from qtoolkit.interop.hf_import import import_hf
+
+    out = out or Path("runs") / f"import-{hf_dir.resolve().name}"
+    _check_outputs(json_, [hf_dir])
+    with _human_output(json_):
+        with report.StageProgress(report.err_console) as progress:
+            result = import_hf(hf_dir, out, progress)
+        written = _write_json(json_, result.to_dict())
+        report.console.print(report.import_summary(result))
+        report.print_outputs([result.path, *written])
+
+
+@app.command()
+@user_errors
+def export(
+    ckpt: Ckpt,
+    format_: Annotated[str, typer.Option("--format", help="gguf (llama.cpp) or hf (transformers directory).")] = "gguf",
+    type_: Annotated[str | None, typer.Option("--type", help="GGUF type of the ternary layers: tq2_0, tq1_0, q8_0 or "
+                                              "f16 (gguf only; see docs/interop.md).  [default: tq2_0]",
+                                              show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output file (gguf) or directory (hf).  [default: "
+                                             "model-<type>.gguf or hf/ beside CKPT]", show_default=False)] = None,
+    json_: Json = None,
+) -> None:
+    """Export a quantized checkpoint to GGUF (llama.cpp) or a transformers directory."""
+    from qtoolkit.errors import ConfigError
+
+    src = ckpt if ckpt.is_file() else ckpt / "ckpt.pt"
+    if format_ not in ("gguf", "hf"):
+        raise ConfigError(f"--format must be gguf or hf, got {format_!r}")
+    if format_ == "hf" and type_ is not None:
+        raise ConfigError("--type applies to --format gguf only")
+    type_ = (type_ or "tq2_0").lower()
+    path = out or (src.with_name(f"model-{type_}.gguf") if format_ == "gguf" else src.with_name("hf"))
+    if format_ == "gguf" and path.exists():
+        raise ConfigError(f"{path} already exists; choose another --out (nothing was overwritten)")
+    _check_outputs(json_, [ckpt], ("--out", path if format_ == "gguf" else None, None))
+    with _human_output(json_):
+        with report.StageProgress(report.err_console) as progress:
+            if format_ == "gguf":
+                from qtoolkit.interop.gguf_export import export_gguf
+
+                result = export_gguf(ckpt, path, type_, progress=progress)
+                table = report.gguf_export_table(result)
+            else:
+                from qtoolkit.interop.hf_export import export_hf
+
+                result = export_hf(ckpt, path, progress=progress)
+                table = report.hf_export_table(result)
+        written = _write_json(json_, result.to_dict())
+        report.console.print(table)
+        report.print_outputs([path, *written])
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from qtoolkit.errors import ConfigError
+from qtoolkit.errors import ConfigError, short_repr
 
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_DEVICE = "auto"
@@ -16,7 +16,7 @@ _PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 def check_device(name: str, what: str = "--device") -> str:
     """`name` if it is a device name this toolkit accepts, else a ConfigError naming `what`."""
     if not isinstance(name, str) or not _PATTERN.fullmatch(name):
-        raise ConfigError(f"{what} must be auto, cpu, cuda or cuda:N, got {name!r}")
+        raise ConfigError(f"{what} must be auto, cpu, cuda or cuda:N, got {short_repr(name)}")
     return name
 
 
@@ -30,6 +30,8 @@ def resolve_device(name: str = DEFAULT_DEVICE, what: str = "--device"):
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{what} {name}: PyTorch sees no CUDA device on this machine (use --device cpu or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
