@@ -49,8 +49,12 @@ def train(
     max_steps: Annotated[int | None, typer.Option(help="Total training steps (sets train.steps).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: KEY=VALUE (repeatable).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/ckpt.pt.")] = False,
+    init: Annotated[Path | None, typer.Option(help="Start from this training checkpoint's weights (fp32 or quantized) "
+                                              "under the recipe's policy; fresh optimizer and schedule.")] = None,
+    calib_tokens: Annotated[int | None, typer.Option(help="With --init: calibration tokens for quantizers that fit "
+                                                     "themselves on data [default: 4096].")] = None,
 ) -> None:
-    """Quantization-aware training of a language model from a recipe."""
+    """Quantization-aware training of a language model from a recipe (from scratch, or from --init CKPT)."""
     from qtoolkit.training.trainer import train as run_train
 
     overrides = list(set_ or [])
@@ -64,7 +68,7 @@ def train(
     out = out or Path("runs") / f"{r.name}-{r.preset}"
     try:
         with report.TrainProgress() as progress:
-            result = run_train(r, out, resume=resume, callback=progress)
+            result = run_train(r, out, resume=resume, callback=progress, init=init, init_calib_tokens=calib_tokens)
     except KeyboardInterrupt:
         report.error(f"interrupted; the last checkpoint in {out} is intact (resume with --resume)")
         raise typer.Exit(130) from None
@@ -86,6 +90,56 @@ def eval_(
 
     result = evaluate_checkpoint(ckpt, data_path=data, batches=batches, device=device)
     report.console.print(report.eval_summary(result))
+
+
+@app.command()
+@user_errors
+def quantize(
+    ckpt: Annotated[Path, typer.Argument(help="Training checkpoint of any precision (or its run directory).")],
+    policy: Annotated[str | None, typer.Option(help="A recipe name (its policy), a policy or recipe YAML file (e.g. "
+                                               "search_out/policy.yaml), a quantizer name, or an inline mapping "
+                                               "'{_default: ternary, embed: int8}'.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Policy override: policy.PATTERN=SPEC or "
+                                                   "policy=FILE (repeatable).")] = None,
+    data: Annotated[str | None, typer.Option(help="Local text for calibration (default: the checkpoint's data).")] = None,
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens (seeded training windows), used only by "
+                                              "quantizers that fit themselves on data.")] = 4096,
+    seed: Annotated[int, typer.Option(help="Calibration seed.")] = 0,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output run directory (or a .pt file) "
+                                             "[default: runs/<source run>-<policy>].")] = None,
+    json_path: Annotated[str | None, typer.Option("--json", help="Also write the result as JSON to this file "
+                                                  "('-': stdout, instead of the table).")] = None,
+    device: Annotated[str, typer.Option(help="Where calibration runs: auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Post-training quantization: apply a policy to a checkpoint and write a quantized training checkpoint."""
+    import json
+
+    from qtoolkit.checkpoint import atomic_write_text
+    from qtoolkit.training.ptq import policy_source, quantize_checkpoint
+
+    rules = policy_source(policy, list(set_ or []))
+    out = out or Path("runs") / f"{_run_name(ckpt)}-{_policy_label(policy, set_)}"
+    to_stdout = json_path == "-"
+    with report.StageProgress(report.err_console if to_stdout else report.console) as progress:
+        result = quantize_checkpoint(ckpt, rules, out, data=data, calib_tokens=calib_tokens, seed=seed,
+                                     device=device, progress=progress)
+    if to_stdout:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    report.console.print(report.quantize_summary(result))
+    if json_path:
+        atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2))
+        report.console.print(f"wrote json: {json_path}", highlight=False)
+
+
+def _run_name(ckpt: Path) -> str:
+    return (ckpt if ckpt.is_dir() else ckpt.parent).resolve().name or "model"
+
+
+def _policy_label(policy: str | None, overrides: list[str] | None) -> str:
+    if policy and not policy.lstrip().startswith("{") and not overrides:
+        return Path(policy).stem
+    return "quantized"
 
 
 @app.command()
@@ -239,6 +293,8 @@ def search(
     calib_tokens: Annotated[int, typer.Option(help="Probe calibration tokens.")] = 4096,
     eval_batches: Annotated[int, typer.Option(help="Validation batches per trial.")] = 8,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG: trials and Pareto front, chosen formats per layer.")] = None,
+    apply: Annotated[bool, typer.Option(help="Then write the chosen allocation as a quantized checkpoint "
+                                        "(OUT/quantized; with --finetune-steps also OUT/finetuned).")] = False,
 ) -> None:
     """Find a per-layer mixed-precision allocation that fits a memory budget."""
     from qtoolkit.search.allocate import run_search
@@ -246,7 +302,7 @@ def search(
 
     with report.StageProgress() as progress:
         result = run_search(ckpt, budget, parse_formats(formats), out, data, trials, timeout, storage, study, units,
-                            finetune_steps, pareto, seed, calib_tokens, eval_batches, progress=progress)
+                            finetune_steps, pareto, seed, calib_tokens, eval_batches, progress=progress, apply=apply)
     for item in report.search_renderables(result):
         report.console.print(item)
     if plot:

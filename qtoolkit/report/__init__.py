@@ -24,6 +24,7 @@ from qtoolkit.report.tables import (
     pack_summary,
     plan_table,
     probe_table,
+    quantize_summary,
     quantizers_table,
     recipes_table,
     search_renderables,
@@ -35,6 +36,6 @@ __all__ = [
     "BenchProgress", "StageProgress", "TrainProgress", "analysis_figure", "analysis_html", "analysis_markdown",
     "analysis_renderables", "bench_table", "compare_table", "console", "coverage_table", "err_console", "error",
     "eval_summary", "fmt_bytes", "generation_summary", "human_count", "pack_summary", "plan_table", "probe_table",
-    "quantizers_table", "recipes_table", "save_analysis_plot", "save_search_plot", "search_renderables",
+    "quantize_summary", "quantizers_table", "recipes_table", "save_analysis_plot", "save_search_plot", "search_renderables",
     "spec_text", "stream_generation", "train_summary",
 ]
