@@ -1,6 +1,6 @@
 """From an fp32 checkpoint to a quantized model at a byte budget: which path gives the lowest loss?
 
-    flock /work/heavy.lock python benchmarks/workflow.py --ckpt /work/runs/fp32-small-600/ckpt.pt \
+    python benchmarks/workflow.py --ckpt /work/runs/fp32-small-600/ckpt.pt --lock /work/heavy.lock \
         [--data ../shared/data/tinystories] [--out /tmp/qtoolkit-workflow] [--trials 30] \
         [--finetune-steps 200] [--qat-steps 600] [--json workflow.json]
 
@@ -16,12 +16,16 @@ all-ternary and the all-INT8 bytes (formats ternary, int8, fp16):
 and the all-ternary allocation (the budget's lower end: every unit ternary) through (a)-(c).
 Every model is evaluated the same way (`qtool eval --eval-batches E`: E x 16 x 256 validation
 tokens) and its packed bytes are those `qtool pack` writes. Stages whose checkpoint already exists
-in --out are reused (a crashed run continues). Prints JSON (and writes it with --json).
+in --out are reused (a crashed run continues). With --lock, every stage runs holding that file's
+lock (flock), so other heavy jobs on a shared machine interleave between stages rather than run
+beside them. Prints JSON (and writes it with --json).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -42,7 +46,20 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=20)
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--json")
+    ap.add_argument("--lock", help="hold this file's flock during every stage")
     args = ap.parse_args()
+
+    @contextlib.contextmanager
+    def held():
+        if not args.lock:
+            yield
+            return
+        with open(args.lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     from qtoolkit.checkpoint import load_checkpoint
     from qtoolkit.config import ModelConfig
@@ -67,9 +84,10 @@ def main() -> None:
     log = lambda *a: print(*a, flush=True)  # noqa: E731
 
     def timed(name, fn):
-        t = time.perf_counter()
-        value = fn()
-        timings[name] = round(time.perf_counter() - t, 1)
+        with held():
+            t = time.perf_counter()
+            value = fn()
+            timings[name] = round(time.perf_counter() - t, 1)
         log(f"[{name}] {timings[name]} s")
         return value
 
@@ -114,11 +132,13 @@ def main() -> None:
                                                     args.ckpt, [f"train.quant_warmup_steps={args.qat_steps // 6}"])
     runs["searched"]["d_scratch"] = trained("searched-scratch", policies["searched"], args.qat_steps + src_steps, None)
 
-    fp32 = evaluate_checkpoint(args.ckpt, data_path=args.data, batches=args.eval_batches)
+    with held():
+        fp32 = evaluate_checkpoint(args.ckpt, data_path=args.data, batches=args.eval_batches)
     table = {}
     for name, variants in runs.items():
         for variant, path in variants.items():
-            ev = evaluate_checkpoint(path, data_path=args.data, batches=args.eval_batches)
+            with held():
+                ev = evaluate_checkpoint(path, data_path=args.data, batches=args.eval_batches)
             ck = load_checkpoint(path)
             table[f"{name}/{variant}"] = {
                 "val_loss": round(ev.val_loss, 4), "val_ppl": round(ev.val_ppl, 2),

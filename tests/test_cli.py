@@ -203,3 +203,10 @@ def test_quantize_refuses_a_packed_checkpoint(fp32_ckpt, tmp_path):
     assert run("pack", fp32_ckpt, "-o", tmp_path / "p.safetensors").exit_code == 0
     r = run("quantize", tmp_path / "p.safetensors", "--policy", "int8", "-o", tmp_path / "q")
     assert r.exit_code == 1 and "already packed" in r.output and not (tmp_path / "q").exists()
+
+
+def test_train_init_of_another_shape_is_one_message(fp32_ckpt, corpus_dir, tmp_path):
+    r = run("train", "--recipe", "ternary_all", "--data", corpus_dir, "--init", fp32_ckpt, "--out", tmp_path / "r")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "tensor embed.weight is (512, 64) in the checkpoint but (8192, 256) here" in r.output
+    assert "pass --model tiny" in r.output and not (tmp_path / "r").exists()
