@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--json")
     ap.add_argument("--lock", help="hold this file's flock during every stage")
+    ap.add_argument("--skip-warmup", action="store_true", help="leave out (c') (the quantization-warmup run)")
     args = ap.parse_args()
 
     @contextlib.contextmanager
@@ -128,9 +129,10 @@ def main() -> None:
     for name in runs:
         runs[name]["b_finetune"] = finetuned(name, runs[name]["a_ptq"])
         runs[name]["c_init_qat"] = trained(f"{name}-init", policies[name], args.qat_steps, args.ckpt)
-    runs["searched"]["c_init_qat_warmup"] = trained("searched-init-warmup", policies["searched"], args.qat_steps,
-                                                    args.ckpt, [f"train.quant_warmup_steps={args.qat_steps // 6}"])
     runs["searched"]["d_scratch"] = trained("searched-scratch", policies["searched"], args.qat_steps + src_steps, None)
+    if not args.skip_warmup:
+        runs["searched"]["c_init_qat_warmup"] = trained("searched-init-warmup", policies["searched"], args.qat_steps,
+                                                        args.ckpt, [f"train.quant_warmup_steps={args.qat_steps // 6}"])
 
     with held():
         fp32 = evaluate_checkpoint(args.ckpt, data_path=args.data, batches=args.eval_batches)
