@@ -60,7 +60,9 @@ class QuantEmbedding(nn.Embedding):
     quant_mix: float = 1.0
 
     def __init__(self, num_embeddings: int, embedding_dim: int, quantizer: Quantizer):
-        super().__init__(num_embeddings, embedding_dim, device="meta")
+        # a placeholder weight (from_float puts the real one in): `_weight` skips nn.Embedding's
+        # normal_ initialisation, which on a meta tensor costs seconds (it imports torch._dynamo)
+        super().__init__(num_embeddings, embedding_dim, _weight=torch.empty(num_embeddings, embedding_dim, device="meta"))
         self.quantizer = quantizer
 
     @classmethod

@@ -86,6 +86,8 @@ class TrainProgress:
             + ("; resuming from step " + str(event.step) if d["resumed"] else "")
             + (f"; weights from {escape(d['init']['checkpoint'])} (step {d['init']['step']})" if d.get("init") else "")
         )
+        if d.get("stale_metrics"):
+            self._print(f"an earlier run stopped before its first checkpoint: its metrics moved to {escape(d['stale_metrics'])}")
         self.console.print(coverage_table(d["coverage"]))
         self._t0, self._step0, self._total = time.perf_counter(), event.step, d["total_steps"]
         if self.live:
