@@ -148,6 +148,7 @@ def model_entries(model: nn.Module, coverage: Coverage, packing: str | None = No
 class MemoryPlan:
     model_config: ModelConfig | None  # None for a module that is not a DecoderLM
     entries: list[Entry]
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # policy rules that assign nothing
 
     @property
     def total_bytes(self) -> int:
@@ -181,6 +182,7 @@ class MemoryPlan:
             "compression_vs_fp32": self.compression,
             "bytes_by_quantizer": self.bytes_by_quantizer(),
             "entries": [e.to_dict() for e in self.entries],
+            "warnings": [list(w) for w in self.warnings],
         }
 
 
@@ -193,12 +195,12 @@ def memory_plan(model: ModelConfig | nn.Module, policy: Policy | dict[str, Any] 
     a policy counts it as if that policy were applied (`blocks` as in `apply_policy`)."""
     if isinstance(model, nn.Module):
         coverage = live_coverage(model) if policy is None else Policy.load(policy).resolve(model, blocks)
-        return MemoryPlan(_config_of(model), model_entries(model, coverage, packing))
+        return MemoryPlan(_config_of(model), model_entries(model, coverage, packing), coverage.warnings)
     if policy is None:
         raise TypeError("memory_plan(model_config, policy): a model config needs a policy")
     decoder = meta_model(model)
     coverage = Policy.load(policy).resolve(decoder, blocks)
-    return MemoryPlan(model, model_entries(decoder, coverage, packing))
+    return MemoryPlan(model, model_entries(decoder, coverage, packing), coverage.warnings)
 
 
 def _config_of(model: nn.Module) -> ModelConfig | None:
@@ -257,6 +259,11 @@ class PackResult:
     @property
     def overhead_bytes(self) -> int:
         return self.file_bytes - self.tensor_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "predicted_bytes": self.predicted_bytes, "tensor_bytes": self.tensor_bytes,
+                "file_bytes": self.file_bytes, "overhead_bytes": self.overhead_bytes, "fp32_bytes": self.fp32_bytes,
+                "plan": self.plan.to_dict()}
 
 
 def save_packed(model: nn.Module, path: str | Path, coverage: Coverage | None = None, packing: str | None = None,

@@ -18,9 +18,12 @@ Hugging Face models, `transformer.h` as in GPT-2, ...), and `apply_policy(model,
 names it for any other model. So `blocks[0].mlp.*` matches `model.layers.0.mlp.up_proj` on a Llama.
 
 Precedence: exact name > `re:` regex or block selector (first in file order) > `_default`. Modules no rule claims stay
-float32 and are listed as such in the coverage report. Every exact name and every regex must end up
-assigning at least one module: a typo or a rule fully shadowed by higher-priority rules is an error,
-never a silent no-op. Modules that share one weight (tied embeddings: `embed` and `lm_head`) share one
+unquantized, stored in fp32 (the coverage report calls them `fp32`, the name of the quantizer that
+stores them). Every exact name and every regex must end up assigning at least one module: a typo or
+a rule fully shadowed by higher-priority rules is an error, never a silent no-op. A rule that is
+valid but assigns nothing *on this model* is a warning (`Coverage.warnings`): a block selector that
+selects no block at this depth (`blocks[1:-1]` of a 2-block model), or a `_default` left with no
+module (`ternary_middle` on a 2-block model: its first and last block are every block). With tied embeddings, `embed` and `lm_head` share one weight and therefore one
 quantizer; giving them different specs is an error, and naming only one assigns both.
 
 The policy works on any `nn.Module`: its `nn.Linear` and `nn.Embedding` submodules are the targets,
@@ -53,6 +56,7 @@ from qtoolkit.schema import SchemaError
 from qtoolkit.yamlsafe import read_yaml_file
 
 DEFAULT = "_default"
+UNQUANTIZED = "fp32"  # what coverage calls a module no rule assigns: it is stored by the fp32 quantizer
 REGEX_PREFIX = "re:"
 SELECTOR = re.compile(r"blocks\[([^\]]*)\](?:\.(.+))?")
 
@@ -133,7 +137,7 @@ class LayerAssignment:
     name: str
     module_type: str  # "linear" | "embedding"
     shape: tuple[int, int]  # weight shape (rows, cols)
-    spec: dict[str, Any] | None  # canonical quantizer spec; None = stays float32
+    spec: dict[str, Any] | None  # canonical quantizer spec; None = no rule: stays unquantized (fp32)
     rule: str | None  # the policy key that assigned it
     tied_to: str | None = None  # shares its weight with this (earlier) module
 
@@ -143,7 +147,7 @@ class LayerAssignment:
 
     @property
     def quantizer(self) -> str:
-        return self.spec["name"] if self.spec else "float32"
+        return self.spec["name"] if self.spec else UNQUANTIZED
 
 
 @dataclass
@@ -152,6 +156,7 @@ class Coverage:
 
     layers: list[LayerAssignment]
     tied: bool = False
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (policy key, why it assigns nothing)
 
     def params_by_quantizer(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -164,7 +169,8 @@ class Coverage:
         return [a.name for a in self.layers if a.spec is None]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tied": self.tied, "layers": [a.__dict__ | {"shape": list(a.shape)} for a in self.layers]}
+        return {"tied": self.tied, "layers": [a.__dict__ | {"shape": list(a.shape)} for a in self.layers],
+                "warnings": [list(w) for w in self.warnings]}
 
 
 @dataclass
@@ -231,13 +237,20 @@ class Policy:
             problems += [(p, f"a block selector needs the model's block list, and this {type(model).__name__} has "
                           f"none of {', '.join(BLOCK_LISTS)}; name it: apply_policy(model, policy, blocks=NAME)")
                          for p in selectors]
+        warnings: list[tuple[str, str]] = []  # (policy key, why it assigns nothing here)
         regexes = []
         for pattern, spec in self.rules.items():
             if _is_pattern(pattern) and not (SELECTOR.fullmatch(pattern) and found is None):
                 try:
-                    regexes.append((pattern, compile_pattern(pattern, n_layers, prefix), spec))
+                    rx = compile_pattern(pattern, n_layers, prefix)
                 except PolicyError as e:
                     problems.append((pattern, str(e)))
+                    continue
+                m = SELECTOR.fullmatch(pattern)
+                if m is not None and (not n_layers or not _selected_blocks(m.group(1), n_layers)):
+                    warnings.append((pattern, f"selects no block of this {n_layers}-block model, so it assigns nothing"))
+                    continue
+                regexes.append((pattern, rx, spec))
         for name in exact:
             if name not in targets:
                 close = difflib.get_close_matches(name, list(targets), n=3)
@@ -286,6 +299,8 @@ class Policy:
                 assigned[n] = assigned[decider]
             tied_to.update({n: names[0] for n in names[1:]})
 
+        if DEFAULT in self.rules and not any(rule == DEFAULT for _, rule in assigned.values()):
+            warnings.append((DEFAULT, "assigns no module: higher-priority rules claim every module of this model"))
         layers = []
         for name, module in targets.items():
             spec, rule = assigned[name]
@@ -297,7 +312,7 @@ class Policy:
                 rule=rule,
                 tied_to=tied_to.get(name),
             ))
-        return Coverage(layers, tied=bool(tied_to))
+        return Coverage(layers, tied=bool(tied_to), warnings=warnings)
 
 
 class PolicyFitError(PolicyError):

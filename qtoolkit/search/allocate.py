@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from qtoolkit import quantizers
@@ -227,8 +228,10 @@ class Evaluator:
 
     def __init__(self, model: DecoderLM, space: SearchSpace, val_batches: list, train=None,
                  finetune_steps: int = 0, finetune_lr: float = 1e-4, batch_size: int = 8, seq_len: int = 256,
-                 seed: int = 0, calib: list | None = None, sources: dict[str, Any] | None = None):
+                 seed: int = 0, calib: list | None = None, sources: dict[str, Any] | None = None,
+                 device: torch.device | str = "cpu"):
         self.model, self.space, self.val_batches = model, space, val_batches
+        self.device = torch.device(device)
         self.train, self.finetune_steps, self.finetune_lr = train, finetune_steps, finetune_lr
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.calib, self.sources = calib, sources
@@ -241,7 +244,7 @@ class Evaluator:
     def _val_loss(self, model: nn.Module) -> float:
         from qtoolkit.training.trainer import evaluate_batches
 
-        return evaluate_batches(model, self.val_batches)["val_loss"]
+        return evaluate_batches(model, self.val_batches, self.device)["val_loss"]
 
     def __call__(self, alloc: dict[str, str]) -> float:
         assignment = self.space.assignment(alloc)
@@ -253,7 +256,7 @@ class Evaluator:
         model = copy.deepcopy(self.model)
         with quantized(model, assignment, self.calib, self.sources):
             finetune(model, self.train, self.finetune_steps, self.finetune_lr, self.batch_size, self.seq_len,
-                     self.finetune_seed)
+                     self.finetune_seed, self.device)
             return self._val_loss(model)
 
 
@@ -325,6 +328,8 @@ class SearchResult:
     rejected: int = 0
     elapsed_s: float = 0.0
     applied: dict[str, Any] = field(default_factory=dict)  # --apply: {"quantized"/"finetuned": {path, bytes, loss}}
+    study: Any = field(default=None, repr=False, compare=False)  # the optuna.Study (figures draw from it)
+    pareto: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -339,8 +344,15 @@ class SearchResult:
                       "calibration": self.probe.calibration},
             "references": self.references, "best": self.best, "policy": self.policy,
             "pareto_front": self.pareto_front, "trials": self.trials, "rejected_over_budget": self.rejected,
-            "interrupted": self.interrupted, "applied": self.applied,
+            "interrupted": self.interrupted, "applied": self.applied, "pareto": self.pareto,
         }
+
+    def outputs(self) -> list[Path]:
+        """The files this search writes (the study's SQLite file when the storage is the default)."""
+        files = [self.out_dir / "search.json"] + ([self.out_dir / "policy.yaml"] if self.best else [])
+        if self.storage.startswith("sqlite:///"):
+            files.append(Path(self.storage[len("sqlite:///"):]))
+        return files
 
 
 def _trial_record(t) -> dict[str, Any]:
@@ -427,11 +439,14 @@ def run_search(
     eval_batches: int = 8,
     seeds_k: int = 3,
     progress: Progress = _noop,
+    device: str = "auto",
     apply: bool = False,
 ) -> SearchResult:
     """The search of the module docstring. With `apply`, the chosen allocation is then written as a
     quantized training checkpoint (`apply_allocation`), and with `finetune_steps` its finetuned
-    version too."""
+    version too. `device` (auto, cpu, cuda) runs the probe, the trials and their finetuning."""
+    from qtoolkit.device import resolve_device
+
     t_start = time.perf_counter()
     budget = parse_budget(budget)
     check_int(trials, "trials", 1)
@@ -444,6 +459,7 @@ def run_search(
     if not formats:
         raise ConfigError("formats: give at least one candidate format")
     deadline = None if timeout is None else t_start + timeout
+    dev = resolve_device(device)
     ckpt = load_checkpoint(ckpt_path)
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     space = build_space(cfg, formats, granularity)
@@ -461,12 +477,12 @@ def run_search(
     with run_dir_lock(out_dir, "qtool search"):
         return _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
                        study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
-                       progress, t_start, apply)
+                       progress, t_start, device, dev, apply)
 
 
 def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
             study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
-            progress, t_start, apply) -> SearchResult:
+            progress, t_start, device, dev, apply) -> SearchResult:
     import optuna
 
     from qtoolkit.search.probes import checkpoint_fingerprint
@@ -475,10 +491,10 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
 
     probe = run_probe(ckpt_path, formats, granularity, data_path, calib_tokens, seed,
                       timeout=None if deadline is None else max(1.0, deadline - time.perf_counter()),
-                      progress=progress)
+                      progress=progress, device=device)
     sens = probe.sensitivity()
 
-    model = float_model(ckpt)
+    model = float_model(ckpt).to(dev)
     recipe = ckpt.get("recipe") or {}
     train_cfg = recipe.get("train") or {}
     calibrated = [f.key for f in formats if quantizers.get(f.spec["name"]).calibration]
@@ -489,12 +505,12 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
     data.val.require_window(sl)
     if data.train is not None:
         data.train.require_window(sl)
-    val_batches = list(data.val.eval_batches(bs, sl, eval_batches))
+    val_batches = [(x.to(dev), y.to(dev)) for x, y in data.val.eval_batches(bs, sl, eval_batches)]
     # the calibration windows of `qtool quantize` (training.ptq.checkpoint_calibration), when a format needs data
     calib = checkpoint_calibration(ckpt, calib_tokens=calib_tokens, seed=seed, train=data.train)[0] if calibrated else None
     evaluate = Evaluator(model, space, val_batches, data.train, finetune_steps,
                          float(train_cfg.get("lr", 1e-3)) * float(train_cfg.get("min_lr_ratio", 0.1)), bs, sl, seed,
-                         calib=calib, sources=source_quantizers(ckpt))
+                         calib=calib, sources=source_quantizers(ckpt), device=dev)
 
     storage_url = storage or f"sqlite:///{(out_dir / 'search.db').resolve()}"
     identity = study_identity(checkpoint_fingerprint(ckpt["path"]), space, budget, pareto, finetune_steps,
@@ -606,7 +622,7 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
         out_dir=out_dir, budget=budget, min_bytes=space.min_bytes, max_bytes=space.max_bytes, space=space,
         probe=probe, study_name=name, storage=storage_url, trials=records, best=best, references=references,
         pareto_front=front, policy=policy, interrupted=interrupted, rejected=counts["rejected"],
-        elapsed_s=time.perf_counter() - t_start,
+        elapsed_s=time.perf_counter() - t_start, study=study, pareto=pareto,
     )
     write_outputs(result)
     if apply:
