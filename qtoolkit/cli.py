@@ -221,8 +221,8 @@ def train(
                                                    show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/ckpt.pt.")] = False,
     init: Annotated[Path | None, typer.Option(help="Start from this training checkpoint's weights (fp32 or quantized) "
-                                              "under the recipe's policy; fresh optimizer and schedule.",
-                                              show_default=False)] = None,
+                                              "under the recipe's policy; fresh optimizer and schedule.  [default: none, "
+                                                   "train from scratch]", show_default=False)] = None,
     calib_tokens: Annotated[int | None, typer.Option("--calib-tokens", help="With --init: calibration tokens for "
                                                      "quantizers that fit themselves on data.  [default: 4096]",
                                                      show_default=False)] = None,
@@ -231,7 +231,7 @@ def train(
                          "[default: the recipe's train.device, auto]", show_default=False)] = None,
     json_: Json = None,
 ) -> None:
-    """Quantization-aware training of a language model from a recipe (from scratch, or from --init CKPT)."""
+    """Quantization-aware training of a language model from a recipe (from scratch or from a checkpoint)."""
     from qtoolkit.training.recipe import load_recipe
     from qtoolkit.training.trainer import train as run_train
 
@@ -296,7 +296,7 @@ def quantize(
     ckpt: Ckpt,
     policy: Annotated[str | None, typer.Option(help="A recipe name (its policy), a policy or recipe YAML file (e.g. "
                                                "search_out/policy.yaml), a quantizer name, or an inline mapping "
-                                               "'{_default: ternary, embed: int8}'.  [default: none; --set may give it]",
+                                               "'{_default: ternary, embed: int8}'.  [default: none: the policy overrides give it]",
                                                show_default=False)] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Policy override: policy.PATTERN=SPEC or "
                                                    "policy=FILE (repeatable).", show_default=False)] = None,
