@@ -522,10 +522,12 @@ def search(
                                 finetune_steps, pareto, seed, calib_tokens, eval_batches, progress=progress,
                                 device=device, apply=apply)
         written = _write_json(json_, result.to_dict())
-        if plot:
+        if plot and result.no_search is None:  # a budget answered without search has no trials to draw
             report.save_search_plot(result, plot)
             written.append(plot)
         report.print_renderables(report.search_renderables(result, written))
+        if plot and result.no_search is not None:
+            report.console.print(f"no plot written to {plot}: nothing was searched", highlight=False)
     if result.interrupted:
         raise typer.Exit(130)
 

@@ -212,6 +212,12 @@ def test_probe_and_search_commands(corpus_dir, tmp_path):
 
     searched = json.loads((tmp_path / "s" / "search.json").read_text())["best"]["bytes"]
     assert json.loads(r.stdout)["total_bytes"] == searched
+    # a budget that holds all-fp16 is answered at once, and the room left is named
+    r = run("search", out, "--budget", "10MB", "-o", tmp_path / "s2", "--plot", tmp_path / "s2.png")
+    assert r.exit_code == 0, r.output
+    assert "nothing was probed or searched" in r.output and "--formats ternary,int8,fp16,fp32" in r.output
+    assert not (tmp_path / "s2.png").exists() and "no plot written" in r.output
+    assert (tmp_path / "s2" / "policy.yaml").is_file()
 
 
 # ------------------------------------------------------------------------------ qtool quantize

@@ -178,3 +178,61 @@ def test_apply_with_finetuning_writes_the_finetuned_trial(fp32_ckpt, corpus_dir,
     finetuned = evaluate_checkpoint(tmp_path / "out" / "finetuned", data_path=str(corpus_dir), batches=2)
     assert finetuned.val_loss == res.best["loss"] == res.applied["finetuned"]["loss"]
     assert quantized.val_loss == res.applied["quantized"]["loss"] != finetuned.val_loss
+
+
+# ------------------------------------------------------------------------------ budgets that need no search
+
+
+def test_budget_above_the_most_accurate_allocation_needs_no_probe(fp32_ckpt, tmp_path, monkeypatch):
+    def no_probe(*a, **k):
+        raise AssertionError("the probe ran although the budget holds the most accurate allocation")
+
+    monkeypatch.setattr(qsearch, "run_probe", no_probe)
+    cfg = ModelConfig.from_name("tiny")
+    space = build_space(cfg, FORMATS)
+    fp16 = space.bytes_of(space.uniform("fp16"))
+    res = run_search(fp32_ckpt, fp16 + 1000, FORMATS, tmp_path / "out", trials=8, apply=True)
+    assert res.no_search is not None and res.probe is None and res.trials == []
+    assert res.best["allocation"] == space.uniform("fp16") and res.best["bytes"] == fp16
+    policy_file = tmp_path / "out" / "policy.yaml"
+    assert memory_plan(cfg, str(policy_file)).total_bytes == fp16
+    assert "nothing was probed or searched" in policy_file.read_text()
+    data = json.loads((tmp_path / "out" / "search.json").read_text())
+    assert data["best"]["bytes"] == fp16 and data["probe"] is None
+    # the room left: fp32 is named with its exact all-layer size (bf16 is no larger than fp16)
+    larger = {x["format"]: x for x in res.no_search["larger"]}
+    assert set(larger) == {"fp32"} and not larger["fp32"]["fits"]
+    fp32_space = build_space(cfg, parse_formats("fp32"))
+    assert larger["fp32"]["bytes"] == fp32_space.bytes_of(fp32_space.uniform("fp32"))
+    # --apply wrote the answer's checkpoint, with the bytes charged
+    assert res.applied["quantized"]["bytes"] == fp16
+    assert not (tmp_path / "out" / "search.db").exists()
+
+
+def test_larger_formats_are_named_only_when_larger():
+    cfg = ModelConfig.from_name("tiny")
+    space = build_space(cfg, parse_formats("ternary,int8"))
+    larger = {x["format"]: x for x in qsearch.larger_formats(space, 10**9)}
+    assert set(larger) == {"bf16", "fp16", "fp32"} and all(x["fits"] for x in larger.values())
+    assert qsearch.larger_formats(build_space(cfg, parse_formats("ternary,fp32")), 10**9) == []
+    # fp16 and bf16 have the same size: fp16 (more mantissa bits) is the more accurate
+    both = build_space(cfg, parse_formats("ternary,bf16,fp16"))
+    assert set(qsearch.most_accurate_allocation(both).values()) == {"fp16"}
+
+
+def test_fp32_candidate_is_charged_its_exact_bytes(fp32_ckpt, tmp_path):
+    cfg = ModelConfig.from_name("tiny")
+    formats = parse_formats("ternary,int8,fp16,fp32")
+    space = build_space(cfg, formats)
+    model = __import__("qtoolkit.model", fromlist=["meta_model"]).meta_model(cfg)
+    for u in space.units:  # 4 bytes per stored weight, no scales
+        assert space.cost[u.name]["fp32"] == 4 * sum(a * b for a, b in u.shapes)
+    n_params = sum(p.numel() for p in model.parameters())
+    all_fp32 = space.bytes_of(space.uniform("fp32"))
+    assert all_fp32 == 4 * n_params == memory_plan(cfg, space.policy(space.uniform("fp32"))).total_bytes
+    # between all-fp16 and all-fp32: a real choice between fp32 and the smaller formats
+    budget = (space.bytes_of(space.uniform("fp16")) + all_fp32) // 2
+    res = run_search(fp32_ckpt, budget, formats, tmp_path / "out", trials=4, calib_tokens=256, eval_batches=2)
+    assert res.no_search is None and res.best["bytes"] <= budget
+    assert memory_plan(cfg, str(tmp_path / "out" / "policy.yaml")).total_bytes == res.best["bytes"]
+    assert res.references["fp32"]["bytes"] == all_fp32

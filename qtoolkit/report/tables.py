@@ -304,6 +304,8 @@ def search_renderables(result, extra_outputs=()) -> list:
     summary.add_column(overflow="fold")
     best = result.best
     summary.add_row("budget", f"{result.budget:,} B", fmt_bytes(result.budget))
+    if result.no_search is not None:
+        return [*out, *_no_search_rows(result, summary, extra_outputs)]
     summary.add_row("chosen policy", f"{best['bytes']:,} B",
                     f"{100 * best['bytes'] / result.budget:.1f}% of budget; smallest reachable {fmt_bytes(result.min_bytes)}")
     summary.add_row("validation loss", f"{best['loss']:.4f}",
@@ -326,6 +328,28 @@ def search_renderables(result, extra_outputs=()) -> list:
     if result.interrupted:
         out.append(Text("interrupted: every finished trial is kept in the study; run the same command to continue",
                         style="yellow"))
+    return out
+
+
+def _no_search_rows(result, summary: Table, extra_outputs) -> list:
+    """The budget held the most accurate allocation: what was chosen, why, and what would use the room."""
+    best = result.best
+    summary.add_row("chosen policy", f"{best['bytes']:,} B",
+                    f"{100 * best['bytes'] / result.budget:.1f}% of budget; {escape(result.no_search['reason'])}")
+    for kind, applied in getattr(result, "applied", {}).items():
+        loss = f"{applied['loss']:.4f}" if applied.get("loss") is not None else ""
+        summary.add_row(f"applied: {kind}", loss, f"{escape(applied['path'])} ({fmt_bytes(applied['bytes'])} packed)")
+    summary.add_row("outputs", "", escape(outputs_text([*result.outputs(), *extra_outputs])))
+    out: list = [summary]
+    larger = result.no_search.get("larger") or []
+    if larger:
+        keys = result.space.keys
+        parts = [f"all-{x['format']} is {fmt_bytes(x['bytes'])} ({'fits' if x['fits'] else 'over budget'})" for x in larger]
+        out.append(Text.assemble(
+            ("room left: ", "bold"),
+            f"{fmt_bytes(result.budget - best['bytes'])} of the budget is unused. Larger formats would use it: "
+            + "; ".join(parts) + ". To let the search use the room, add them as candidates: --formats "
+            + ",".join([*keys, *(x["format"] for x in larger)])))
     return out
 
 

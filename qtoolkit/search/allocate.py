@@ -160,6 +160,48 @@ class SearchSpace:
         return policy
 
 
+# Between formats of equal size, the one with more mantissa bits is the more accurate (fp16 over bf16).
+_MANTISSA_BITS = {"fp32": 23, "fp16": 10, "bf16": 7}
+# Formats beyond the candidates that a budget with room to spare could use (the hint names them).
+LARGER_FORMATS = ("bf16", "fp16", "fp32")
+
+
+def most_accurate_allocation(space: SearchSpace) -> dict[str, str] | None:
+    """Per unit, the candidate format that loses least: the largest (more stored bits per weight;
+    fp32 is exact), between equal sizes the one with more mantissa bits. None when two candidates
+    of one unit cannot be ordered that way (same size, neither a float cast): then only measuring
+    tells, and the search runs."""
+    alloc = {}
+    for u in space.units:
+        ranked = sorted(space.keys, key=lambda f: (space.cost[u.name][f], _MANTISSA_BITS.get(space.spec(f)["name"], -1)),
+                        reverse=True)
+        top = ranked[0]
+        if len(ranked) > 1:
+            second = ranked[1]
+            same = space.cost[u.name][top] == space.cost[u.name][second]
+            if same and _MANTISSA_BITS.get(space.spec(top)["name"], -1) == _MANTISSA_BITS.get(space.spec(second)["name"], -1):
+                return None
+        alloc[u.name] = top
+    return alloc
+
+
+def larger_formats(space: SearchSpace, budget: int) -> list[dict[str, Any]]:
+    """Float formats outside the candidates that store more than every candidate (bf16, fp16, fp32):
+    each with its all-units size and whether that fits the budget. Named when the budget leaves room."""
+    from qtoolkit.search.probes import Format, format_key
+
+    biggest = max(quantizers.build(f.spec).nbytes((256, 256)) for f in space.formats)
+    out = []
+    for name in LARGER_FORMATS:
+        spec = quantizers.canonical(name)
+        if any(f.spec == spec for f in space.formats) or quantizers.build(spec).nbytes((256, 256)) <= biggest:
+            continue
+        fmt = Format(format_key(spec), spec)
+        size = space.fixed_bytes + sum(u.nbytes(fmt) for u in space.units)
+        out.append({"format": fmt.key, "bytes": size, "fits": size <= budget})
+    return out
+
+
 def _short(spec: dict[str, Any]) -> str | dict[str, Any]:
     from qtoolkit import quantizers
 
@@ -316,7 +358,7 @@ class SearchResult:
     min_bytes: int
     max_bytes: int
     space: SearchSpace
-    probe: ProbeResult
+    probe: ProbeResult | None  # None: the budget needed no search (`no_search`)
     study_name: str
     storage: str
     trials: list[dict[str, Any]]
@@ -330,6 +372,8 @@ class SearchResult:
     applied: dict[str, Any] = field(default_factory=dict)  # --apply: {"quantized"/"finetuned": {path, bytes, loss}}
     study: Any = field(default=None, repr=False, compare=False)  # the optuna.Study (figures draw from it)
     pareto: bool = False
+    # the budget needed no search: {"reason", "larger": [{"format", "bytes", "fits"}]} (`answer_without_search`)
+    no_search: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -339,9 +383,11 @@ class SearchResult:
                       for u in self.space.units],
             "fixed_bytes": self.space.fixed_bytes,
             "study": self.study_name, "storage": self.storage,
-            "probe": {"key": self.probe.key, "base_loss": self.probe.base_loss, "spearman": self.probe.spearman,
-                      "seconds": self.probe.seconds, "complete": self.probe.complete,
-                      "calibration": self.probe.calibration},
+            "probe": None if self.probe is None else {
+                "key": self.probe.key, "base_loss": self.probe.base_loss, "spearman": self.probe.spearman,
+                "seconds": self.probe.seconds, "complete": self.probe.complete,
+                "calibration": self.probe.calibration},
+            "no_search": self.no_search,
             "references": self.references, "best": self.best, "policy": self.policy,
             "pareto_front": self.pareto_front, "trials": self.trials, "rejected_over_budget": self.rejected,
             "interrupted": self.interrupted, "applied": self.applied, "pareto": self.pareto,
@@ -350,7 +396,7 @@ class SearchResult:
     def outputs(self) -> list[Path]:
         """The files this search writes (the study's SQLite file when the storage is the default)."""
         files = [self.out_dir / "search.json"] + ([self.out_dir / "policy.yaml"] if self.best else [])
-        if self.storage.startswith("sqlite:///"):
+        if self.storage.startswith("sqlite:///") and self.no_search is None:
             files.append(Path(self.storage[len("sqlite:///"):]))
         return files
 
@@ -474,30 +520,51 @@ def run_search(
                   [ckpt_path, data_path])
     if apply:
         check_apply_outputs(out_dir, finetune_steps)
+    answer = None if pareto else most_accurate_allocation(space)
     with run_dir_lock(out_dir, "qtool search"):
+        if answer is not None and space.bytes_of(answer) <= budget:
+            return answer_without_search(ckpt_path, ckpt, cfg, space, budget, answer, out_dir, data_path, finetune_steps,
+                                         seed, calib_tokens, eval_batches, progress, t_start, dev, apply)
         return _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
                        study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
                        progress, t_start, device, dev, apply)
 
 
-def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
-            study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
-            progress, t_start, device, dev, apply) -> SearchResult:
-    import optuna
+def answer_without_search(ckpt_path, ckpt, cfg, space, budget, alloc, out_dir, data_path, finetune_steps, seed,
+                          calib_tokens, eval_batches, progress, t_start, dev, apply) -> SearchResult:
+    """The budget holds the most accurate allocation of the candidates: that is the answer, known
+    without probing or trials. Its policy is written (and with `apply` its checkpoint); the result
+    names the larger formats (bf16, fp32) that would use the room left."""
+    nbytes = space.bytes_of(alloc)
+    keys = sorted(set(alloc.values()))
+    reason = (f"all-{keys[0]}" if len(keys) == 1 else "every unit at its most accurate candidate") + \
+        f" ({nbytes:,} B) fits the budget: no candidate allocation can be more accurate, so nothing was probed or searched"
+    best = {"number": None, "state": "NO_SEARCH", "bytes": nbytes, "loss": None, "se": None,
+            "source": "most accurate allocation", "values": None, "allocation": alloc}
+    result = SearchResult(
+        out_dir=out_dir, budget=budget, min_bytes=space.min_bytes, max_bytes=space.max_bytes, space=space,
+        probe=None, study_name="", storage="", trials=[], best=best, references={}, policy=space.policy(alloc),
+        elapsed_s=time.perf_counter() - t_start, no_search={"reason": reason, "larger": larger_formats(space, budget)},
+    )
+    write_outputs(result)
+    if apply:
+        evaluate = _evaluator(ckpt, cfg, space, data_path, finetune_steps, seed, calib_tokens, eval_batches, dev,
+                              progress) if finetune_steps else None
+        result.applied = apply_allocation(result, ckpt_path, evaluate, data_path, calib_tokens, seed, progress)
+        write_outputs(result)
+    return result
 
-    from qtoolkit.search.probes import checkpoint_fingerprint
+
+def _evaluator(ckpt, cfg, space, data_path, finetune_steps, seed, calib_tokens, eval_batches, dev, progress
+               ) -> tuple[Evaluator, Any]:
+    """The trials' objective (validation batches, calibration windows, finetuning settings) and the data."""
     from qtoolkit.training.data import prepare_data, tokenizer_from_json
     from qtoolkit.training.recipe import checkpoint_data_config
-
-    probe = run_probe(ckpt_path, formats, granularity, data_path, calib_tokens, seed,
-                      timeout=None if deadline is None else max(1.0, deadline - time.perf_counter()),
-                      progress=progress, device=device)
-    sens = probe.sensitivity()
 
     model = float_model(ckpt).to(dev)
     recipe = ckpt.get("recipe") or {}
     train_cfg = recipe.get("train") or {}
-    calibrated = [f.key for f in formats if quantizers.get(f.spec["name"]).calibration]
+    calibrated = [f.key for f in space.formats if quantizers.get(f.spec["name"]).calibration]
     data = prepare_data(checkpoint_data_config(ckpt, data_path), cfg.vocab_size,
                         tokenizer=tokenizer_from_json(ckpt["tokenizer"]), need_train=finetune_steps > 0 or bool(calibrated),
                         progress=progress)
@@ -511,6 +578,22 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
     evaluate = Evaluator(model, space, val_batches, data.train, finetune_steps,
                          float(train_cfg.get("lr", 1e-3)) * float(train_cfg.get("min_lr_ratio", 0.1)), bs, sl, seed,
                          calib=calib, sources=source_quantizers(ckpt), device=dev)
+    return evaluate, data
+
+
+def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
+            study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
+            progress, t_start, device, dev, apply) -> SearchResult:
+    import optuna
+
+    from qtoolkit.search.probes import checkpoint_fingerprint
+
+    probe = run_probe(ckpt_path, formats, granularity, data_path, calib_tokens, seed,
+                      timeout=None if deadline is None else max(1.0, deadline - time.perf_counter()),
+                      progress=progress, device=device)
+    sens = probe.sensitivity()
+    evaluate, data = _evaluator(ckpt, cfg, space, data_path, finetune_steps, seed, calib_tokens, eval_batches, dev,
+                                progress)
 
     storage_url = storage or f"sqlite:///{(out_dir / 'search.db').resolve()}"
     identity = study_identity(checkpoint_fingerprint(ckpt["path"]), space, budget, pareto, finetune_steps,
@@ -647,7 +730,7 @@ def check_apply_outputs(out_dir: Path, finetune_steps: int) -> None:
                               "--out, since --apply never overwrites a checkpoint")
 
 
-def apply_allocation(result: SearchResult, ckpt_path: str | Path, evaluate: Evaluator, data_path: str | None,
+def apply_allocation(result: SearchResult, ckpt_path: str | Path, evaluate: Evaluator | None, data_path: str | None,
                      calib_tokens: int, seed: int, progress: Progress = _noop) -> dict[str, Any]:
     """Write the chosen allocation as a quantized training checkpoint through `qtool quantize`'s code
     (`training.ptq.quantize_checkpoint`, the same calibration windows as the trials), and with
@@ -659,19 +742,20 @@ def apply_allocation(result: SearchResult, ckpt_path: str | Path, evaluate: Eval
     best = result.best
     record = {"search": {"out": str(result.out_dir), "study": result.study_name, "trial": best["number"],
                         "loss": best["loss"], "bytes": best["bytes"], "budget": result.budget,
-                        "finetune_steps": evaluate.finetune_steps}}
+                        "finetune_steps": evaluate.finetune_steps if evaluate else 0}}
     paths = applied_paths(result.out_dir)
     progress("applying the allocation", 0, None)
     q = quantize_checkpoint(ckpt_path, result.policy, paths["quantized"], data=data_path, calib_tokens=calib_tokens,
                             seed=seed, progress=progress, record=record)
     applied: dict[str, Any] = {"quantized": {"path": str(q.path), "bytes": q.total_bytes,
-                                             "loss": None if evaluate.finetune_steps else best["loss"]}}
-    if evaluate.finetune_steps:
+                                             "loss": None if evaluate and evaluate.finetune_steps else best["loss"]}}
+    if evaluate and evaluate.finetune_steps:
         f = finetune_checkpoint(q.path, paths["finetuned"], evaluate.finetune_steps, lr=evaluate.finetune_lr,
                                 data=data_path, seed=evaluate.finetune_seed, batch_size=evaluate.batch_size,
                                 seq_len=evaluate.seq_len, progress=progress)
         applied["quantized"]["loss"] = evaluate._val_loss(model_from_checkpoint(load_checkpoint(q.path))[0])
-        applied["finetuned"] = {"path": str(f), "bytes": q.total_bytes, "loss": best["loss"]}
+        loss = best["loss"] if best["loss"] is not None else evaluate._val_loss(model_from_checkpoint(load_checkpoint(f))[0])
+        applied["finetuned"] = {"path": str(f), "bytes": q.total_bytes, "loss": loss}
     progress("applying the allocation", 1, 1)
     return applied
 
@@ -683,16 +767,20 @@ def write_outputs(result: SearchResult) -> None:
     if not result.best:
         return
     best = result.best
-    origin = (f"trial {best['number']}, {best['source']}" if best["number"] is not None
-              else f"{best['source']}: no searched allocation that fits did better")
+    if result.no_search is not None:
+        outcome = f"# {result.no_search['reason']}\n"
+    else:
+        origin = (f"trial {best['number']}, {best['source']}" if best["number"] is not None
+                  else f"{best['source']}: no searched allocation that fits did better")
+        outcome = f"# validation loss {best['loss']:.4f} ({origin})\n"
     header = (
         "# qtool search: mixed-precision policy\n"
         f"# budget {result.budget:,} B; this policy: {best['bytes']:,} B (qtool plan gives the same figure)\n"
-        f"# validation loss {best['loss']:.4f} ({origin})\n"
+        + outcome +
         f"# use: qtool train --recipe ternary_all --set policy={result.out_dir / 'policy.yaml'}\n"
     )
     atomic_write_text(result.out_dir / "policy.yaml", header + yaml.safe_dump(result.policy, sort_keys=False))
 
 
-__all__ = ["Evaluator", "SearchError", "SearchResult", "SearchSpace", "apply_allocation", "build_space",
-           "milp_allocations", "open_storage", "parse_budget", "run_search"]
+__all__ = ["Evaluator", "SearchError", "SearchResult", "SearchSpace", "apply_allocation", "answer_without_search",
+           "build_space", "larger_formats", "milp_allocations", "most_accurate_allocation", "open_storage", "parse_budget", "run_search"]
