@@ -236,3 +236,43 @@ def test_fp32_candidate_is_charged_its_exact_bytes(fp32_ckpt, tmp_path):
     assert res.no_search is None and res.best["bytes"] <= budget
     assert memory_plan(cfg, str(tmp_path / "out" / "policy.yaml")).total_bytes == res.best["bytes"]
     assert res.references["fp32"]["bytes"] == all_fp32
+
+
+# ------------------------------------------------------------------------------ noise
+
+
+def test_noise_statistics():
+    from qtoolkit.search.noise import compare, paired_standard_error, standard_error
+
+    assert standard_error([1.0]) is None
+    assert standard_error([1.0, 3.0]) == pytest.approx(1.0)  # sd sqrt(2), / sqrt(2)
+    a, b = [5.0, 6.0, 7.0, 8.0], [5.1, 6.1, 7.1, 8.1]
+    assert paired_standard_error(a, b) == pytest.approx(0.0, abs=1e-12)  # a constant shift is no noise
+    # a consistent 0.1 shift on batches that vary by ~1: paired it is a clear win, though below SE(trial)
+    chosen = {"loss": 6.5, "batch_losses": a, "se": standard_error(a)}
+    other = {"loss": 6.6, "batch_losses": b}
+    assert compare(chosen, other)["verdict"] == "tied"  # smaller than the trial's SE (0.65): never a win
+    big = {"loss": 7.5, "batch_losses": [x + 1.0 + 0.01 * i for i, x in enumerate(a)]}
+    assert compare(chosen, big)["verdict"] == "better"
+    noisy = {"loss": 6.45, "batch_losses": [4.0, 7.0, 6.0, 8.8]}
+    assert compare(chosen, noisy)["verdict"] == "tied"
+    assert compare({"loss": 1.0, "batch_losses": [1.0], "se": None}, {"loss": 2.0, "batch_losses": [2.0]})["verdict"] == "untested"
+
+
+def test_search_reports_a_tie_with_a_uniform_allocation(fp32_ckpt, tmp_path):
+    """Between all-int8 and all-fp16 every allocation loses about the same: the summary says tied."""
+    space = build_space(ModelConfig.from_name("tiny"), FORMATS)
+    budget = (space.bytes_of(space.uniform("int8")) + space.bytes_of(space.uniform("fp16"))) // 2
+    res = run_search(fp32_ckpt, budget, FORMATS, tmp_path / "out", trials=4, calib_tokens=256, eval_batches=4)
+    assert res.best["se"] is not None and res.best["se"] > 0 and len(res.best["batch_losses"]) == 4
+    versus = res.noise["versus"]
+    assert versus["int8"]["fits"] and versus["int8"]["verdict"] == "tied", versus["int8"]
+    assert versus["ternary"]["verdict"] == "better"  # ternary is far behind, beyond any noise
+    assert "int8" in res.ties()
+    assert "statistically tied with all-int8" in (tmp_path / "out" / "policy.yaml").read_text()
+    from qtoolkit import report
+
+    with report.console.capture() as cap:
+        report.print_renderables(report.search_renderables(res))
+    text = cap.get()
+    assert "statistically tied" in text and "chosen better by" in text

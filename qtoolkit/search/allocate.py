@@ -60,6 +60,7 @@ from qtoolkit.outputs import check_outputs
 from qtoolkit.pack import model_from_checkpoint
 from qtoolkit.rundir import run_dir_lock
 from qtoolkit.schema import check_int, check_number, check_seed
+from qtoolkit.search.noise import compare, standard_error
 from qtoolkit.search.probes import (
     Format,
     ProbeResult,
@@ -278,15 +279,38 @@ class Evaluator:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.calib, self.sources = calib, sources
         self.tokens = sum(y.numel() for _, y in val_batches)
+        self.batch_losses: list[float] = []  # per validation batch, of the last evaluation (`search.noise`)
 
     @property
     def finetune_seed(self) -> int:
         return self.seed + 1  # the finetuning batches differ from the calibration windows
 
     def _val_loss(self, model: nn.Module) -> float:
+        """`evaluate_batches`' loss (what `qtool eval` reports); the per-batch mean cross-entropies
+        are taken from the same forward passes (a hook on the logits) into `self.batch_losses`."""
+        import torch.nn.functional as F
+
         from qtoolkit.training.trainer import evaluate_batches
 
-        return evaluate_batches(model, self.val_batches, self.device)["val_loss"]
+        targets = iter(y for _, y in self.val_batches)
+        losses: list[float] = []
+
+        def per_batch(module, args, logits) -> None:
+            y = next(targets).to(logits.device)
+            losses.append(float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten())))
+
+        hook = model.register_forward_hook(per_batch)
+        try:
+            loss = evaluate_batches(model, self.val_batches, self.device)["val_loss"]
+        finally:
+            hook.remove()
+        self.batch_losses = losses
+        return loss
+
+    @property
+    def standard_error(self) -> float | None:
+        """SE of the last evaluation's loss, from its per-batch losses (`search.noise`)."""
+        return standard_error(self.batch_losses)
 
     def __call__(self, alloc: dict[str, str]) -> float:
         assignment = self.space.assignment(alloc)
@@ -374,6 +398,13 @@ class SearchResult:
     pareto: bool = False
     # the budget needed no search: {"reason", "larger": [{"format", "bytes", "fits"}]} (`answer_without_search`)
     no_search: dict[str, Any] | None = None
+    # {"se": SE of the chosen loss, "batches", "versus": {format: search.noise.compare(chosen, uniform) + "fits"}}
+    noise: dict[str, Any] = field(default_factory=dict)
+
+    def ties(self) -> list[str]:
+        """The uniform formats that fit the budget and whose loss the chosen allocation does not beat
+        beyond the noise (`search.noise`)."""
+        return [f for f, c in self.noise.get("versus", {}).items() if c["fits"] and c["verdict"] == "tied"]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -387,7 +418,7 @@ class SearchResult:
                 "key": self.probe.key, "base_loss": self.probe.base_loss, "spearman": self.probe.spearman,
                 "seconds": self.probe.seconds, "complete": self.probe.complete,
                 "calibration": self.probe.calibration},
-            "no_search": self.no_search,
+            "no_search": self.no_search, "noise": self.noise,
             "references": self.references, "best": self.best, "policy": self.policy,
             "pareto_front": self.pareto_front, "trials": self.trials, "rejected_over_budget": self.rejected,
             "interrupted": self.interrupted, "applied": self.applied, "pareto": self.pareto,
@@ -405,7 +436,8 @@ def _trial_record(t) -> dict[str, Any]:
     values = t.values if t.values is not None else None
     return {
         "number": t.number, "state": t.state.name, "bytes": t.user_attrs.get("bytes"),
-        "loss": t.user_attrs.get("loss"), "source": t.user_attrs.get("source", "sampler"),
+        "loss": t.user_attrs.get("loss"), "se": t.user_attrs.get("se"),
+        "batch_losses": t.user_attrs.get("batch_losses"), "source": t.user_attrs.get("source", "sampler"),
         "values": values, "allocation": dict(t.params),
     }
 
@@ -618,7 +650,9 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
     for f in space.keys:
         if f not in references:
             alloc = space.uniform(f)
-            references[f] = {"bytes": space.bytes_of(alloc), "loss": evaluate(alloc)}
+            loss = evaluate(alloc)
+            references[f] = {"bytes": space.bytes_of(alloc), "loss": loss, "se": evaluate.standard_error,
+                             "batch_losses": evaluate.batch_losses}
             study.set_user_attr("references", references)
 
     # exact seeds (first run of the study only; marked after enqueueing, so a crash loses none)
@@ -664,6 +698,8 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
             trial.set_user_attr("error", f"non-finite loss {loss}")
             return [nbytes, math.nan] if pareto else math.nan  # Optuna records the trial as failed
         trial.set_user_attr("loss", loss)
+        trial.set_user_attr("se", evaluate.standard_error)
+        trial.set_user_attr("batch_losses", evaluate.batch_losses)
         return [nbytes, loss] if pareto else loss
 
     def seeds_waiting() -> bool:  # an exact seed (a retried one included) is never left unevaluated
@@ -690,8 +726,9 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
     records = [_trial_record(t) for t in study.get_trials(deepcopy=False)]
     complete = [r for r in records if r["state"] == "COMPLETE" and r["bytes"] is not None and r["bytes"] <= budget]
     # a uniform allocation that fits and was measured is a candidate too: the answer is never worse
-    uniform = [{"number": None, "state": "REFERENCE", "bytes": ref["bytes"], "loss": ref["loss"],
-                "source": f"uniform {f}", "values": None, "allocation": space.uniform(f)}
+    uniform = [{"number": None, "state": "REFERENCE", "bytes": ref["bytes"], "loss": ref["loss"], "se": ref.get("se"),
+                "batch_losses": ref.get("batch_losses"), "source": f"uniform {f}", "values": None,
+                "allocation": space.uniform(f)}
                for f, ref in references.items() if f in space.keys and ref["bytes"] <= budget
                and ref["loss"] is not None and math.isfinite(ref["loss"])]
     candidates = complete + uniform
@@ -701,11 +738,16 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
         if not front or r["loss"] < front[-1]["loss"]:
             front.append({"number": r["number"], "bytes": r["bytes"], "loss": r["loss"], "source": r["source"]})
     policy = space.policy(best["allocation"]) if best else {}
+    # is the chosen allocation really better than each uniform one? (search.noise: paired, per batch)
+    noise = {"se": best.get("se"), "batches": len(best.get("batch_losses") or []),
+             "versus": {f: {**compare(best, ref), "fits": ref["bytes"] <= budget} for f, ref in references.items()
+                        if best["source"] != f"uniform {f}" and ref.get("loss") is not None
+                        and math.isfinite(ref["loss"])}} if best else {}
     result = SearchResult(
         out_dir=out_dir, budget=budget, min_bytes=space.min_bytes, max_bytes=space.max_bytes, space=space,
         probe=probe, study_name=name, storage=storage_url, trials=records, best=best, references=references,
         pareto_front=front, policy=policy, interrupted=interrupted, rejected=counts["rejected"],
-        elapsed_s=time.perf_counter() - t_start, study=study, pareto=pareto,
+        elapsed_s=time.perf_counter() - t_start, study=study, pareto=pareto, noise=noise,
     )
     write_outputs(result)
     if apply:
@@ -772,7 +814,11 @@ def write_outputs(result: SearchResult) -> None:
     else:
         origin = (f"trial {best['number']}, {best['source']}" if best["number"] is not None
                   else f"{best['source']}: no searched allocation that fits did better")
-        outcome = f"# validation loss {best['loss']:.4f} ({origin})\n"
+        se = f" +- {best['se']:.4f} (SE)" if best.get("se") is not None else ""
+        outcome = f"# validation loss {best['loss']:.4f}{se} ({origin})\n"
+        if result.ties():
+            outcome += (f"# statistically tied with all-{', all-'.join(result.ties())} (the difference is within "
+                        "the noise of the validation batches)\n")
     header = (
         "# qtool search: mixed-precision policy\n"
         f"# budget {result.budget:,} B; this policy: {best['bytes']:,} B (qtool plan gives the same figure)\n"
