@@ -62,8 +62,8 @@ def test_quantized_context_restores_the_model():
 
 def test_probe_measures_caches_and_ranks(fp32_ckpt, tmp_path, monkeypatch):
     monkeypatch.setenv("QTOOLKIT_CACHE", str(tmp_path / "cache"))
-    r = run_probe(fp32_ckpt, parse_formats(FORMATS), "group", calib_tokens=512)
-    assert r.complete and not r.cached and not r.missing()
+    r = run_probe(fp32_ckpt, parse_formats(FORMATS), "group", calib_tokens=512, prune=False)
+    assert r.complete and not r.cached and not r.missing() and not r.pruned
     assert r.calibration["tokens"] == 512 and math.isfinite(r.base_loss)
     mean = {f: sum(r.measured[u][f] for u in r.measured) / len(r.measured) for f in ("ternary", "int8", "fp16")}
     assert mean["ternary"] > 10 * abs(mean["int8"]) and mean["ternary"] > 10 * abs(mean["fp16"])
@@ -74,6 +74,32 @@ def test_probe_measures_caches_and_ranks(fp32_ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(probes.CachedForward, "loss", lambda *a, **k: pytest.fail("re-measured"))
     again = run_probe(fp32_ckpt, parse_formats(FORMATS), "group", calib_tokens=512)
     assert again.cached and again.measured == r.measured
+
+
+def test_formats_at_the_noise_floor_stop_early(fp32_ckpt, tmp_path, monkeypatch):
+    """int8 and fp16 change the loss by less than twice the paired SE: after FLOOR_RUN such units in
+    one-pass-estimate order the format is no longer measured; ternary is measured in full."""
+    monkeypatch.setenv("QTOOLKIT_CACHE", str(tmp_path / "cache"))
+    plans = []
+    fast = run_probe(fp32_ckpt, parse_formats(FORMATS), "layer", calib_tokens=512, announce=plans.append)
+    assert fast.complete and not fast.missing()
+    assert set(fast.pruned) == {"int8", "fp16"} and "ternary" not in fast.pruned
+    n = len(fast.units)
+    for f in ("int8", "fp16"):  # measured until FLOOR_RUN in a row sat at the floor, the rest pruned
+        measured = sum(f in fs for fs in fast.measured.values())
+        assert probes.FLOOR_RUN <= measured < n / 2 and measured + len(fast.pruned[f]) == n, (f, measured)
+    assert all(f == "ternary" or u not in fast.pruned.get(f, ()) for u, fs in fast.measured.items() for f in fs)
+    for f in ("int8", "fp16"):  # what stopped them: FLOOR_RUN measurements within the noise
+        floor = [u for u, fs in fast.measured.items() if f in fs and abs(fs[f]) <= 2 * fast.noise[u][f]]
+        assert len(floor) >= probes.FLOOR_RUN
+    sens = fast.sensitivity()
+    assert all(math.isfinite(v) for fs in sens.values() for v in fs.values())
+    # the measured ternary sensitivities are those of the full probe; the plan came first
+    monkeypatch.setenv("QTOOLKIT_CACHE", str(tmp_path / "cache2"))
+    full = run_probe(fp32_ckpt, parse_formats(FORMATS), "layer", calib_tokens=512, prune=False)
+    assert {u: fs["ternary"] for u, fs in fast.measured.items()} == {u: fs["ternary"] for u, fs in full.measured.items()}
+    assert plans[0]["stage"] == "probe" and plans[0]["pairs"] == 3 * n and plans[0]["seconds"]["total"] > 0
+    assert plans[1]["floor_formats"] == ["int8", "fp16"]
 
 
 def test_measured_matches_a_direct_evaluation(fp32_ckpt, tmp_path, monkeypatch):

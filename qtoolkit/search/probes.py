@@ -56,9 +56,12 @@ from qtoolkit.errors import CheckpointError, ConfigError, QToolkitError, short_r
 from qtoolkit.evaluate.analyze import code_stats, latent_stats
 from qtoolkit.model import DecoderLM, layer_position
 from qtoolkit.policy import apply_policy, set_by_name
+from qtoolkit.search.estimate import floor_formats, probe_estimate, quick_timing
+from qtoolkit.search.noise import Z, paired_standard_error
 from qtoolkit.training.data import CALIBRATION_STEP, calibration_batches  # noqa: F401 (re-exported)
 
 Progress = Callable[[str, int, int | None], None]
+FLOOR_RUN = 3  # a format stops being measured after this many consecutive units at the noise floor
 
 
 class ProbeError(QToolkitError, RuntimeError):
@@ -218,8 +221,9 @@ class CachedForward:
 
     @torch.no_grad()
     def loss(self, start: int | None) -> float:
-        """Mean CE, recomputing from block `start` (None: from the embedding; n_layers: the head)."""
-        total = 0.0
+        """Mean CE, recomputing from block `start` (None: from the embedding; n_layers: the head).
+        The mean CE of every calibration sequence is kept in `self.sequence_losses` (`search.noise`)."""
+        total, per_seq = 0.0, []
         for (x, y), hs in zip(self.batches, self.hidden, strict=True):
             cos, sin = self._rope(x.shape[1])
             if start is None:
@@ -228,7 +232,11 @@ class CachedForward:
                 h, first = hs[start], start
             for block in self.model.blocks[first:]:
                 h = block(h, cos, sin)
-            total += _ce(self.model.lm_head(self.model.norm(h)), y).item()
+            logits = self.model.lm_head(self.model.norm(h))
+            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+            total += float(ce.sum())
+            per_seq += ce.mean(1).tolist()
+        self.sequence_losses = per_seq
         return total / self.tokens
 
 
@@ -252,18 +260,25 @@ class ProbeResult:
     formats: list[dict[str, Any]]  # {"key", "spec"}
     calibration: dict[str, Any]
     base_loss: float | None = None
+    base_sequences: list[float] = field(default_factory=list)  # the base model's CE per calibration sequence
     measured: dict[str, dict[str, float]] = field(default_factory=dict)  # unit -> fmt -> S
     cheap: dict[str, dict[str, float]] = field(default_factory=dict)
     sparsity: dict[str, dict[str, Any]] = field(default_factory=dict)  # module -> stats
     spearman: dict[str, float | None] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     complete: bool = False
+    # format -> units not measured because the format's effect sat at the noise floor (|S| <= 2 SE)
+    # for FLOOR_RUN consecutive units in one-pass-estimate order; their S is the rescaled estimate
+    pruned: dict[str, list[str]] = field(default_factory=dict)
+    noise: dict[str, dict[str, float]] = field(default_factory=dict)  # unit -> fmt -> paired SE of S
+    estimate: dict[str, Any] = field(default_factory=dict)  # the time estimate announced before measuring
     cached: bool = False
     cache_path: str = ""  # the JSON file under $QTOOLKIT_CACHE/probes that holds these results
 
     def missing(self) -> list[tuple[str, str]]:
+        """Pairs neither measured nor pruned at the noise floor."""
         return [(u["name"], f["key"]) for u in self.units for f in self.formats
-                if f["key"] not in self.measured.get(u["name"], {})]
+                if f["key"] not in self.measured.get(u["name"], {}) and u["name"] not in self.pruned.get(f["key"], ())]
 
     def sensitivity(self) -> dict[str, dict[str, float]]:
         """Measured S where available; the cheap estimate, rescaled to the measured values it
@@ -387,9 +402,14 @@ def run_probe(
     progress: Progress = _noop,
     use_cache: bool = True,
     device: str = "auto",
+    announce: Callable[[dict[str, Any]], None] | None = None,
+    prune: bool = True,
 ) -> ProbeResult:
     """Sparsity probe, cheap estimate and measured sensitivities (module docstring), cached.
-    `device` (auto, cpu, cuda) runs the forward passes; the cache does not depend on it."""
+    `device` (auto, cpu, cuda) runs the forward passes; the cache does not depend on it.
+    `announce(plan)` receives what the probe will do and its estimated seconds before the
+    expensive part (`search.estimate`); `prune=False` measures formats at the noise floor in full."""
+    announce = announce or (lambda plan: None)
     from qtoolkit.device import resolve_device
     from qtoolkit.schema import check_int, check_number, check_seed
     from qtoolkit.training.data import prepare_data, tokenizer_from_json
@@ -427,7 +447,8 @@ def run_probe(
     )
     cached = _load_cached(key) if use_cache else None
     if cached is not None:
-        for k in ("base_loss", "measured", "cheap", "sparsity", "spearman", "seconds", "complete"):
+        for k in ("base_loss", "base_sequences", "measured", "cheap", "sparsity", "spearman", "seconds", "complete",
+                  "pruned", "noise", "estimate"):
             setattr(result, k, cached.get(k, getattr(result, k)))
         if result.complete:
             result.cached = True
@@ -439,13 +460,32 @@ def run_probe(
 
     start = time.perf_counter()
     deadline = None if timeout is None else start + timeout
+    calib = [x for x, _ in batches]
+    t = time.perf_counter()
+    forward = CachedForward(model, batches)
+    if result.base_loss is None or not result.base_sequences:
+        result.base_loss = forward.loss(None)
+        if not math.isfinite(result.base_loss):
+            raise ProbeError(f"{ckpt['path']}: the unquantized model's calibration loss is {result.base_loss}")
+        result.base_sequences = forward.sequence_losses
+    result.seconds["cache"] = time.perf_counter() - t
+    timing = quick_timing(model, batches[0], units, formats, calib=calib)
     if not result.sparsity:
         progress("sparsity probe", 0, 1)
         t = time.perf_counter()
         result.sparsity = sparsity_probe(model)
         result.seconds["sparsity"] = time.perf_counter() - t
         progress("sparsity probe", 1, 1)
-    if not result.cheap:
+    fisher_done = bool(result.cheap)
+    if not fisher_done:
+        # what the probe will do, before it does the expensive part (the estimate assumes the formats
+        # whose estimates are still unknown are all measured)
+        pairs = [(u, f.key) for u in units for f in formats]
+        result.estimate = {"units": len(units), "formats": [f.key for f in formats], "tokens": calibration["tokens"],
+                           "pairs": len(pairs), "timing": timing.to_dict(),
+                           "seconds": probe_estimate(timing, pairs, len(batches), lambda u: _start_block(u, cfg.n_layers),
+                                                     [], FLOOR_RUN, False)}
+        announce({"stage": "probe", **result.estimate})
         progress("fisher estimate", 0, 1)
         t = time.perf_counter()
         result.cheap = fisher_sensitivity(model, units, formats, batches)
@@ -454,28 +494,48 @@ def run_probe(
         _check_finite(result.cheap, "cheap estimate")
         save()
 
-    todo = [(u, f) for u in units for f in formats if f.key not in result.measured.get(u.name, {})]
+    # the order of measurement: formats by their largest estimated effect, units by estimate within a
+    # format, so a format whose effects reach the noise floor stops early (the rest are smaller still)
+    by_name = {u.name: u for u in units}
+    fmt_order = sorted(formats, key=lambda f: -max(abs(result.cheap[u.name][f.key]) for u in units))
+    todo = [(by_name[n], f) for f in fmt_order
+            for n in sorted(by_name, key=lambda n: -abs(result.cheap[n][f.key]))
+            if f.key not in result.measured.get(n, {}) and n not in result.pruned.get(f.key, ())]
+    floor = floor_formats(result.cheap, [f.key for f in formats])
+    estimate = probe_estimate(timing, [(u, f.key) for u, f in todo], len(batches),
+                              lambda u: _start_block(u, cfg.n_layers), floor, FLOOR_RUN, True)
+    result.estimate = {**result.estimate, "floor_formats": floor, "pairs_left": len(todo),
+                       "seconds_left": estimate["measured"]}
+    announce({"stage": "sensitivity", **result.estimate})
     total = len(units) * len(formats)
-    t = time.perf_counter()
-    forward = CachedForward(model, batches)
-    if result.base_loss is None:
-        result.base_loss = forward.loss(None)
-        if not math.isfinite(result.base_loss):
-            raise ProbeError(f"{ckpt['path']}: the unquantized model's calibration loss is {result.base_loss}")
     done = total - len(todo)
     progress("sensitivity probe", done, total)
+    t = time.perf_counter()
     last_save = time.perf_counter()
+    at_floor = {f.key: 0 for f in formats}
     for unit, fmt in todo:
         if deadline is not None and time.perf_counter() > deadline:
             break
-        with quantized(model, {name: fmt.spec for name in unit.modules}, calib=[x for x, _ in batches]):
+        if unit.name in result.pruned.get(fmt.key, ()):
+            continue
+        with quantized(model, {name: fmt.spec for name in unit.modules}, calib=calib):
             loss = forward.loss(_start_block(unit, cfg.n_layers))
         if not math.isfinite(loss):
             save()
             raise ProbeError(f"quantizing {unit.name} to {fmt.key} gives a non-finite loss ({loss}); "
                              "this format cannot be used for this unit")
-        result.measured.setdefault(unit.name, {})[fmt.key] = loss - result.base_loss
+        s = loss - result.base_loss
+        se = paired_standard_error(getattr(forward, "sequence_losses", []), result.base_sequences)
+        result.measured.setdefault(unit.name, {})[fmt.key] = s
+        if se is not None:
+            result.noise.setdefault(unit.name, {})[fmt.key] = se
         done += 1
+        # at the noise floor: the effect is within Z paired standard errors of zero
+        at_floor[fmt.key] = at_floor[fmt.key] + 1 if se is not None and abs(s) <= Z * se else 0
+        if at_floor[fmt.key] >= FLOOR_RUN and prune:
+            rest = [u.name for u, f in todo if f.key == fmt.key and f.key not in result.measured.get(u.name, {})]
+            result.pruned[fmt.key] = sorted(set(result.pruned.get(fmt.key, [])) | set(rest))
+            done += len(rest)
         progress("sensitivity probe", done, total)
         if time.perf_counter() - last_save > 10:
             save()
