@@ -98,8 +98,18 @@ def test_formats_at_the_noise_floor_stop_early(fp32_ckpt, tmp_path, monkeypatch)
     monkeypatch.setenv("QTOOLKIT_CACHE", str(tmp_path / "cache2"))
     full = run_probe(fp32_ckpt, parse_formats(FORMATS), "layer", calib_tokens=512, prune=False)
     assert {u: fs["ternary"] for u, fs in fast.measured.items()} == {u: fs["ternary"] for u, fs in full.measured.items()}
-    assert plans[0]["stage"] == "probe" and plans[0]["pairs"] == 3 * n and plans[0]["seconds"]["total"] > 0
-    assert plans[1]["floor_formats"] == ["int8", "fp16"]
+    assert len(plans) == 1 and plans[0]["stage"] == "probe" and plans[0]["pairs"] == 3 * n
+    assert plans[0]["floor_formats"] == ["int8", "fp16"] and plans[0]["seconds"] > 0
+
+
+@pytest.mark.parametrize("units", ["layer", "group"])
+def test_the_announced_time_is_within_2x_of_the_probe(fp32_ckpt, tmp_path, monkeypatch, units):
+    monkeypatch.setenv("QTOOLKIT_CACHE", str(tmp_path / "cache"))
+    plans = []
+    r = run_probe(fp32_ckpt, parse_formats(FORMATS), units, calib_tokens=4096, announce=plans.append)
+    measured_s = r.seconds["measured"]
+    estimate = plans[0]["seconds"]
+    assert estimate / 2 <= measured_s <= 2 * estimate, (estimate, measured_s, plans[0]["timing"])
 
 
 def test_measured_matches_a_direct_evaluation(fp32_ckpt, tmp_path, monkeypatch):

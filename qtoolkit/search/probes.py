@@ -62,6 +62,7 @@ from qtoolkit.training.data import CALIBRATION_STEP, calibration_batches  # noqa
 
 Progress = Callable[[str, int, int | None], None]
 FLOOR_RUN = 3  # a format stops being measured after this many consecutive units at the noise floor
+CALIBRATE_PAIRS = 2  # the time estimate is scaled to this many real measurements before it is announced
 
 
 class ProbeError(QToolkitError, RuntimeError):
@@ -476,16 +477,7 @@ def run_probe(
         result.sparsity = sparsity_probe(model)
         result.seconds["sparsity"] = time.perf_counter() - t
         progress("sparsity probe", 1, 1)
-    fisher_done = bool(result.cheap)
-    if not fisher_done:
-        # what the probe will do, before it does the expensive part (the estimate assumes the formats
-        # whose estimates are still unknown are all measured)
-        pairs = [(u, f.key) for u in units for f in formats]
-        result.estimate = {"units": len(units), "formats": [f.key for f in formats], "tokens": calibration["tokens"],
-                           "pairs": len(pairs), "timing": timing.to_dict(),
-                           "seconds": probe_estimate(timing, pairs, len(batches), lambda u: _start_block(u, cfg.n_layers),
-                                                     [], FLOOR_RUN, False)}
-        announce({"stage": "probe", **result.estimate})
+    if not result.cheap:
         progress("fisher estimate", 0, 1)
         t = time.perf_counter()
         result.cheap = fisher_sensitivity(model, units, formats, batches)
@@ -502,11 +494,25 @@ def run_probe(
             for n in sorted(by_name, key=lambda n: -abs(result.cheap[n][f.key]))
             if f.key not in result.measured.get(n, {}) and n not in result.pruned.get(f.key, ())]
     floor = floor_formats(result.cheap, [f.key for f in formats])
-    estimate = probe_estimate(timing, [(u, f.key) for u, f in todo], len(batches),
-                              lambda u: _start_block(u, cfg.n_layers), floor, FLOOR_RUN, True)
-    result.estimate = {**result.estimate, "floor_formats": floor, "pairs_left": len(todo),
-                       "seconds_left": estimate["measured"]}
-    announce({"stage": "sensitivity", **result.estimate})
+    starts = lambda u: _start_block(u, cfg.n_layers)  # noqa: E731
+
+    def plan(n_first: int, spent: float) -> None:
+        """What the probe will do and how long it will take: the cost model (`search.estimate`),
+        scaled to the first `n_first` measurements, which took `spent` seconds."""
+        first = [(u, f.key) for u, f in todo[:n_first]]
+        modelled = probe_estimate(timing, first, len(batches), starts, [], FLOOR_RUN, True)["measured"]
+        ratio = spent / modelled if n_first and modelled > 0 and spent > 0 else 1.0
+        rest = probe_estimate(timing, [(u, f.key) for u, f in todo[n_first:]], len(batches), starts, floor,
+                              FLOOR_RUN, True)["measured"]
+        result.estimate = {"units": len(units), "formats": [f.key for f in formats], "tokens": calibration["tokens"],
+                           "pairs": len(units) * len(formats), "pairs_left": len(todo), "floor_formats": floor,
+                           "floor_run": FLOOR_RUN, "seconds": spent + ratio * rest, "calibration_ratio": ratio,
+                           "seconds_so_far": time.perf_counter() - start, "timing": timing.to_dict()}
+        announce({"stage": "probe", **result.estimate})
+
+    n_calibrate = CALIBRATE_PAIRS if len(todo) > CALIBRATE_PAIRS else 0
+    if not n_calibrate:
+        plan(0, 0.0)
     total = len(units) * len(formats)
     done = total - len(todo)
     progress("sensitivity probe", done, total)
@@ -530,13 +536,17 @@ def run_probe(
         if se is not None:
             result.noise.setdefault(unit.name, {})[fmt.key] = se
         done += 1
-        # at the noise floor: the effect is within Z paired standard errors of zero
-        at_floor[fmt.key] = at_floor[fmt.key] + 1 if se is not None and abs(s) <= Z * se else 0
+        # at the noise floor: the effect is within Z paired standard errors of zero, or below the
+        # typical uncertainty of the formats measured before it (so it cannot reorder what they decide)
+        noise_floor = max(Z * se, _resolution(result.noise, fmt_order, fmt)) if se is not None else None
+        at_floor[fmt.key] = at_floor[fmt.key] + 1 if noise_floor is not None and abs(s) <= noise_floor else 0
         if at_floor[fmt.key] >= FLOOR_RUN and prune:
             rest = [u.name for u, f in todo if f.key == fmt.key and f.key not in result.measured.get(u.name, {})]
             result.pruned[fmt.key] = sorted(set(result.pruned.get(fmt.key, [])) | set(rest))
             done += len(rest)
         progress("sensitivity probe", done, total)
+        if n_calibrate and done - (total - len(todo)) == n_calibrate:
+            plan(n_calibrate, time.perf_counter() - t)
         if time.perf_counter() - last_save > 10:
             save()
             last_save = time.perf_counter()
@@ -544,6 +554,14 @@ def run_probe(
     result.complete = not result.missing()
     save()
     return result
+
+
+def _resolution(noise: dict[str, dict[str, float]], order: list[Format], fmt: Format) -> float:
+    """The median paired SE of the measurements of the formats measured before `fmt` (0 if none):
+    how well the probe knows the larger effects that the allocation trades against each other."""
+    before = {f.key for f in order[: order.index(fmt)]}
+    ses = sorted(se for fs in noise.values() for k, se in fs.items() if k in before)
+    return ses[len(ses) // 2] if ses else 0.0
 
 
 def _check_finite(table: dict[str, dict[str, float]], what: str) -> None:
