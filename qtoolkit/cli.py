@@ -446,6 +446,11 @@ def _range(text: str | None) -> tuple[int, int] | None:
     return lo, hi
 
 
+def _announce(plan: dict) -> None:
+    """What a probe or search is about to do and how long it should take, printed before it does it."""
+    report.console.print(report.plan_text(plan), highlight=False, style="bold", soft_wrap=True)
+
+
 @app.command(short_help="Per-layer sensitivity and sparsity probes.")
 @user_errors
 def probe(
@@ -468,7 +473,7 @@ def probe(
     with _human_output(json_):
         with report.StageProgress() as progress:
             result = run_probe(ckpt, parse_formats(formats), units, data, calib_tokens, seed, timeout, progress,
-                               device=device)
+                               device=device, announce=_announce)
         written = _write_json(json_, result.to_dict())
         report.console.print(report.probe_table(result, full=full, outputs=[Path(result.cache_path), *written]))
 
@@ -520,7 +525,7 @@ def search(
         with report.StageProgress() as progress:
             result = run_search(ckpt, budget, parse_formats(formats), out, data, trials, timeout, storage, study, units,
                                 finetune_steps, pareto, seed, calib_tokens, eval_batches, progress=progress,
-                                device=device, apply=apply)
+                                device=device, apply=apply, announce=_announce)
         written = _write_json(json_, result.to_dict())
         if plot and result.no_search is None:  # a budget answered without search has no trials to draw
             report.save_search_plot(result, plot)

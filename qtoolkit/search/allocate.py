@@ -519,10 +519,13 @@ def run_search(
     progress: Progress = _noop,
     device: str = "auto",
     apply: bool = False,
+    announce: Callable[[dict[str, Any]], None] | None = None,
 ) -> SearchResult:
     """The search of the module docstring. With `apply`, the chosen allocation is then written as a
     quantized training checkpoint (`apply_allocation`), and with `finetune_steps` its finetuned
-    version too. `device` (auto, cpu, cuda) runs the probe, the trials and their finetuning."""
+    version too. `device` (auto, cpu, cuda) runs the probe, the trials and their finetuning.
+    `announce(plan)` receives what the search will do and its estimated seconds (`search.estimate`)
+    before the bulk of the work."""
     from qtoolkit.device import resolve_device
 
     t_start = time.perf_counter()
@@ -559,7 +562,7 @@ def run_search(
                                          seed, calib_tokens, eval_batches, progress, t_start, dev, apply)
         return _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
                        study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
-                       progress, t_start, device, dev, apply)
+                       progress, t_start, device, dev, apply, announce or (lambda plan: None))
 
 
 def answer_without_search(ckpt_path, ckpt, cfg, space, budget, alloc, out_dir, data_path, finetune_steps, seed,
@@ -615,17 +618,32 @@ def _evaluator(ckpt, cfg, space, data_path, finetune_steps, seed, calib_tokens, 
 
 def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
             study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
-            progress, t_start, device, dev, apply) -> SearchResult:
+            progress, t_start, device, dev, apply, announce) -> SearchResult:
     import optuna
 
+    from qtoolkit.search.estimate import Timing, quick_timing, trial_seconds
     from qtoolkit.search.probes import checkpoint_fingerprint
+
+    train_cfg = (ckpt.get("recipe") or {}).get("train") or {}
+    bs, sl = int(train_cfg.get("batch_size") or 8), int(train_cfg.get("seq_len") or cfg.max_seq_len)
+
+    def plan(timing: Timing, probe_s: float, probe_plan: dict[str, Any] | None) -> None:
+        per_trial = trial_seconds(timing, space.units, formats, eval_batches * bs * sl, finetune_steps, bs * sl)
+        evaluations = trials + len(formats)  # the trials and the uniform references (fewer on a resumed study)
+        announce({"stage": "search", "probe": probe_plan, "probe_seconds": probe_s, "trials": trials,
+                  "references": len(formats), "trial_seconds": per_trial, "eval_tokens": eval_batches * bs * sl,
+                  "finetune_steps": finetune_steps, "seconds": probe_s + evaluations * per_trial})
 
     probe = run_probe(ckpt_path, formats, granularity, data_path, calib_tokens, seed,
                       timeout=None if deadline is None else max(1.0, deadline - time.perf_counter()),
-                      progress=progress, device=device)
+                      progress=progress, device=device,
+                      announce=lambda p: plan(Timing.from_dict(p["timing"]), p["seconds"], p))
     sens = probe.sensitivity()
     evaluate, data = _evaluator(ckpt, cfg, space, data_path, finetune_steps, seed, calib_tokens, eval_batches, dev,
                                 progress)
+    if probe.cached:  # nothing announced yet: time the trials' model on one validation batch
+        plan(quick_timing(evaluate.model, evaluate.val_batches[0], space.units, formats, evaluate.calib,
+                          evaluate.sources), 0.0, None)
 
     storage_url = storage or f"sqlite:///{(out_dir / 'search.db').resolve()}"
     identity = study_identity(checkpoint_fingerprint(ckpt["path"]), space, budget, pareto, finetune_steps,

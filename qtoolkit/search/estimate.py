@@ -42,6 +42,11 @@ class Timing:
     def full(self) -> float:
         return self.embed + self.n_layers * self.block + self.head
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Timing:
+        return cls(d["embed_s"], d["block_s"], d["head_s"], d["n_layers"], dict(d["quantize_s_per_weight"]),
+                   d["tokens_per_batch"])
+
     def pair(self, start: int | None, numel: int, fmt: str, n_batches: int) -> float:
         """Seconds to measure one (unit, format) with the block-input cache."""
         blocks = self.n_layers if start is None else self.n_layers - start

@@ -510,12 +510,12 @@ def run_probe(
                            "seconds_so_far": time.perf_counter() - start, "timing": timing.to_dict()}
         announce({"stage": "probe", **result.estimate})
 
+    total = len(units) * len(formats)
+    done, n_measured = total - len(todo), 0
     n_calibrate = CALIBRATE_PAIRS if len(todo) > CALIBRATE_PAIRS else 0
     if not n_calibrate:
         plan(0, 0.0)
-    total = len(units) * len(formats)
-    done = total - len(todo)
-    progress("sensitivity probe", done, total)
+        progress("sensitivity probe", done, total)
     t = time.perf_counter()
     last_save = time.perf_counter()
     at_floor = {f.key: 0 for f in formats}
@@ -535,7 +535,7 @@ def run_probe(
         result.measured.setdefault(unit.name, {})[fmt.key] = s
         if se is not None:
             result.noise.setdefault(unit.name, {})[fmt.key] = se
-        done += 1
+        done, n_measured = done + 1, n_measured + 1
         # at the noise floor: the effect is within Z paired standard errors of zero, or below the
         # typical uncertainty of the formats measured before it (so it cannot reorder what they decide)
         noise_floor = max(Z * se, _resolution(result.noise, fmt_order, fmt)) if se is not None else None
@@ -544,9 +544,11 @@ def run_probe(
             rest = [u.name for u, f in todo if f.key == fmt.key and f.key not in result.measured.get(u.name, {})]
             result.pruned[fmt.key] = sorted(set(result.pruned.get(fmt.key, [])) | set(rest))
             done += len(rest)
-        progress("sensitivity probe", done, total)
-        if n_calibrate and done - (total - len(todo)) == n_calibrate:
+        if n_calibrate and n_measured == n_calibrate:  # the plan first, then the progress
             plan(n_calibrate, time.perf_counter() - t)
+            n_calibrate = 0
+        if not n_calibrate:
+            progress("sensitivity probe", done, total)
         if time.perf_counter() - last_save > 10:
             save()
             last_save = time.perf_counter()
