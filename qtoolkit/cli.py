@@ -488,7 +488,9 @@ def search(
     ckpt_opt: Annotated[Path | None, typer.Option("--ckpt", hidden=True, help="Deprecated: the positional CKPT.")] = None,
     data: Data = None,
     formats: Formats = "ternary,int8,fp16",
-    trials: Annotated[int, typer.Option(help="Completed trials to reach (over-budget ones do not count).")] = 30,
+    trials: Annotated[int | None, typer.Option(help="Completed trials to reach.  [default: adapts to the space: "
+                                                     "4 x sqrt(units x (formats - 1)), 10 to 100]",
+                                                show_default=False)] = None,
     timeout: Annotated[float | None, typer.Option(help="Wall-clock limit in seconds (probe included).  "
                                                        "[default: no limit]", show_default=False)] = None,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL.  [default: sqlite:///OUT/search.db]",

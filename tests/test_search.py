@@ -276,3 +276,43 @@ def test_search_reports_a_tie_with_a_uniform_allocation(fp32_ckpt, tmp_path):
         report.print_renderables(report.search_renderables(res))
     text = cap.get()
     assert "statistically tied" in text and "chosen better by" in text
+
+
+# ------------------------------------------------------------------------------ trials and the budget
+
+
+def test_over_budget_proposals_are_repaired_into_the_budget(fp32_ckpt, tmp_path):
+    space = build_space(ModelConfig.from_name("tiny"), FORMATS)
+    rng = random.Random(0)
+    sens = {u.name: {"ternary": rng.uniform(0.1, 1.0), "int8": rng.uniform(0, 0.01), "fp16": 0.0} for u in space.units}
+    budget = (space.min_bytes + space.bytes_of(space.uniform("int8"))) // 2
+    proposal = space.uniform("fp16")
+    fixed = qsearch.repair(space, sens, proposal, budget)
+    assert space.bytes_of(fixed) <= budget
+    # greedy by sensitivity per byte: better than making units ternary in a random order until it fits
+
+    def cost(a):
+        return sum(sens[u][f] for u, f in a.items())
+
+    for seed in range(5):
+        order, a = [u.name for u in space.units], dict(proposal)
+        random.Random(seed).shuffle(order)
+        for u in order:
+            if space.bytes_of(a) <= budget:
+                break
+            a[u] = "ternary"
+        assert cost(fixed) <= cost(a)
+    res = run_search(fp32_ckpt, 100_000, FORMATS, tmp_path / "out", trials=8, calib_tokens=256, eval_batches=2)
+    assert res.rejected == 0 and res.repaired > 0  # nothing thrown away
+    evaluated = [t for t in res.trials if t["state"] == "COMPLETE"]
+    assert len(evaluated) == 8 and all(t["bytes"] <= 100_000 for t in evaluated)
+    sigs = [json.dumps(t["allocation"], sort_keys=True) for t in evaluated]
+    assert len(set(sigs)) == len(sigs)  # no allocation scored twice
+    assert any(t["proposed_bytes"] and t["proposed_bytes"] > 100_000 for t in evaluated)
+
+
+def test_trials_adapt_to_the_space():
+    small = build_space(ModelConfig.from_name("tiny"), FORMATS, "group")  # 6 units x 3 formats
+    big = build_space(ModelConfig.from_name("ternarylm-132m"), FORMATS, "layer")
+    assert qsearch.default_trials(small) == 14 and qsearch.default_trials(big) == 52
+    assert qsearch.default_trials(build_space(ModelConfig.from_name("tiny"), parse_formats("int8"))) == 1

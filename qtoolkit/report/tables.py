@@ -323,7 +323,9 @@ def search_renderables(result, extra_outputs=()) -> list:
                         "its lower loss is within the noise of the validation batches (more --eval-batches "
                         "would tell)[/]")
     n_done = sum(t["state"] == "COMPLETE" for t in result.trials)
-    summary.add_row("trials", str(n_done), f"{result.rejected} rejected over budget this run; study {result.study_name}")
+    over = (f"{result.repaired} proposals over budget repaired into it, {result.repeats} repeats not re-evaluated"
+            if result.repaired or result.repeats or not result.rejected else f"{result.rejected} rejected over budget")
+    summary.add_row("trials", str(n_done), f"target {result.trials_target}; {over} this run; study {result.study_name}")
     rho = result.probe.spearman.get("all")
     summary.add_row("probe", "cached" if result.probe.cached else f"{sum(result.probe.seconds.values()):.0f} s",
                     f"Spearman(measured, estimate) {_rho(rho)}")

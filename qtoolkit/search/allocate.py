@@ -16,7 +16,8 @@ little validation loss as possible.
    solved with scipy's `milp` (HiGHS). Its k best solutions (no-good cuts), and the solutions for
    the Fisher estimate, are enqueued as the first Optuna trials.
 4. Refinement with the true objective: each Optuna trial picks a format per unit; an allocation
-   over budget is rejected (pruned) before any evaluation; otherwise the checkpoint's weights are
+   over budget is repaired into it (`repair`: the smaller formats that cost the least sensitivity
+   per byte) and one already scored is not scored again (pruned); the checkpoint's weights are
    fake-quantized with it (optionally QAT-finetuned for `finetune_steps`) and the objective is the
    mean validation cross-entropy on fixed batches. TPE (single objective) or NSGA-II (`pareto`:
    bytes and loss, over budgets from the smallest reachable size up to the budget), seeded.
@@ -259,6 +260,39 @@ def milp_allocations(space: SearchSpace, sens: dict[str, dict[str, float]], budg
     return found
 
 
+def repair(space: SearchSpace, sens: dict[str, dict[str, float]], alloc: dict[str, str], budget: int) -> dict[str, str]:
+    """Move an over-budget allocation into the budget: repeatedly give one unit a smaller format,
+    the move that costs the least sensitivity per byte saved (the probe's S), until it fits. The
+    sampler's proposals are thereby decoded into the feasible set instead of being thrown away."""
+    alloc = dict(alloc)
+    over = space.bytes_of(alloc) - budget
+    while over > 0:
+        best, best_rate = None, math.inf
+        for u in space.units:
+            cur = alloc[u.name]
+            for f in space.keys:
+                saved = space.cost[u.name][cur] - space.cost[u.name][f]
+                if saved > 0:
+                    # a move that saves all that is missing is charged for the bytes it needs, not more
+                    rate = max(sens[u.name][f] - sens[u.name][cur], 0.0) / min(saved, over)
+                    if rate < best_rate or (rate == best_rate and best and saved > best[2]):
+                        best, best_rate = (u.name, f, saved), rate
+        if best is None:  # every unit at its smallest format: the budget is below the smallest size
+            raise SearchError(f"budget {budget:,} B is below the smallest reachable size {space.min_bytes:,} B")
+        alloc[best[0]] = best[1]
+        over -= best[2]
+    return alloc
+
+
+def default_trials(space: SearchSpace) -> int:
+    """Trials to run when none are asked for: 4 * sqrt(units * (formats - 1)), between 10 and 100.
+    The space has formats^units allocations; the sampler learns per unit, so the trials grow with
+    the number of free choices, but slowly (each costs a full evaluation). One format: 1 trial."""
+    if len(space.keys) < 2:
+        return 1
+    return int(min(100, max(10, round(4 * math.sqrt(len(space.units) * (len(space.keys) - 1))))))
+
+
 # ------------------------------------------------------------------------------ the objective
 
 
@@ -391,7 +425,10 @@ class SearchResult:
     pareto_front: list[dict[str, Any]] = field(default_factory=list)
     policy: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
-    rejected: int = 0
+    rejected: int = 0  # proposals over budget thrown away (studies of earlier versions; now they are repaired)
+    repaired: int = 0  # proposals over budget moved into it (`repair`) this run
+    repeats: int = 0  # proposals (mostly repaired ones) equal to an allocation already scored: pruned, not re-evaluated
+    trials_target: int = 0
     elapsed_s: float = 0.0
     applied: dict[str, Any] = field(default_factory=dict)  # --apply: {"quantized"/"finetuned": {path, bytes, loss}}
     study: Any = field(default=None, repr=False, compare=False)  # the optuna.Study (figures draw from it)
@@ -421,6 +458,7 @@ class SearchResult:
             "no_search": self.no_search, "noise": self.noise,
             "references": self.references, "best": self.best, "policy": self.policy,
             "pareto_front": self.pareto_front, "trials": self.trials, "rejected_over_budget": self.rejected,
+            "repaired_over_budget": self.repaired, "repeats": self.repeats, "trials_target": self.trials_target,
             "interrupted": self.interrupted, "applied": self.applied, "pareto": self.pareto,
         }
 
@@ -438,7 +476,8 @@ def _trial_record(t) -> dict[str, Any]:
         "number": t.number, "state": t.state.name, "bytes": t.user_attrs.get("bytes"),
         "loss": t.user_attrs.get("loss"), "se": t.user_attrs.get("se"),
         "batch_losses": t.user_attrs.get("batch_losses"), "source": t.user_attrs.get("source", "sampler"),
-        "values": values, "allocation": dict(t.params),
+        "values": values, "allocation": dict(t.user_attrs.get("allocation") or t.params),
+        "proposed_bytes": t.user_attrs.get("proposed_bytes"), "repeat_of": t.user_attrs.get("repeat_of"),
     }
 
 
@@ -505,7 +544,7 @@ def run_search(
     formats: list[Format],
     out_dir: str | Path,
     data_path: str | None = None,
-    trials: int = 30,
+    trials: int | None = None,
     timeout: float | None = None,
     storage: str | None = None,
     study_name: str | None = None,
@@ -530,7 +569,8 @@ def run_search(
 
     t_start = time.perf_counter()
     budget = parse_budget(budget)
-    check_int(trials, "trials", 1)
+    if trials is not None:
+        check_int(trials, "trials", 1)
     if timeout is not None:
         check_number(timeout, "timeout", minimum=0)
     check_int(finetune_steps, "finetune_steps", 0)
@@ -544,6 +584,7 @@ def run_search(
     ckpt = load_checkpoint(ckpt_path)
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     space = build_space(cfg, formats, granularity)
+    trials = default_trials(space) if trials is None else trials
     if budget < space.min_bytes:
         raise SearchError(
             f"budget {budget:,} B is below the smallest reachable size {space.min_bytes:,} B "
@@ -699,18 +740,29 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
     TS = optuna.trial.TrialState
 
     def n_complete() -> int:
-        return sum(t.state == TS.COMPLETE for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE,)))
+        return len(study.get_trials(deepcopy=False, states=(TS.COMPLETE,)))
 
-    counts = {"rejected": 0, "done": n_complete()}
+    scored: dict[str, Any] = {}  # allocation -> the trial that scored it (a repaired proposal may repeat one)
+    for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE,)):
+        scored.setdefault(json.dumps(t.user_attrs.get("allocation") or t.params, sort_keys=True), t)
+    counts = {"rejected": 0, "repaired": 0, "repeats": 0, "done": n_complete()}
     max_rejections = 200 * trials
 
     def objective(trial):
         alloc = {u.name: trial.suggest_categorical(u.name, space.keys) for u in space.units}
+        proposed = space.bytes_of(alloc)
+        if proposed > budget:  # decoded into the feasible set, never thrown away
+            alloc = repair(space, sens, alloc, budget)
+            counts["repaired"] += 1
+            trial.set_user_attr("proposed_bytes", proposed)
+            trial.set_user_attr("allocation", alloc)
         nbytes = space.bytes_of(alloc)
         trial.set_user_attr("bytes", nbytes)
-        if nbytes > budget:  # rejected before any evaluation
-            counts["rejected"] += 1
-            raise optuna.TrialPruned(f"{nbytes} B over the budget")
+        sig = json.dumps(alloc, sort_keys=True)
+        if sig in scored:  # already scored (a repaired proposal may land on one): not evaluated again
+            counts["repeats"] += 1
+            trial.set_user_attr("repeat_of", scored[sig].number)
+            raise optuna.TrialPruned(f"the allocation of trial {scored[sig].number}")
         loss = evaluate(alloc)
         if not math.isfinite(loss):
             trial.set_user_attr("error", f"non-finite loss {loss}")
@@ -718,6 +770,7 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
         trial.set_user_attr("loss", loss)
         trial.set_user_attr("se", evaluate.standard_error)
         trial.set_user_attr("batch_losses", evaluate.batch_losses)
+        scored[sig] = trial
         return [nbytes, loss] if pareto else loss
 
     def seeds_waiting() -> bool:  # an exact seed (a retried one included) is never left unevaluated
@@ -728,7 +781,7 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
         if frozen.state == TS.COMPLETE:
             counts["done"] = n_complete()
             progress("search trials", min(counts["done"], trials), trials)
-        if (counts["done"] >= trials and not seeds_waiting()) or counts["rejected"] >= max_rejections:
+        if (counts["done"] >= trials and not seeds_waiting()) or counts["repeats"] >= max_rejections:
             study.stop()
 
     interrupted = False
@@ -765,7 +818,8 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
         out_dir=out_dir, budget=budget, min_bytes=space.min_bytes, max_bytes=space.max_bytes, space=space,
         probe=probe, study_name=name, storage=storage_url, trials=records, best=best, references=references,
         pareto_front=front, policy=policy, interrupted=interrupted, rejected=counts["rejected"],
-        elapsed_s=time.perf_counter() - t_start, study=study, pareto=pareto, noise=noise,
+        repaired=counts["repaired"], repeats=counts["repeats"],
+        elapsed_s=time.perf_counter() - t_start, study=study, pareto=pareto, noise=noise, trials_target=trials,
     )
     write_outputs(result)
     if apply:
@@ -847,4 +901,4 @@ def write_outputs(result: SearchResult) -> None:
 
 
 __all__ = ["Evaluator", "SearchError", "SearchResult", "SearchSpace", "apply_allocation", "answer_without_search",
-           "build_space", "larger_formats", "milp_allocations", "most_accurate_allocation", "open_storage", "parse_budget", "run_search"]
+           "build_space", "default_trials", "larger_formats", "milp_allocations", "most_accurate_allocation", "repair", "open_storage", "parse_budget", "run_search"]
