@@ -61,8 +61,8 @@ def big_checkpoint(small_ckpt: Path, data: str | None, path: Path) -> Path:
 def big_probe(ckpt: Path, data: str | None, tokens: int, compare_tokens: int | None) -> dict:
     """The per-layer probe of ternarylm-132m (ternary, int8, fp16) at `tokens` calibration tokens: time,
     the estimate announced before measuring, pairs measured; and at `compare_tokens` the rank agreement
-    (Spearman per format) of the probe's sensitivities with the probe that measures every pair (the
-    probe before issue 19), and both times."""
+    (Spearman per format) of the probe's sensitivities with the probe before issue 19 (fp32, every
+    pair measured), and both times."""
     from qtoolkit.search.probes import parse_formats, run_probe
 
     formats = parse_formats("ternary,int8,fp16")
@@ -71,6 +71,7 @@ def big_probe(ckpt: Path, data: str | None, tokens: int, compare_tokens: int | N
     res = run_probe(ckpt, formats, "layer", data, calib_tokens=tokens, use_cache=False, announce=plans.append)
     total = time.perf_counter() - t
     out = {"preset": "ternarylm-132m", "units": len(res.units), "formats": 3, "calib_tokens": tokens,
+           "precision": res.calibration.get("precision", "fp32"),
            "seq_len": res.calibration["seq_len"], "probe_seconds_total": round(total, 1),
            "seconds": {k: round(v, 1) for k, v in res.seconds.items()},
            "announced_estimate_s": round(plans[-1]["seconds"], 1) if plans else None,
@@ -82,7 +83,8 @@ def big_probe(ckpt: Path, data: str | None, tokens: int, compare_tokens: int | N
         new = run_probe(ckpt, formats, "layer", data, calib_tokens=compare_tokens, use_cache=False)
         new_s = time.perf_counter() - t
         t = time.perf_counter()
-        old = run_probe(ckpt, formats, "layer", data, calib_tokens=compare_tokens, use_cache=False, prune=False)
+        old = run_probe(ckpt, formats, "layer", data, calib_tokens=compare_tokens, use_cache=False, prune=False,
+                        precision="fp32")
         old_s = time.perf_counter() - t
         a, b = new.sensitivity(), old.measured
         out["versus_full_probe"] = {

@@ -451,6 +451,11 @@ def _announce(plan: dict) -> None:
     report.console.print(report.plan_text(plan), highlight=False, style="bold", soft_wrap=True)
 
 
+ProbePrecision = Annotated[str, typer.Option(
+    "--probe-precision", help="Arithmetic of the probe's forward passes: auto (bf16 where the hardware multiplies "
+    "bf16 natively: AMX/AVX512-BF16 CPUs, CUDA), fp32 or bf16.")]
+
+
 @app.command(short_help="Per-layer sensitivity and sparsity probes.")
 @user_errors
 def probe(
@@ -465,6 +470,7 @@ def probe(
     full: Annotated[bool, typer.Option(help="Also show the one-pass estimates.")] = False,
     device: Device = "auto",
     json_: Json = None,
+    probe_precision: ProbePrecision = "auto",
 ) -> None:
     """Sparsity and sensitivity probes: loss increase per layer and format, and a one-pass estimate."""
     from qtoolkit.search.probes import parse_formats, run_probe
@@ -473,7 +479,7 @@ def probe(
     with _human_output(json_):
         with report.StageProgress() as progress:
             result = run_probe(ckpt, parse_formats(formats), units, data, calib_tokens, seed, timeout, progress,
-                               device=device, announce=_announce)
+                               device=device, announce=_announce, precision=probe_precision)
         written = _write_json(json_, result.to_dict())
         report.console.print(report.probe_table(result, full=full, outputs=[Path(result.cache_path), *written]))
 
@@ -510,6 +516,7 @@ def search(
     json_: Json = None,
     apply: Annotated[bool, typer.Option(help="Then write the chosen allocation as a quantized checkpoint "
                                         "(OUT/quantized; with --finetune-steps also OUT/finetuned).")] = False,
+    probe_precision: ProbePrecision = "auto",
 ) -> None:
     """Find a per-layer mixed-precision allocation that fits a memory budget."""
     from qtoolkit.search.allocate import run_search
@@ -527,7 +534,7 @@ def search(
         with report.StageProgress() as progress:
             result = run_search(ckpt, budget, parse_formats(formats), out, data, trials, timeout, storage, study, units,
                                 finetune_steps, pareto, seed, calib_tokens, eval_batches, progress=progress,
-                                device=device, apply=apply, announce=_announce)
+                                device=device, apply=apply, announce=_announce, probe_precision=probe_precision)
         written = _write_json(json_, result.to_dict())
         if plot and result.no_search is None:  # a budget answered without search has no trials to draw
             report.save_search_plot(result, plot)

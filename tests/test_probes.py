@@ -118,7 +118,7 @@ def test_the_announced_time_is_within_2x_of_the_probe(fp32_ckpt, tmp_path, monke
 def test_measured_matches_a_direct_evaluation(fp32_ckpt, tmp_path, monkeypatch):
     """The block-input cache must not change the numbers."""
     monkeypatch.setenv("QTOOLKIT_CACHE", str(tmp_path / "cache"))
-    r = run_probe(fp32_ckpt, parse_formats("ternary"), "group", calib_tokens=256)
+    r = run_probe(fp32_ckpt, parse_formats("ternary"), "group", calib_tokens=256, precision="fp32")
     model = float_model(load_checkpoint(fp32_ckpt))
     from qtoolkit.training.data import prepare_data, tokenizer_from_json
     from qtoolkit.training.recipe import DataConfig
@@ -167,3 +167,21 @@ def test_packed_checkpoint_is_refused(fp32_ckpt, tmp_path):
     packed = pack_checkpoint(fp32_ckpt, tmp_path / "p.safetensors").path
     with pytest.raises(CheckpointError, match="latent weights"):
         run_probe(packed, parse_formats("ternary"))
+
+
+def test_bf16_probe_ranks_like_the_fp32_probe(fp32_ckpt, tmp_path, monkeypatch):
+    """The bf16 arithmetic (the default where the hardware has it) keeps the ternary ranking; int8 and
+    fp16 effects are below its resolution, as they are below the calibration noise in fp32."""
+    from scipy.stats import spearmanr
+
+    monkeypatch.setenv("QTOOLKIT_CACHE", str(tmp_path / "cache"))
+    a = run_probe(fp32_ckpt, parse_formats(FORMATS), "layer", calib_tokens=2048, prune=False, precision="fp32")
+    b = run_probe(fp32_ckpt, parse_formats(FORMATS), "layer", calib_tokens=2048, prune=False, precision="bf16")
+    assert a.key != b.key and b.calibration["precision"] == "bf16" and "precision" not in a.calibration
+    units = list(a.measured)
+    rho = spearmanr([a.measured[u]["ternary"] for u in units], [b.measured[u]["ternary"] for u in units]).statistic
+    assert rho > 0.95
+    assert all(abs(a.measured[u]["ternary"] - b.measured[u]["ternary"]) < 0.02 for u in units)
+    assert probes.probe_precision("fp32", torch.device("cpu")) == "fp32"
+    with pytest.raises(ConfigError, match="--probe-precision"):
+        probes.probe_precision("fp8", torch.device("cpu"))

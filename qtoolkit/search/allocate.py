@@ -559,12 +559,14 @@ def run_search(
     device: str = "auto",
     apply: bool = False,
     announce: Callable[[dict[str, Any]], None] | None = None,
+    probe_precision: str = "auto",
 ) -> SearchResult:
     """The search of the module docstring. With `apply`, the chosen allocation is then written as a
     quantized training checkpoint (`apply_allocation`), and with `finetune_steps` its finetuned
     version too. `device` (auto, cpu, cuda) runs the probe, the trials and their finetuning.
     `announce(plan)` receives what the search will do and its estimated seconds (`search.estimate`)
-    before the bulk of the work."""
+    before the bulk of the work. `probe_precision` is the probe's arithmetic (`probes.probe_precision`);
+    the trials are scored in the evaluation's usual arithmetic."""
     from qtoolkit.device import resolve_device
 
     t_start = time.perf_counter()
@@ -581,6 +583,9 @@ def run_search(
         raise ConfigError("formats: give at least one candidate format")
     deadline = None if timeout is None else t_start + timeout
     dev = resolve_device(device)
+    from qtoolkit.search.probes import probe_precision as check_precision
+
+    check_precision(probe_precision, torch.device(dev))
     ckpt = load_checkpoint(ckpt_path)
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     space = build_space(cfg, formats, granularity)
@@ -603,7 +608,7 @@ def run_search(
                                          seed, calib_tokens, eval_batches, progress, t_start, dev, apply)
         return _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
                        study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
-                       progress, t_start, device, dev, apply, announce or (lambda plan: None))
+                       progress, t_start, device, dev, apply, announce or (lambda plan: None), probe_precision)
 
 
 def answer_without_search(ckpt_path, ckpt, cfg, space, budget, alloc, out_dir, data_path, finetune_steps, seed,
@@ -659,7 +664,7 @@ def _evaluator(ckpt, cfg, space, data_path, finetune_steps, seed, calib_tokens, 
 
 def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
             study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
-            progress, t_start, device, dev, apply, announce) -> SearchResult:
+            progress, t_start, device, dev, apply, announce, probe_precision) -> SearchResult:
     import optuna
 
     from qtoolkit.search.estimate import Timing, quick_timing, trial_seconds
@@ -677,7 +682,7 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
 
     probe = run_probe(ckpt_path, formats, granularity, data_path, calib_tokens, seed,
                       timeout=None if deadline is None else max(1.0, deadline - time.perf_counter()),
-                      progress=progress, device=device,
+                      progress=progress, device=device, precision=probe_precision,
                       announce=lambda p: plan(Timing.from_dict(p["timing"]), p["seconds"], p))
     sens = probe.sensitivity()
     evaluate, data = _evaluator(ckpt, cfg, space, data_path, finetune_steps, seed, calib_tokens, eval_batches, dev,

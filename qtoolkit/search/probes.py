@@ -200,14 +200,44 @@ def _ce(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
 
 
-class CachedForward:
-    """Calibration losses of a model whose inputs to each block are cached from the base model."""
+PRECISIONS = ("auto", "fp32", "bf16")
 
-    def __init__(self, model: DecoderLM, batches: list[tuple[Tensor, Tensor]]):
-        self.model, self.batches = model, batches
+
+def probe_precision(precision: str, device: torch.device) -> str:
+    """The arithmetic of the probe's forward passes. "auto": bf16 where the hardware multiplies bf16
+    natively (a CUDA GPU; a CPU with AMX or AVX512-BF16, through oneDNN), else fp32."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--probe-precision must be one of {', '.join(PRECISIONS)}, got {short_repr(precision)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "fp32"
+        native = " amx_bf16" in flags or " avx512_bf16" in flags
+        return "bf16" if native and torch.backends.mkldnn.is_available() else "fp32"
+    return "fp32"
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class CachedForward:
+    """Calibration losses of a model whose inputs to each block are cached from the base model.
+    `autocast` (a context factory) sets the arithmetic of every pass, the cached one included."""
+
+    def __init__(self, model: DecoderLM, batches: list[tuple[Tensor, Tensor]],
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        self.model, self.batches, self.autocast = model, batches, autocast
         self.tokens = sum(y.numel() for _, y in batches)
         self.hidden: list[list[Tensor]] = []  # per batch: inputs to blocks 0..L-1 and the final hidden
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             for x, _ in batches:
                 h = model.embed(x)
                 hs = [h]
@@ -224,6 +254,10 @@ class CachedForward:
     def loss(self, start: int | None) -> float:
         """Mean CE, recomputing from block `start` (None: from the embedding; n_layers: the head).
         The mean CE of every calibration sequence is kept in `self.sequence_losses` (`search.noise`)."""
+        with self.autocast():
+            return self._loss(start)
+
+    def _loss(self, start: int | None) -> float:
         total, per_seq = 0.0, []
         for (x, y), hs in zip(self.batches, self.hidden, strict=True):
             cos, sin = self._rope(x.shape[1])
@@ -405,11 +439,14 @@ def run_probe(
     device: str = "auto",
     announce: Callable[[dict[str, Any]], None] | None = None,
     prune: bool = True,
+    precision: str = "auto",
 ) -> ProbeResult:
     """Sparsity probe, cheap estimate and measured sensitivities (module docstring), cached.
     `device` (auto, cpu, cuda) runs the forward passes; the cache does not depend on it.
     `announce(plan)` receives what the probe will do and its estimated seconds before the
-    expensive part (`search.estimate`); `prune=False` measures formats at the noise floor in full."""
+    expensive part (`search.estimate`); `prune=False` measures formats at the noise floor in full.
+    `precision` (auto, fp32, bf16) is the arithmetic of the measured forward passes (`probe_precision`);
+    the one-pass estimate is always computed in fp32."""
     announce = announce or (lambda plan: None)
     from qtoolkit.device import resolve_device
     from qtoolkit.schema import check_int, check_number, check_seed
@@ -423,6 +460,7 @@ def run_probe(
     if not formats:
         raise ConfigError("formats: give at least one candidate format")
     dev = resolve_device(device)
+    precision = probe_precision(precision, torch.device(dev))
     ckpt = load_checkpoint(ckpt_path)
     model = float_model(ckpt).to(dev)
     cfg = model.config
@@ -436,6 +474,8 @@ def run_probe(
 
     calibration = {"tokens": sum(y.numel() for _, y in batches), "seq_len": seq_len, "seed": seed,
                    "batches": len(batches), "data": data.info.get("source")}
+    if precision != "fp32":  # fp32 keys stay those of earlier versions (their caches remain valid)
+        calibration["precision"] = precision
     key_src = json.dumps({"ckpt": checkpoint_fingerprint(ckpt["path"]), "calibration": calibration,
                           "formats": [f.spec for f in formats], "granularity": granularity}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
@@ -463,14 +503,16 @@ def run_probe(
     deadline = None if timeout is None else start + timeout
     calib = [x for x, _ in batches]
     t = time.perf_counter()
-    forward = CachedForward(model, batches)
+    autocast = lambda: autocast_for(precision, torch.device(dev))  # noqa: E731
+    forward = CachedForward(model, batches, autocast)
     if result.base_loss is None or not result.base_sequences:
         result.base_loss = forward.loss(None)
         if not math.isfinite(result.base_loss):
             raise ProbeError(f"{ckpt['path']}: the unquantized model's calibration loss is {result.base_loss}")
         result.base_sequences = forward.sequence_losses
     result.seconds["cache"] = time.perf_counter() - t
-    timing = quick_timing(model, batches[0], units, formats, calib=calib)
+    with autocast():
+        timing = quick_timing(model, batches[0], units, formats, calib=calib)
     if not result.sparsity:
         progress("sparsity probe", 0, 1)
         t = time.perf_counter()
@@ -540,7 +582,8 @@ def run_probe(
         # typical uncertainty of the formats measured before it (so it cannot reorder what they decide)
         noise_floor = max(Z * se, _resolution(result.noise, fmt_order, fmt)) if se is not None else None
         at_floor[fmt.key] = at_floor[fmt.key] + 1 if noise_floor is not None and abs(s) <= noise_floor else 0
-        if at_floor[fmt.key] >= FLOOR_RUN and prune:
+        # the most damaging format is measured in full: it is what the allocation trades bytes against
+        if at_floor[fmt.key] >= FLOOR_RUN and prune and fmt is not fmt_order[0]:
             rest = [u.name for u, f in todo if f.key == fmt.key and f.key not in result.measured.get(u.name, {})]
             result.pruned[fmt.key] = sorted(set(result.pruned.get(fmt.key, [])) | set(rest))
             done += len(rest)
@@ -573,6 +616,6 @@ def _check_finite(table: dict[str, dict[str, float]], what: str) -> None:
                 raise ProbeError(f"{what}: non-finite value for {unit} -> {fmt} ({v})")
 
 
-__all__ = ["Format", "ProbeError", "ProbeResult", "Unit", "calibration_batches", "fisher_sensitivity",
+__all__ = ["PRECISIONS", "Format", "ProbeError", "autocast_for", "probe_precision", "ProbeResult", "Unit", "calibration_batches", "fisher_sensitivity",
            "float_model", "format_key", "parse_formats", "quantized", "run_probe", "search_units",
            "sparsity_probe"]
