@@ -4,6 +4,11 @@ Each keeps its latent float weight (the parameter the optimizer updates) and a `
 submodule; the forward pass uses the quantizer's fake-quantized weight (and input, for linears
 whose spec quantizes activations). `from_float` reuses the original Parameter object, so weight
 tying and optimizer references survive the swap.
+
+A linear computes  y = x_hat @ W_hat^T (+ bias) (+ quantizer.output_term(x, extras))  where the
+output term is a method's additive path (Tequila's dead-zone bias, a low-rank correction). In
+training the extras come live from the latent weight; in the deployed (frozen) layer they are the
+stored ones, so both compute the same numbers.
 """
 
 from __future__ import annotations
@@ -31,7 +36,11 @@ class QuantLinear(nn.Linear):
         return self.quantizer(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quantizer.quantize_input(x), self.quantized_weight(), self.bias)
+        q = self.quantizer
+        y = F.linear(q.quantize_input(x), self.quantized_weight(), self.bias)
+        if q.has_output_term:
+            y = y + q.output_term(x, q.extras(self.weight))
+        return y
 
 
 class QuantEmbedding(nn.Embedding):
@@ -57,26 +66,43 @@ class QuantEmbedding(nn.Embedding):
 
 class FrozenQuantLinear(nn.Module):
     """Deployed form of a QuantLinear: the weight *is* the dequantized stored codes (never
-    re-quantized); only the input is quantized, exactly as in training."""
+    re-quantized); only the input is quantized, exactly as in training. `extras` are the stored
+    extra tensors (QTensor.extras): learned activation state is loaded into the quantizer, and the
+    output term reads them as fp32."""
 
-    def __init__(self, weight: Tensor, quantizer: Quantizer):
+    def __init__(self, weight: Tensor, quantizer: Quantizer, extras: dict[str, Tensor] | None = None):
         super().__init__()
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.quantizer = quantizer
         self.out_features, self.in_features = weight.shape
+        self._extra_names = sorted(extras or {})
+        for k in self._extra_names:  # buffers, so they follow .to(device)
+            self.register_buffer(f"extra_{k}", extras[k].float())
+        if extras:
+            quantizer.load_extras(self.extras)
+
+    @property
+    def extras(self) -> dict[str, Tensor]:
+        return {k: getattr(self, f"extra_{k}") for k in self._extra_names}
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quantizer.quantize_input(x), self.weight)
+        q = self.quantizer
+        y = F.linear(q.quantize_input(x), self.weight)
+        if q.has_output_term:
+            y = y + q.output_term(x, self.extras)
+        return y
 
 
 class FrozenQuantEmbedding(nn.Module):
-    """Deployed form of a QuantEmbedding: a lookup in the dequantized stored table."""
+    """Deployed form of a QuantEmbedding: a lookup in the dequantized stored table. `extras` are
+    kept only so that a tied linear head built from it stores the same ones."""
 
-    def __init__(self, weight: Tensor, quantizer: Quantizer):
+    def __init__(self, weight: Tensor, quantizer: Quantizer, extras: dict[str, Tensor] | None = None):
         super().__init__()
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.quantizer = quantizer
         self.num_embeddings, self.embedding_dim = weight.shape
+        self.extras = dict(extras or {})
 
     def forward(self, idx: Tensor) -> Tensor:
         return F.embedding(idx, self.weight)

@@ -282,8 +282,10 @@ def model_from_packed(ckpt: dict[str, Any]) -> DecoderLM:
             module = model.get_submodule(name)
             module.weight = nn.Parameter(weight, requires_grad=False)
         else:
-            cls = FrozenQuantEmbedding if entry.kind == "embedding" else FrozenQuantLinear
-            set_by_name(model, name, cls(weight, entry.quantizer))
+            if entry.kind == "embedding":
+                set_by_name(model, name, FrozenQuantEmbedding(weight, entry.quantizer, q.extras))
+            else:
+                set_by_name(model, name, FrozenQuantLinear(weight, entry.quantizer, q.extras))
     for layer in ckpt["layers"]:
         if layer.get("tied_to"):
             set_by_name(model, layer["name"], _tied(model.get_submodule(layer["tied_to"]), layer["kind"]))
@@ -302,7 +304,7 @@ def _tied(source: nn.Module, kind: str) -> nn.Module:
     """The other half of a tied embedding/head pair, sharing the source's weight (and quantizer)."""
     if isinstance(source, (FrozenQuantLinear, FrozenQuantEmbedding)):
         cls = FrozenQuantLinear if kind == "linear" else FrozenQuantEmbedding
-        return cls(source.weight, source.quantizer)
+        return cls(source.weight, source.quantizer, source.extras)
     rows, cols = source.weight.shape
     module = nn.Linear(cols, rows, bias=False, device="meta") if kind == "linear" else nn.Embedding(rows, cols, device="meta")
     module.weight = source.weight

@@ -11,6 +11,9 @@ Files in `out_dir`:
                     val_ppl, train_ce, train_val_ratio} at every evaluation
     recipe.yaml     the resolved recipe of the run
 
+Quantizers that declare `needs_progress` (Sherry's annealed residual) get `set_progress((step + 1) /
+steps)` before every step, so their schedules follow the run (and a resumed run) exactly.
+
 Loss: cross-entropy with label smoothing (the training objective); every reported perplexity is
 exp(plain cross-entropy). Batches are a pure function of (seed, step) and the checkpoint carries
 optimizer and RNG state, so `resume=True` reaches bit-identical weights to an uninterrupted run.
@@ -40,6 +43,7 @@ from qtoolkit.checkpoint import atomic_write_text, load_checkpoint, save_checkpo
 from qtoolkit.errors import CheckpointError, ConfigError, TrainingDiverged
 from qtoolkit.pack import model_from_checkpoint
 from qtoolkit.policy import Coverage, build_model
+from qtoolkit.quantizers import Quantizer
 from qtoolkit.training.data import PreparedData, TokenStream, prepare_data, tokenizer_from_json
 from qtoolkit.training.recipe import DataConfig, Recipe, TrainConfig, save_recipe
 
@@ -128,6 +132,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         {"params": decay, "weight_decay": weight_decay, "decays": True},
         {"params": no_decay, "weight_decay": 0.0, "decays": False},
     ]
+
+
+def progress_quantizers(model: nn.Module) -> list[Quantizer]:
+    """The quantizers whose forward depends on training progress (`Quantizer.needs_progress`)."""
+    return [m for m in model.modules() if isinstance(m, Quantizer) and m.needs_progress]
 
 
 def _autocast(device: torch.device):
@@ -237,6 +246,7 @@ def train(
     model_config = recipe.model_config()
     model, coverage = build_model(model_config, recipe.policy)
     model.to(device)
+    scheduled = progress_quantizers(model)
 
     def data_progress(stage: str, done: int, total: int | None) -> None:
         callback(TrainEvent("data", 0, {"stage": stage, "done": done, "total": total}))
@@ -309,6 +319,8 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
                 group["weight_decay"] = wd if group["decays"] else 0.0
+            for q in scheduled:  # e.g. Sherry's annealed residual: p = 1 on the last step
+                q.set_progress((step + 1) / cfg.steps)
             x, y = data.train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
             x, y = x.to(device), y.to(device)
             with _autocast(device):
