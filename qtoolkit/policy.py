@@ -239,17 +239,27 @@ class Policy:
                 )])
             assigned["embed"] = assigned["lm_head"] = explicit[0] if explicit else h
 
-        layers = []
+        layers, misfits = [], []
         for name, module in targets.items():
             spec, rule = assigned[name]
+            built = quantizers.build(spec) if spec is not None else None
+            if built is not None and built.linear_only and isinstance(module, nn.Embedding):
+                misfits.append((rule or name, f"{name} is an embedding; {_describe(built)} applies to linear "
+                                "layers only (a lookup has no input to multiply)"))
             layers.append(LayerAssignment(
                 name=name,
                 module_type="embedding" if isinstance(module, nn.Embedding) else "linear",
                 shape=tuple(module.weight.shape),
-                spec=quantizers.canonical(spec) if spec is not None else None,
+                spec=built.spec() if built is not None else None,
                 rule=rule,
             ))
+        if misfits:
+            raise PolicyFitError(misfits)
         return Coverage(layers, tied=tied)
+
+
+def _describe(q: quantizers.Quantizer) -> str:
+    return "a low-rank correction" if isinstance(q, quantizers.Corrected) else f"quantizer {q.name!r}"
 
 
 class PolicyFitError(PolicyError):
