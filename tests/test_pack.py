@@ -27,6 +27,10 @@ POLICIES = {
 }
 
 
+# issue 13's methods: Spectra's TriLM, Sherry, Tequila, HGF's correction, binary
+NEW_METHODS = ["trilm", "sherry_all", "tequila_all", "ternary_hgf", "binary_all"]
+
+
 def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -88,6 +92,12 @@ def trained(corpus_dir, tmp_path_factory):
                                                       "policy._default={name: ternary, alpha: learned}"]),
         "tied_subln": ("ternary_bitnet2b", ["model.tie_embeddings=true", "policy.embed=int8",
                                             "policy.lm_head=int8"]),
+        **{r: (r, []) for r in NEW_METHODS},
+        "elastic_tied_tequila": ("tequila_all", ["model.tie_embeddings=true", "policy.embed=tequila",
+                                                 "policy.lm_head=tequila",
+                                                 "policy._default={name: tequila, activations: elastic}"]),
+        "int4_sherry_channel": ("sherry_all", ["policy._default={name: sherry, granularity: channel, "
+                                               "activations: int4, correction: {rank: 2, gate: channel}}"]),
     }
     for key, (recipe, extra) in variants.items():
         r = load_recipe(recipe, ["model.preset=tiny", f"data.path={corpus_dir}", "train.steps=6",
@@ -97,7 +107,8 @@ def trained(corpus_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("variant", ["ternary_all", "ternary_middle_learned", "tied_subln"])
+@pytest.mark.parametrize("variant", ["ternary_all", "ternary_middle_learned", "tied_subln", *NEW_METHODS,
+                                     "elastic_tied_tequila", "int4_sherry_channel"])
 @pytest.mark.parametrize("packing", [None, "base3"])
 def test_packed_model_gives_identical_logits(trained, variant, packing, tmp_path):
     res = pack_checkpoint(trained[variant], tmp_path / "p.safetensors", packing)
