@@ -56,8 +56,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str | None:
+    """The code's commit: a COMMIT file beside the package (a source snapshot), else git's HEAD."""
     import subprocess
 
+    if (ROOT / "COMMIT").is_file():
+        return (ROOT / "COMMIT").read_text().strip()
     try:
         return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
