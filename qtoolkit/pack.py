@@ -147,6 +147,12 @@ class MemoryPlan:
     def compression(self) -> float:
         return self.fp32_bytes / self.total_bytes
 
+    @property
+    def correction_bytes(self) -> int:
+        """Bytes of the low-rank corrections (part of their layers' bytes, counted in `total_bytes`)."""
+        return sum(e.quantizer.correction_bytes(e.shape) for e in self.entries
+                   if e.tied_to is None and isinstance(e.quantizer, quantizers.Corrected))
+
     def bytes_by_quantizer(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for e in self.entries:
@@ -162,6 +168,7 @@ class MemoryPlan:
             "fp32_bytes": self.fp32_bytes,
             "compression_vs_fp32": self.compression,
             "bytes_by_quantizer": self.bytes_by_quantizer(),
+            "correction_bytes": self.correction_bytes,
             "entries": [e.to_dict() for e in self.entries],
         }
 

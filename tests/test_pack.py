@@ -191,3 +191,19 @@ def test_damaged_layer_data(trained, tmp_path):
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(CheckpointError, match="layer blocks.0.attn.q_proj: damaged packed data"):
         model_from_checkpoint(load_checkpoint(tmp_path / "bad.safetensors"))
+
+
+def test_memory_model_counts_the_corrections_and_new_formats_by_hand():
+    cfg = ModelConfig.from_name("small")  # d=256, f=704, L=8, V=8192
+    d, f, L = 256, 704, 8
+    hgf, plain = memory_plan(cfg, load_recipe("ternary_hgf").policy), memory_plan(cfg, load_recipe("ternary_all").policy)
+    per_block = 4 * (2 * 3 * (d + d) + 2) + 3 * (2 * 3 * (d + f) + 2)  # fp16 A, B and a scalar gate per linear
+    assert hgf.correction_bytes == L * per_block == hgf.total_bytes - plain.total_bytes
+    assert plain.correction_bytes == 0 and hgf.to_dict()["correction_bytes"] == L * per_block
+    ternary_blocks = L * (4 * (d * d // 4 + 4) + 3 * (d * f // 4 + 4))
+    assert 0.12 <= hgf.correction_bytes / ternary_blocks <= 0.15  # HGF's 12-15% of the ternary backbone
+    sherry = memory_plan(cfg, load_recipe("sherry_all").policy)
+    # 5 bits per 4 weights + an fp32 scale per 128 inputs of a row; gate/up are (f, d), down is (d, f)
+    sherry_blocks = L * (4 * (5 * d * d // 32 + 4 * d * (d // 128)) + 2 * (5 * f * d // 32 + 4 * f * (d // 128))
+                         + (5 * d * f // 32 + 4 * d * -(-f // 128)))
+    assert sherry.total_bytes - plain.total_bytes == sherry_blocks - ternary_blocks

@@ -9,6 +9,7 @@ from qtoolkit.report.text import (
     _analysis_heading,
     _num,
     _pct,
+    methods_text,
     middle_boundary_text,
     spec_text,
     totals_text,
@@ -24,7 +25,7 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def analysis_markdown(a, other=None) -> str:
     parts = [f"# Quantization analysis\n\n{_analysis_heading(a)}\n", f"{middle_boundary_text(a)}.\n",
-             f"{totals_text(a)}.\n", "## By block\n"]
+             f"{totals_text(a)}.\n", *(f"{line}.\n" for line in methods_text(a)), "## By block\n"]
     parts.append(_md_table(["block"] + [h for h, _ in GROUP_COLUMNS],
                            [[str(g["block"])] + [fn(g) for _, fn in GROUP_COLUMNS] for g in a.blocks]))
     parts.append("\n## By module kind\n")
@@ -69,7 +70,9 @@ def analysis_html(a, other=None) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>qtoolkit analysis</title>"
             f"<style>{style}</style></head><body><h1>Quantization analysis</h1>"
             f"<p>{html.escape(_analysis_heading(a))}</p><p>{html.escape(middle_boundary_text(a))}</p>"
-            f"<p>{html.escape(totals_text(a))}</p><img src='data:image/png;base64,{img}' alt='analysis plots'>"
+            f"<p>{html.escape(totals_text(a))}</p>"
+            + "".join(f"<p>{html.escape(line)}</p>" for line in methods_text(a))
+            + f"<img src='data:image/png;base64,{img}' alt='analysis plots'>"
             f"<h2>By block</h2>{blocks}<h2>By module kind</h2>{kinds}<h2>Layers</h2>{layers}</body></html>")
 
 

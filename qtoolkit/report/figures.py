@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qtoolkit.evaluate.analyze import TERNARY_LIKE
 from qtoolkit.report.text import fmt_bytes
 
 _KIND_STYLE = {"q": "C0", "k": "C1", "v": "C2", "o": "C3", "gate": "C4", "up": "C5", "down": "C6"}
@@ -23,12 +24,12 @@ def analysis_figure(a, other=None):
         lo, hi = mb["middle_blocks"][0], mb["middle_blocks"][-1]
         ax.axvspan(lo - 0.5, hi + 0.5, color="0.92", label="middle blocks")
     for kind, color in _KIND_STYLE.items():
-        pts = sorted((x.block, x.zeros) for x in a.layers if x.kind == kind and x.zeros is not None and x.quantizer == "ternary")
+        pts = sorted((x.block, x.zeros) for x in a.layers if x.kind == kind and x.zeros is not None and x.quantizer in TERNARY_LIKE)
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", color=color, label=kind)
         if other is not None:
             opts = sorted((x.block, x.zeros) for x in other.layers if x.kind == kind and x.zeros is not None
-                          and x.quantizer == "ternary")
+                          and x.quantizer in TERNARY_LIKE)
             if opts:
                 ax.plot(*zip(*opts, strict=True), marker="x", linestyle="--", color=color, alpha=0.6)
     if mb:
@@ -43,7 +44,7 @@ def analysis_figure(a, other=None):
     ax.grid(alpha=0.3)
 
     ax = axes[1]
-    ternary = [x for x in a.layers if x.alpha and x.quantizer == "ternary"]
+    ternary = [x for x in a.layers if x.alpha and x.quantizer in TERNARY_LIKE]
     if ternary:
         xs = range(len(ternary))
         means = [x.alpha["mean"] for x in ternary]
@@ -58,7 +59,8 @@ def analysis_figure(a, other=None):
 
     ax = axes[2]
     names = [x.name.replace("blocks.", "").replace("_proj", "") for x in a.layers]
-    colors = {"ternary": "C0", "int8": "C1", "fp16": "C2", "bf16": "C4", "fp32": "C3"}
+    colors = {"ternary": "C0", "sherry": "C5", "tequila": "C6", "binary": "C7", "int8": "C1", "fp16": "C2",
+              "bf16": "C4", "fp32": "C3"}
     ax.bar(range(len(a.layers)), [x.bits_per_weight for x in a.layers],
            color=[colors.get(x.quantizer, "0.5") for x in a.layers])
     ent = [(i, x.entropy_bits) for i, x in enumerate(a.layers) if x.entropy_bits is not None]
