@@ -25,7 +25,7 @@ File format (safetensors, loads without executing code):
 
 Loading (`model_from_checkpoint`) rebuilds the decoder with `FrozenQuantLinear`/`FrozenQuantEmbedding`
 modules whose weights are the dequantized stored codes; they quantize activations exactly as in
-training. Dequantized weights are bit-identical to the fake-quantized training weights (the codes
+training and add the quantizer's output term from the stored extras (Tequila's bias, a correction). Dequantized weights are bit-identical to the fake-quantized training weights (the codes
 and scales are the same and `dequantize` repeats the same float operations), so the packed model's
 logits equal the training model's exactly on the same device: tolerance 0, tested.
 """
@@ -289,10 +289,8 @@ def model_from_packed(ckpt: dict[str, Any]) -> DecoderLM:
             module = model.get_submodule(name)
             module.weight = nn.Parameter(weight, requires_grad=False)
         else:
-            if entry.kind == "embedding":
-                set_by_name(model, name, FrozenQuantEmbedding(weight, entry.quantizer, q.extras))
-            else:
-                set_by_name(model, name, FrozenQuantLinear(weight, entry.quantizer, q.extras))
+            cls = FrozenQuantEmbedding if entry.kind == "embedding" else FrozenQuantLinear
+            set_by_name(model, name, cls(weight, entry.quantizer, q.extras))
     for layer in ckpt["layers"]:
         if layer.get("tied_to"):
             set_by_name(model, layer["name"], _tied(model.get_submodule(layer["tied_to"]), layer["kind"]))
