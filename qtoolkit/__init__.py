@@ -37,12 +37,17 @@ _EXPORTS = {
     "model_from_checkpoint": "qtoolkit.pack",
     "train": "qtoolkit.training.trainer",
     "evaluate_checkpoint": "qtoolkit.training.trainer",
+    "from_hf": "qtoolkit.interop.hf_import",
+    "import_hf": "qtoolkit.interop.hf_import",
+    "export_gguf": "qtoolkit.interop.gguf_export",
+    "export_hf": "qtoolkit.interop.hf_export",
     "QToolkitError": "qtoolkit.errors",
     "ConfigError": "qtoolkit.errors",
     "UnknownNameError": "qtoolkit.errors",
     "PolicyError": "qtoolkit.errors",
     "CheckpointError": "qtoolkit.errors",
     "DataError": "qtoolkit.errors",
+    "ConversionError": "qtoolkit.errors",
     "TrainingDiverged": "qtoolkit.errors",
 }
 

@@ -329,5 +329,74 @@ def bench(
         report.console.print(f"wrote json: {json_path}", highlight=False)
 
 
+@app.command("import")
+@user_errors
+def import_(
+    hf_dir: Annotated[Path, typer.Argument(help="Local Hugging Face model directory (config.json, safetensors, tokenizer.json).")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output run directory; default: runs/import-<HF_DIR name>.")] = None,
+    json_path: Annotated[str | None, typer.Option("--json", help="Also write the result as JSON to PATH ('-': stdout).")] = None,
+) -> None:
+    """Import a Hugging Face Llama-architecture model as a qtoolkit training checkpoint (OUT/ckpt.pt)."""
+    from qtoolkit.interop.hf_import import import_hf
+
+    out = out or Path("runs") / f"import-{hf_dir.resolve().name}"
+    with report.StageProgress(report.err_console) as progress:
+        result = import_hf(hf_dir, out, progress)
+    _print_result(report.import_summary(result), result.to_dict(), json_path)
+
+
+@app.command()
+@user_errors
+def export(
+    ckpt: Annotated[Path, typer.Argument(help="Training or packed checkpoint (or a run directory).")],
+    format_: Annotated[str, typer.Option("--format", help="gguf (llama.cpp) or hf (transformers directory).")] = "gguf",
+    type_: Annotated[str | None, typer.Option("--type", help="GGUF type of the ternary layers: tq2_0, tq1_0, q8_0 or "
+                                              "f16 (gguf only; default tq2_0; see docs/interop.md).")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output file (gguf) or directory (hf); default: "
+                                             "model-<type>.gguf or hf/ beside CKPT.")] = None,
+    json_path: Annotated[str | None, typer.Option("--json", help="Also write the result as JSON to PATH ('-': stdout).")] = None,
+) -> None:
+    """Export a quantized checkpoint to GGUF (llama.cpp) or a transformers directory."""
+    from qtoolkit.errors import ConfigError
+
+    src = ckpt if ckpt.is_file() else ckpt / "ckpt.pt"
+    with report.StageProgress(report.err_console) as progress:
+        if format_ == "gguf":
+            from qtoolkit.interop.gguf_export import export_gguf
+
+            type_ = (type_ or "tq2_0").lower()
+            path = out or src.with_name(f"model-{type_}.gguf")
+            if path.exists():
+                raise ConfigError(f"{path} already exists; choose another --out (nothing was overwritten)")
+            result = export_gguf(ckpt, path, type_, progress=progress)
+            table = report.gguf_export_table(result)
+        elif format_ == "hf":
+            from qtoolkit.interop.hf_export import export_hf
+
+            if type_ is not None:
+                raise ConfigError("--type applies to --format gguf only")
+            result = export_hf(ckpt, out or src.with_name("hf"), progress=progress)
+            table = report.hf_export_table(result)
+        else:
+            raise ConfigError(f"--format must be gguf or hf, got {format_!r}")
+    _print_result(table, result.to_dict(), json_path)
+
+
+def _print_result(renderable, data: dict, json_path: str | None) -> None:
+    """The table (to stderr when the JSON goes to stdout), and the JSON when asked."""
+    import json
+
+    from qtoolkit.checkpoint import atomic_write_text
+
+    if json_path == "-":
+        report.err_console.print(renderable)
+        typer.echo(json.dumps(data, indent=2))
+        return
+    report.console.print(renderable)
+    if json_path:
+        atomic_write_text(json_path, json.dumps(data, indent=2))
+        report.console.print(f"wrote json: {json_path}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()

@@ -29,6 +29,9 @@ class ModelConfig:
     d_model: int = 768
     n_layers: int = 12
     n_heads: int = 12
+    # Grouped-query attention: k/v heads, each shared by n_heads / n_kv_heads query heads (Llama 2 70B,
+    # Llama 3). None means n_heads (multi-head attention); __post_init__ fills it in.
+    n_kv_heads: int | None = None
     d_ff: int = 2048  # SwiGLU hidden width
     max_seq_len: int = 512
     rope_theta: float = 10000.0
@@ -40,6 +43,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         errors = self.validate()
+        if not errors and self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
         if errors:
             raise ConfigError("invalid model config: " + "; ".join(f"{k}: {m}" for k, m in errors))
 
@@ -54,6 +59,12 @@ class ModelConfig:
             errors.append(("n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"))
         elif not errors and (self.d_model // self.n_heads) % 2:
             errors.append(("n_heads", f"head dim {self.d_model // self.n_heads} must be even for RoPE"))
+        kv = self.n_kv_heads
+        if kv is not None:
+            if not isinstance(kv, int) or isinstance(kv, bool) or kv < 1:
+                errors.append(("n_kv_heads", f"must be a positive integer (or null = n_heads), got {kv!r}"))
+            elif isinstance(self.n_heads, int) and self.n_heads % kv:
+                errors.append(("n_kv_heads", f"n_heads={self.n_heads} is not a multiple of n_kv_heads={kv}"))
         if not self.rope_theta > 0:
             errors.append(("rope_theta", f"must be > 0, got {self.rope_theta!r}"))
         if not 0 < self.norm_eps < 1:
@@ -73,6 +84,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the k and v projections: n_kv_heads * head_dim (= d_model without GQA)."""
+        return (self.n_kv_heads or self.n_heads) * self.head_dim
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
@@ -94,7 +110,7 @@ class ModelConfig:
     def num_params(self) -> int:
         """Parameter count computed from the shapes (tied embeddings counted once)."""
         d, f, L, V = self.d_model, self.d_ff, self.n_layers, self.vocab_size
-        per_block = 4 * d * d + 3 * d * f + 2 * d  # attn q,k,v,o + mlp gate,up,down + two norms
+        per_block = 2 * d * d + 2 * d * self.kv_dim + 3 * d * f + 2 * d  # attn q,o + k,v; mlp; two norms
         if self.subln:
             per_block += d + f
         embed = V * d

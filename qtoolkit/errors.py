@@ -33,3 +33,8 @@ class DataError(QToolkitError, RuntimeError):
 
 class TrainingDiverged(QToolkitError, RuntimeError):
     """A non-finite loss; the run stopped before applying the update."""
+
+
+class ConversionError(QToolkitError, ValueError):
+    """A model that cannot be imported or exported as asked (an architecture, option or layer format
+    the other side lacks); the message names the field or layer."""

@@ -271,6 +271,19 @@ def unpack_layer(ckpt: dict[str, Any], layer: dict[str, Any], consume: bool = Fa
         raise CheckpointError(f"{ckpt['path']}: layer {entry.name}: damaged packed data ({e})") from None
 
 
+def packed_form(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A loaded checkpoint of either kind in its packed form, in memory: a packed one as it is, a
+    training one packed as `qtool pack` would write it (default packings; nothing is written)."""
+    if ckpt["kind"] == "packed":
+        return ckpt
+    model, coverage = model_from_checkpoint(ckpt)
+    tensors, entries = pack_model(model, coverage)
+    layers = [{**e.to_dict(), "tensors": {s: f"{e.name}.{s}" for s in e.layout()}} for e in entries]
+    return {"kind": "packed", "model_config": ckpt["model_config"], "policy": ckpt["policy"], "layers": layers,
+            "tensors": tensors, "tokenizer": ckpt["tokenizer"], "path": ckpt["path"],
+            "recipe": ckpt.get("recipe", {}), "source": {"checkpoint": str(ckpt["path"]), "step": ckpt.get("step")}}
+
+
 def unpack_layers(ckpt: dict[str, Any]) -> dict[str, tuple[Entry, quantizers.QTensor]]:
     """{entry name: (entry, QTensor)} of a packed checkpoint; tied entries are left out."""
     return {layer["name"]: unpack_layer(ckpt, layer) for layer in ckpt["layers"] if not layer.get("tied_to")}
@@ -330,4 +343,4 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[DecoderLM, Coverage | N
 
 
 __all__ = ["Entry", "MemoryPlan", "PackResult", "memory_plan", "model_entries", "model_from_checkpoint",
-           "model_from_packed", "pack_checkpoint", "pack_model", "unpack_layer", "unpack_layers"]
+           "model_from_packed", "pack_checkpoint", "pack_model", "packed_form", "unpack_layer", "unpack_layers"]

@@ -48,7 +48,8 @@ def test_predicted_bytes_equal_packed_bytes_for_every_recipe(name, packing):
 
 
 @pytest.mark.parametrize("policy", list(POLICIES), ids=list(POLICIES))
-@pytest.mark.parametrize("arch", [{}, {"subln": True}, {"tie_embeddings": True}], ids=["plain", "subln", "tied"])
+@pytest.mark.parametrize("arch", [{}, {"subln": True}, {"tie_embeddings": True}, {"n_kv_heads": 1}],
+                         ids=["plain", "subln", "tied", "gqa"])
 def test_predicted_bytes_equal_packed_bytes_odd_shapes(policy, arch):
     cfg = ModelConfig.from_name("tiny", **ODD, **arch)
     rules = POLICIES[policy]

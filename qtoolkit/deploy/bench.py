@@ -191,12 +191,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     warnings.filterwarnings("ignore")
     from qtoolkit.checkpoint import load_checkpoint
-    from qtoolkit.deploy.runtime import InferenceModel, _training_to_packed
+    from qtoolkit.deploy.runtime import InferenceModel
+    from qtoolkit.pack import packed_form
 
     t0 = time.perf_counter()
-    ckpt = load_checkpoint(spec["ckpt"])
-    if ckpt["kind"] == "train":
-        ckpt = _training_to_packed(ckpt)
+    ckpt = packed_form(load_checkpoint(spec["ckpt"]))
     variant = spec["variant"]
     if variant == "packed":
         model = InferenceModel.from_packed(ckpt, spec.get("kernels"), _consume=True)

@@ -21,6 +21,9 @@ from qtoolkit.report.tables import (
     coverage_table,
     eval_summary,
     generation_summary,
+    gguf_export_table,
+    hf_export_table,
+    import_summary,
     pack_summary,
     plan_table,
     probe_table,
@@ -34,7 +37,8 @@ from qtoolkit.report.text import console, err_console, error, fmt_bytes, human_c
 __all__ = [
     "BenchProgress", "StageProgress", "TrainProgress", "analysis_figure", "analysis_html", "analysis_markdown",
     "analysis_renderables", "bench_table", "compare_table", "console", "coverage_table", "err_console", "error",
-    "eval_summary", "fmt_bytes", "generation_summary", "human_count", "pack_summary", "plan_table", "probe_table",
+    "eval_summary", "fmt_bytes", "generation_summary", "gguf_export_table", "hf_export_table", "human_count",
+    "import_summary", "pack_summary", "plan_table", "probe_table",
     "quantizers_table", "recipes_table", "save_analysis_plot", "save_search_plot", "search_renderables",
     "spec_text", "stream_generation", "train_summary",
 ]

@@ -327,3 +327,71 @@ def bench_table(report) -> Table:
     table.caption = "\n".join(lines)
     table.caption_justify = "left"
     return table
+
+
+# ------------------------------------------------------------------------------ interop
+
+
+def import_summary(result) -> Table:
+    """What `qtool import` read and wrote."""
+    cfg = result.config
+    table = Table(title="Imported Hugging Face model", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    gqa = f", {cfg.n_kv_heads} k/v heads" if cfg.n_kv_heads != cfg.n_heads else ""
+    for k, v in (
+        ("source", f"{result.source['path']} ({result.source['model_type']}, {result.source['dtype']})"),
+        ("model", f"{cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads{gqa}, d_ff {cfg.d_ff}, "
+                  f"vocab {cfg.vocab_size}, context {cfg.max_seq_len}, rope theta {cfg.rope_theta:g}"
+                  + (", tied head" if cfg.tie_embeddings else "")),
+        ("parameters", f"{human_count(result.params)} ({result.params:,})"),
+        ("tokenizer", f"{result.tokenizer_size:,} tokens (tokenizer.json kept)"),
+        ("checkpoint", f"{result.path} ({fmt_bytes(result.file_bytes)}, fp32 policy: nothing quantized yet)"),
+        *(("note", n) for n in result.notes),
+    ):
+        table.add_row(k, escape(v))
+    return table
+
+
+def gguf_export_table(result) -> Table:
+    """Per GGML type: which qtoolkit formats went there and how; fallbacks; file vs packed bytes."""
+    table = Table(title=f"GGUF export ({result.target}): {result.path}", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("GGML type", "from", "how", "tensors", "bytes"):
+        table.add_column(col, justify="right" if col in ("tensors", "bytes") else "left")
+    groups: dict[tuple[str, str, str], list] = {}
+    for t in result.tensors:
+        groups.setdefault((t.ggml_type, t.source, t.how), []).append(t)
+    for (ggml_type, source, how), ts in groups.items():
+        table.add_row(ggml_type, source, how, str(len(ts)), f"{sum(t.nbytes for t in ts):,}")
+    errs = [t.scale_rel_err for t in result.tensors if t.scale_rel_err is not None]
+    lines = [f"file {result.file_bytes:,} B ({fmt_bytes(result.file_bytes)}) | qtoolkit packed tensors: "
+             f"{result.packed_bytes['2bit']:,} B 2-bit, {result.packed_bytes['base3']:,} B base-3"]
+    if errs:
+        lines.append(f"fp16 rounding of the scales: at most {max(errs):.2e} relative")
+    for t in result.fallbacks:
+        lines.append(f"fallback: {t.name} -> {t.ggml_type} ({t.fallback})")
+    lines += [f"note: {n}" for n in result.notes]
+    table.caption = escape("\n".join(lines))
+    table.caption_justify = "left"
+    return table
+
+
+def hf_export_table(result) -> Table:
+    """Which layers run as transformers' bitnet layers and which as dequantized float, and why."""
+    table = Table(title=f"transformers export ({result.architecture}): {result.path}", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    for col in ("exported as", "qtoolkit format", "layers", "exact", "why"):
+        table.add_column(col, justify="right" if col == "layers" else "left")
+    groups: dict[tuple[str, str, bool, str], list] = {}
+    for x in result.layers:
+        groups.setdefault((x.how, spec_text(x.spec), x.exact, x.reason), []).append(x)
+    for (how, spec, exact, reason), xs in groups.items():
+        label = "bitnet (2-bit codes + alpha)" if how == "bitnet" else "float32 (modules_to_not_convert)"
+        table.add_row(label, escape(spec), str(len(xs)), "yes" if exact else "[yellow]no[/]", escape(reason or "-"))
+    lines = [f"directory {result.file_bytes:,} B ({fmt_bytes(result.file_bytes)}), model.safetensors "
+             f"{result.weights_bytes:,} B | qtoolkit packed tensors: {result.packed_bytes:,} B",
+             "embedding and norms: float32; policy and this table: README.md in the directory"]
+    lines += [f"not exact: {n}" for n in result.notes]
+    table.caption = escape("\n".join(lines))
+    table.caption_justify = "left"
+    return table
