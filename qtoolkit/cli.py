@@ -20,9 +20,18 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# Errors a user can cause and fix: reported without a traceback, exit status 1. Anything else is
-# a bug and keeps its traceback.
-USER_ERRORS = (QToolkitError, FileNotFoundError)
+# Errors a user can cause and fix: reported without a traceback, exit status 1. The environment's
+# refusals (OSError: a read-only or full disk, a missing or unwritable path, a file where a directory
+# belongs) and running out of memory are reported the same way. Anything else is a bug and keeps
+# its traceback.
+USER_ERRORS = (QToolkitError,)
+
+
+def os_error_text(e: OSError) -> str:
+    """One line for an OSError: the file(s) it concerns and the system's reason."""
+    where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{where}: {reason}" if where else reason
 
 
 def user_errors(fn):
@@ -34,7 +43,16 @@ def user_errors(fn):
             raise
         except USER_ERRORS as e:
             report.error(str(e))
-            raise typer.Exit(1) from None
+        except OSError as e:
+            report.error(os_error_text(e) + " (check the path, its permissions and the free space)")
+        except MemoryError:
+            report.error("out of memory: use a smaller model, batch or evaluation size")
+        except RuntimeError as e:  # torch's allocators raise RuntimeError subclasses when memory runs out
+            if not any(s in str(e) for s in ("can't allocate memory", "out of memory", "OutOfMemory")):
+                raise
+            report.error("out of memory: use a smaller model, batch or evaluation size "
+                         f"({(str(e).strip().splitlines() or [''])[0][:160]})")
+        raise typer.Exit(1)
 
     return wrapper
 
@@ -153,14 +171,16 @@ def analyze(
     """Per-layer sparsity and quantization report of a checkpoint."""
     import json
 
-    import yaml
-
     from qtoolkit.checkpoint import atomic_write_text
     from qtoolkit.evaluate.analyze import analyze_checkpoint
+    from qtoolkit.outputs import check_outputs
+    from qtoolkit.yamlsafe import parse_yaml
 
+    check_outputs([("--json", json_path, None), ("--markdown", markdown, None), ("--plot", plot, None),
+                   ("--html", html, None)], [ckpt, compare, as_ if as_ and Path(as_).is_file() else None])
     as_policy = None
     if as_ is not None:
-        as_policy = as_ if Path(as_).is_file() else yaml.safe_load(as_)
+        as_policy = as_ if Path(as_).is_file() else parse_yaml(as_, "--as")
     a = analyze_checkpoint(ckpt, as_policy=as_policy, band=band, middle=_range(middle))
     b = analyze_checkpoint(compare, band=band, middle=_range(middle)) if compare else None
     for item in report.analysis_renderables(a, full=full):
@@ -210,8 +230,10 @@ def probe(
     import json
 
     from qtoolkit.checkpoint import atomic_write_text
+    from qtoolkit.outputs import check_outputs
     from qtoolkit.search.probes import parse_formats, run_probe
 
+    check_outputs([("--json", json_path, None)], [ckpt, data])
     with report.StageProgress() as progress:
         result = run_probe(ckpt, parse_formats(formats), units, data, calib_tokens, seed, timeout, progress)
     report.console.print(report.probe_table(result, full=full))
@@ -241,9 +263,11 @@ def search(
     plot: Annotated[Path | None, typer.Option(help="Write a PNG: trials and Pareto front, chosen formats per layer.")] = None,
 ) -> None:
     """Find a per-layer mixed-precision allocation that fits a memory budget."""
+    from qtoolkit.outputs import check_outputs
     from qtoolkit.search.allocate import run_search
     from qtoolkit.search.probes import parse_formats
 
+    check_outputs([("--plot", plot, None)], [ckpt, data])
     with report.StageProgress() as progress:
         result = run_search(ckpt, budget, parse_formats(formats), out, data, trials, timeout, storage, study, units,
                             finetune_steps, pareto, seed, calib_tokens, eval_batches, progress=progress)
@@ -318,7 +342,9 @@ def bench(
 
     from qtoolkit.checkpoint import atomic_write_text
     from qtoolkit.deploy.bench import parse_baselines, run_bench
+    from qtoolkit.outputs import check_outputs
 
+    check_outputs([("--json", json_path, None)], [ckpt])
     names = parse_baselines(baselines)
     with report.BenchProgress() as progress:
         result = run_bench(ckpt, names, threads=threads, prompt_len=prompt_len, new_tokens=new_tokens,

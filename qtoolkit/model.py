@@ -19,6 +19,7 @@ which swaps these nn.Linear/nn.Embedding modules for their quantized versions in
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -128,14 +129,22 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Under `with torch.device("meta")` (memory plans, checkpoint checks) a model has shapes only:
+        # skip initialisation, whose normal_ on meta tensors costs seconds (it imports torch._dynamo).
+        meta = torch.empty(0).device.type == "meta"
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model,
+                                  _weight=torch.empty(cfg.vocab_size, cfg.d_model) if meta else None)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        if meta:
+            cos = sin = torch.empty(cfg.max_seq_len, cfg.head_dim // 2)
+        else:
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        if not meta:
+            self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -162,3 +171,16 @@ class DecoderLM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared (tied) parameters counted once
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model(fields: tuple[tuple[str, object], ...]) -> DecoderLM:
+    with torch.device("meta"):
+        return DecoderLM(ModelConfig(**dict(fields)))
+
+
+def meta_model(cfg: ModelConfig) -> DecoderLM:
+    """A shapes-only DecoderLM of `cfg` on the meta device (no memory), cached per config: memory
+    plans, recipe checks, checkpoint checks and search spaces of one process share it. Read it,
+    never modify it (apply a policy to a model of your own)."""
+    return _meta_model(tuple(cfg.to_dict().items()))

@@ -48,6 +48,7 @@ on the test prompts (tests/test_runtime.py).
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -61,9 +62,10 @@ from torch import Tensor, nn
 from qtoolkit.config import ModelConfig
 from qtoolkit.deploy import kernels
 from qtoolkit.deploy.kernels import Backend
-from qtoolkit.errors import CheckpointError, ConfigError
+from qtoolkit.errors import CheckpointError, ConfigError, short_repr
 from qtoolkit.model import apply_rope, repeat_kv, rope_tables
 from qtoolkit.quantizers.base import int8_per_token_codes
+from qtoolkit.schema import check_seed
 
 EOS = "<|endoftext|>"
 TERNARY_CODES = ("ternary", "sherry", "tequila")  # int8 codes in {-1, 0, 1} times row/tensor scales
@@ -568,6 +570,8 @@ def load_inference_model(path: str | Path, kernels: str | None = None, device: s
     `device`: cpu | cuda | auto."""
     from qtoolkit.checkpoint import load_checkpoint
 
+    if not isinstance(device, (str, torch.device)) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {short_repr(str(device))}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -637,6 +641,8 @@ def generate(model: InferenceModel, prompt_ids: Iterable[int], max_new_tokens: i
     tokens); each further token is one decode step. A fixed `seed` makes sampling deterministic.
     Arguments are checked here, before the first token is asked for."""
     _check_sampling(max_new_tokens, temperature, top_k)
+    if seed is not None:
+        check_seed(seed)
     ids = list(prompt_ids)
     if not ids:
         raise ConfigError("the prompt is empty")

@@ -45,6 +45,7 @@ from qtoolkit.errors import CheckpointError, ConversionError, QToolkitError
 from qtoolkit.interop import hf_names
 from qtoolkit.model import DecoderLM, rope_tables
 from qtoolkit.policy import Coverage, build_model
+from qtoolkit.rundir import run_dir_lock
 
 Progress = Callable[[str, int, "int | None"], None]
 POLICY = {"_default": "fp32"}
@@ -299,9 +300,15 @@ def import_hf(path: str | Path, out: str | Path, progress: Progress = _noop) -> 
     if ckpt_path.exists():
         raise CheckpointError(f"{ckpt_path} already exists; choose another --out (nothing was overwritten)")
     hf = from_hf(path, progress)
-    state = hf.checkpoint()
     progress("writing checkpoint", 0, 1)
-    out.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(out, "qtool import"):  # OUT is a run directory: one writer at a time
+        if ckpt_path.exists():  # a run that started meanwhile
+            raise CheckpointError(f"{ckpt_path} already exists; choose another --out (nothing was overwritten)")
+        return _write_import(hf, out, ckpt_path, progress)
+
+
+def _write_import(hf: HFModel, out: Path, ckpt_path: Path, progress: Progress) -> ImportResult:
+    state = hf.checkpoint()
     atomic_write_text(out / "tokenizer.json", hf.tokenizer.to_str())
     recipe = import_recipe(hf.config, hf.source["path"])
     recipe.data.tokenizer = str((out / "tokenizer.json").resolve())

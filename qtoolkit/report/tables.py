@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from rich import box
@@ -101,19 +102,33 @@ def quantizers_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+PLAN_ROWS = 200  # a plan with more layer rows groups them across blocks unless --full
+
+
 def plan_table(plan, title: str, full: bool = False) -> Table:
-    """Per-layer bytes of a MemoryPlan; small fp32 parameters (norms) in one row unless `full`."""
+    """Per-layer bytes of a MemoryPlan; small fp32 parameters (norms) in one row unless `full`, and
+    layers grouped across blocks when there are more than PLAN_ROWS of them."""
     table = Table(title=title, title_justify="left")
     table.add_column("layer", no_wrap=True)
     for col, justify in (("shape", "right"), ("quantizer", "left"), ("bits/weight", "right"), ("bytes", "right")):
         table.add_column(col, justify=justify)
     rest = []
-    for e in plan.entries:
-        if e.kind == "param" and not full:
-            rest.append(e)
-            continue
-        quant = f"tied to {e.tied_to}" if e.tied_to else spec_text(e.spec)
-        table.add_row(e.name, _shape(e.shape), quant, f"{float(e.bits_per_weight):.4f}", f"{e.nbytes:,}")
+    layers = [e for e in plan.entries if full or e.kind != "param"]
+    rest = [e for e in plan.entries if not full and e.kind == "param"]
+    if not full and len(layers) > PLAN_ROWS:  # thousands of layers: one row per (module, format) over blocks
+        groups: dict[tuple, list] = {}
+        for e in layers:
+            key = (re.sub(r"^blocks\.\d+\.", "blocks.*.", e.name), e.shape,
+                   f"tied to {e.tied_to}" if e.tied_to else spec_text(e.spec))
+            groups.setdefault(key, []).append(e)
+        for (name, shape, quant), members in groups.items():
+            label = f"{name} (x{len(members)})" if len(members) > 1 else members[0].name
+            table.add_row(label, _shape(shape), quant, f"{float(members[0].bits_per_weight):.4f}",
+                          f"{sum(e.nbytes for e in members):,}")
+    else:
+        for e in layers:
+            quant = f"tied to {e.tied_to}" if e.tied_to else spec_text(e.spec)
+            table.add_row(e.name, _shape(e.shape), quant, f"{float(e.bits_per_weight):.4f}", f"{e.nbytes:,}")
     if rest:
         n, b = sum(e.params for e in rest), sum(e.nbytes for e in rest)
         table.add_row(f"{len(rest)} norm weights", f"{n:,}", "fp32", f"{8 * b / n:.4f}", f"{b:,}")
@@ -278,7 +293,9 @@ def search_renderables(result) -> list:
     summary.add_row("budget", f"{result.budget:,} B", fmt_bytes(result.budget))
     summary.add_row("chosen policy", f"{best['bytes']:,} B",
                     f"{100 * best['bytes'] / result.budget:.1f}% of budget; smallest reachable {fmt_bytes(result.min_bytes)}")
-    summary.add_row("validation loss", f"{best['loss']:.4f}", f"trial {best['number']} ({best['source']})")
+    summary.add_row("validation loss", f"{best['loss']:.4f}",
+                    f"trial {best['number']} ({best['source']})" if best["number"] is not None
+                    else f"{best['source']} (no searched allocation that fits did better)")
     for key, ref in result.references.items():
         fits = "fits" if ref["bytes"] <= result.budget else "over budget"
         summary.add_row(f"all-{key}", f"{ref['loss']:.4f}", f"{fmt_bytes(ref['bytes'])}, {fits}")

@@ -53,7 +53,8 @@ def test_import_writes_a_checkpoint_the_other_commands_take(hf_llama, tmp_path, 
 
     result = import_hf(hf_llama, tmp_path / "imported")
     assert result.path == tmp_path / "imported" / "ckpt.pt"
-    assert {p.name for p in (tmp_path / "imported").iterdir()} == {"ckpt.pt", "recipe.yaml", "tokenizer.json"}
+    assert {p.name for p in (tmp_path / "imported").iterdir()} == {"ckpt.pt", "recipe.yaml", "tokenizer.json",
+                                                                    ".qtool.lock"}  # the run directory's lock
     ckpt = load_checkpoint(result.path)
     assert ckpt["kind"] == "train" and ckpt["policy"] == {"_default": "fp32"}
     assert ckpt["model_config"]["n_kv_heads"] == 2 and ckpt["source"]["hf"]["model_type"] == "llama"
