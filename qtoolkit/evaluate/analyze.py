@@ -57,7 +57,7 @@ from qtoolkit.pack import Entry, memory_plan, model_from_checkpoint, unpack_laye
 from qtoolkit.policy import Policy
 from qtoolkit.quantizers.base import QTensor, grouped, ungrouped
 
-SCHEMA_VERSION = 2  # 2: layers[].method, totals.methods / correction_bytes / correction_share
+SCHEMA_VERSION = 3  # 2: qtoolkit_version and recipe; 3: layers[].method, totals.methods / correction_bytes / correction_share
 TERNARY_LIKE = ("ternary", "sherry", "tequila")  # int8 codes in {-1, 0, +1}
 CODE_BITS = {"sherry": 1.25, "binary": 1.0, "int8": 8.0}  # code bits per weight (ternary: by packing)
 DEFAULT_BAND = 0.05
@@ -102,11 +102,16 @@ class Analysis:
     kinds: dict[str, dict[str, Any]] = field(default_factory=dict)
     middle_vs_boundary: dict[str, Any] | None = None
     totals: dict[str, Any] = field(default_factory=dict)
+    recipe: str | None = None  # the name of the recipe the checkpoint was trained with
 
     def to_dict(self) -> dict[str, Any]:
+        from qtoolkit import __version__
+
         return {
             "schema_version": SCHEMA_VERSION,
+            "qtoolkit_version": __version__,
             "checkpoint": self.checkpoint,
+            "recipe": self.recipe,
             "kind": self.kind,
             "step": self.step,
             "as_policy": self.as_policy,
@@ -286,6 +291,7 @@ def analyze_checkpoint(
     analysis = Analysis(
         checkpoint=str(ckpt["path"]), kind=ckpt["kind"], step=step,
         as_policy=policy if as_policy is not None else None, model_config=cfg.to_dict(), band=band, layers=layers,
+        recipe=(ckpt.get("recipe") or {}).get("name"),
     )
     aggregate(analysis, cfg.n_layers, middle)
     analysis.totals = {
