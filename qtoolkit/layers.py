@@ -9,6 +9,16 @@ A linear computes  y = x_hat @ W_hat^T (+ bias) (+ quantizer.output_term(x, extr
 output term is a method's additive path (Tequila's dead-zone bias, a low-rank correction). In
 training the extras come live from the latent weight; in the deployed (frozen) layer they are the
 stored ones, so both compute the same numbers.
+
+Quantization warmup. `quant_mix` (lambda, default 1) blends the float and the quantized operands:
+
+    W_used = W + lambda * (Q(W) - W)        x_used = x + lambda * (Q_in(x) - x)
+
+so lambda = 0 is the float layer (the output term is scaled by lambda too) and lambda = 1 the quantized one, exactly (the gradient reaching W
+is (1 - lambda) + lambda * dQ/dW, i.e. 1 under the identity STE). `set_quant_mix(model, lambda)`
+sets it on every quantized layer; the trainer ramps it over `train.quant_warmup_steps` (the
+"warmup quantization" of Hugging Face's BitNet fine-tuning, docs/training.md). It is not state: a
+loaded model always runs at lambda = 1.
 """
 
 from __future__ import annotations
@@ -20,7 +30,14 @@ from torch import Tensor, nn
 from qtoolkit.quantizers import Quantizer
 
 
+def _mix(x: Tensor, x_quantized: Tensor, lam: float) -> Tensor:
+    return x_quantized if lam >= 1.0 else torch.lerp(x, x_quantized, lam)  # x + lam * (xq - x)
+
+
 class QuantLinear(nn.Linear):
+    rule: str | None = None  # the policy rule that quantized it (reporting only)
+    quant_mix: float = 1.0
+
     def __init__(self, in_features: int, out_features: int, quantizer: Quantizer, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias, device="meta")
         self.quantizer = quantizer
@@ -34,18 +51,22 @@ class QuantLinear(nn.Linear):
         return q
 
     def quantized_weight(self) -> Tensor:
-        return self.quantizer(self.weight)
+        return _mix(self.weight, self.quantizer(self.weight), self.quant_mix)
 
     def forward(self, x: Tensor) -> Tensor:
         q = self.quantizer
-        y = F.linear(q.quantize_input(x), self.quantized_weight(), self.bias)
+        y = F.linear(_mix(x, q.quantize_input(x), self.quant_mix), self.quantized_weight(), self.bias)
         if q.has_output_term:
-            y = y + q.output_term(x, q.extras(self.weight))
+            term = q.output_term(x, q.extras(self.weight))
+            y = y + (term if self.quant_mix == 1 else self.quant_mix * term)
         return y
 
 
 class QuantEmbedding(nn.Embedding):
     """Looks rows up in the fake-quantized table (activation options do not apply to lookups)."""
+
+    rule: str | None = None
+    quant_mix: float = 1.0
 
     def __init__(self, num_embeddings: int, embedding_dim: int, quantizer: Quantizer):
         # a placeholder weight (from_float puts the real one in): `_weight` skips nn.Embedding's
@@ -61,7 +82,7 @@ class QuantEmbedding(nn.Embedding):
         return q
 
     def quantized_weight(self) -> Tensor:
-        return self.quantizer(self.weight)
+        return _mix(self.weight, self.quantizer(self.weight), self.quant_mix)
 
     def forward(self, idx: Tensor) -> Tensor:
         return F.embedding(idx, self.quantized_weight())
@@ -71,9 +92,10 @@ class FrozenQuantLinear(nn.Module):
     """Deployed form of a QuantLinear: the weight *is* the dequantized stored codes (never
     re-quantized); only the input is quantized, exactly as in training. `extras` are the stored
     extra tensors (QTensor.extras): learned activation state is loaded into the quantizer, and the
-    output term reads them as fp32."""
+    output term reads them as fp32. A bias, when the layer has one, is a plain fp32 parameter."""
 
-    def __init__(self, weight: Tensor, quantizer: Quantizer, extras: dict[str, Tensor] | None = None):
+    def __init__(self, weight: Tensor, quantizer: Quantizer, extras: dict[str, Tensor] | None = None,
+                 bias: Tensor | None = None):
         super().__init__()
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.quantizer = quantizer
@@ -83,6 +105,9 @@ class FrozenQuantLinear(nn.Module):
             self.register_buffer(f"extra_{k}", extras[k].float())
         if extras:
             quantizer.load_extras(self.extras)
+        if bias is not None and not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias, requires_grad=False)
+        self.register_parameter("bias", bias)
 
     @property
     def extras(self) -> dict[str, Tensor]:
@@ -90,7 +115,7 @@ class FrozenQuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q = self.quantizer
-        y = F.linear(q.quantize_input(x), self.weight)
+        y = F.linear(q.quantize_input(x), self.weight, self.bias)
         if q.has_output_term:
             y = y + q.output_term(x, self.extras)
         return y
@@ -113,3 +138,12 @@ class FrozenQuantEmbedding(nn.Module):
 
 QUANT_MODULES = (QuantLinear, QuantEmbedding)
 FROZEN_MODULES = (FrozenQuantLinear, FrozenQuantEmbedding)
+
+
+def set_quant_mix(model: nn.Module, lam: float) -> None:
+    """Set the warmup blend lambda in [0, 1] on every quantized layer of `model` (module docstring)."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"quant_mix must be in [0, 1], got {lam}")
+    for m in model.modules():
+        if isinstance(m, QUANT_MODULES):
+            m.quant_mix = float(lam)

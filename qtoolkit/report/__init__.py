@@ -33,6 +33,7 @@ from qtoolkit.report.tables import (
     pack_summary,
     plan_table,
     probe_table,
+    quantize_summary,
     quantizers_table,
     recipes_table,
     search_renderables,
@@ -58,7 +59,7 @@ __all__ = [
     "KernelBuildNotice", "analysis_renderables", "bench_table", "compare_table", "console", "coverage_table",
     "display_path", "err_console", "error", "eval_summary", "fmt_bytes", "generation_summary", "gguf_export_table",
     "hf_export_table", "human_count", "import_summary", "outputs_text", "pack_summary", "plan_table",
-    "print_outputs", "print_renderables", "probe_table", "quantizers_table", "recipes_table", "save_analysis_plot",
+    "print_outputs", "print_renderables", "probe_table", "quantize_summary", "quantizers_table", "recipes_table", "save_analysis_plot",
     "save_search_plot", "search_renderables", "spec_text", "stdout_to_stderr", "stream_generation", "train_summary",
     "warn",
 ]
