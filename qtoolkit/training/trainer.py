@@ -16,6 +16,8 @@ quantized) under the recipe's policy, quantized exactly as `qtool quantize` woul
 with a fresh optimizer and this recipe's schedule; the init checkpoint's tokenizer is used.
 `train.quant_warmup_steps = K` ramps quantization in: every quantized layer uses
 W + lambda (Q(W) - W) (and likewise its input), lambda = step / K until it reaches 1 (`layers.py`).
+Quantizers that declare `needs_progress` (Sherry's annealed residual) get `set_progress((step + 1) /
+steps)` before every step, so their schedules follow the run (and a resumed run) exactly.
 
 Loss: cross-entropy with label smoothing (the training objective); every reported perplexity is
 exp(plain cross-entropy). Batches are a pure function of (seed, step) and the checkpoint carries
@@ -60,6 +62,7 @@ from qtoolkit.errors import CheckpointError, ConfigError, DataError, TrainingDiv
 from qtoolkit.layers import set_quant_mix
 from qtoolkit.pack import model_from_checkpoint
 from qtoolkit.policy import Coverage, build_model
+from qtoolkit.quantizers import Quantizer
 from qtoolkit.rundir import run_dir_lock
 from qtoolkit.schema import check_int
 from qtoolkit.training.data import (
@@ -159,6 +162,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         {"params": decay, "weight_decay": weight_decay, "decays": True},
         {"params": no_decay, "weight_decay": 0.0, "decays": False},
     ]
+
+
+def progress_quantizers(model: nn.Module) -> list[Quantizer]:
+    """The quantizers whose forward depends on training progress (`Quantizer.needs_progress`)."""
+    return [m for m in model.modules() if isinstance(m, Quantizer) and m.needs_progress]
 
 
 def _autocast(device: torch.device):
@@ -393,6 +401,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
     else:
         model, coverage = build_model(model_config, recipe.policy)
     model.to(device)
+    scheduled = progress_quantizers(model)
 
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps
@@ -477,6 +486,8 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
             for group in optimizer.param_groups:
                 group["lr"] = lr
                 group["weight_decay"] = wd if group["decays"] else 0.0
+            for q in scheduled:  # e.g. Sherry's annealed residual: p = 1 on the last step
+                q.set_progress((step + 1) / cfg.steps)
             x, y = data.train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
             x, y = x.to(device), y.to(device)
             with _autocast(device):
