@@ -130,7 +130,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def _autocast(device: torch.device):
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision on the CPU (where bf16 matmuls are slower, not faster)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -147,7 +148,7 @@ def evaluate(model: nn.Module, val: TokenStream, batch_size: int, seq_len: int, 
     try:
         for x, y in val.eval_batches(batch_size, seq_len, max_batches):
             x, y = x.to(device), y.to(device)
-            with _autocast(device):
+            with autocast(device):
                 logits = model(x)
             _, ce = loss_fn(logits, y, 0.0)
             total += ce.item() * y.numel()
@@ -311,7 +312,7 @@ def train(
                 group["weight_decay"] = wd if group["decays"] else 0.0
             x, y = data.train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
             x, y = x.to(device), y.to(device)
-            with _autocast(device):
+            with autocast(device):
                 logits = model(x)
             loss, ce = loss_fn(logits, y, cfg.label_smoothing)
             if not torch.isfinite(loss):
@@ -410,5 +411,6 @@ def evaluate_checkpoint(
 
 
 __all__ = [
-    "EvalResult", "TrainEvent", "TrainResult", "evaluate", "evaluate_checkpoint", "loss_fn", "lr_and_wd", "train",
+    "EvalResult", "TrainEvent", "TrainResult", "autocast", "evaluate", "evaluate_checkpoint", "loss_fn", "lr_and_wd",
+    "param_groups", "resolve_device", "train",
 ]
