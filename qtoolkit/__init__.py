@@ -37,6 +37,8 @@ _EXPORTS = {
     "model_from_checkpoint": "qtoolkit.pack",
     "train": "qtoolkit.training.trainer",
     "evaluate_checkpoint": "qtoolkit.training.trainer",
+    "GlueConfig": "qtoolkit.evaluate.glue",
+    "run_glue": "qtoolkit.evaluate.glue",
     "QToolkitError": "qtoolkit.errors",
     "ConfigError": "qtoolkit.errors",
     "UnknownNameError": "qtoolkit.errors",

@@ -329,5 +329,62 @@ def bench(
         report.console.print(f"wrote json: {json_path}", highlight=False)
 
 
+@app.command()
+@user_errors
+def glue(
+    ckpt: Annotated[Path, typer.Argument(help="Training or packed checkpoint (or a run directory).")],
+    task: Annotated[str, typer.Option(help="mrpc, sst2, cola, a comma list, or all.")] = "all",
+    data_dir: Annotated[Path | None, typer.Option(help="Local GLUE TSVs: the folder holding MRPC/, SST-2/, CoLA/ "
+                                                  "[default: the Hub's nyu-mll/glue].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training split [default: MRPC 3, SST-2 1, CoLA 3].")] = None,
+    lr: Annotated[float, typer.Option(help="Backbone peak learning rate.")] = 1e-4,
+    head_lr: Annotated[float, typer.Option(help="Classification head peak learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 32,
+    max_len: Annotated[int, typer.Option(help="Tokens per example; longer ones are truncated and counted.")] = 128,
+    max_train: Annotated[int | None, typer.Option(help="Use at most N training examples per task (one seeded subset); "
+                                                  "0 = all [default: SST-2 20,000 of 67,349; MRPC, CoLA all].")] = None,
+    pooling: Annotated[str, typer.Option(help="last (the closing token's state) or mean (over real tokens).")] = "last",
+    policy: Annotated[str | None, typer.Option(help="Finetune under this policy instead of the checkpoint's: a policy "
+                                               "YAML, a recipe name, or a quantizer spec.")] = None,
+    freeze: Annotated[bool, typer.Option(help="Train the head only (a linear probe).")] = False,
+    seeds: Annotated[int, typer.Option(help="Number of seeds (runs) per task.")] = 3,
+    seed: Annotated[int, typer.Option(help="First seed; runs use SEED, SEED+1, ...")] = 0,
+    compare: Annotated[Path | None, typer.Option(help="A second checkpoint to run the same protocol on.")] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder for glue.json and glue.md.")] = Path("glue_out"),
+    json_path: Annotated[str | None, typer.Option("--json", help="Also write the JSON here ('-' = stdout).")] = None,
+    save_models: Annotated[bool, typer.Option(help="Also save every finetuned classifier in OUT as a training "
+                                              "checkpoint (qtool pack/eval work on it).")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Finetune on GLUE tasks (MRPC, SST-2, CoLA) and report dev metrics beside the majority baseline."""
+    import json
+
+    from qtoolkit.checkpoint import atomic_write_text
+    from qtoolkit.errors import ConfigError
+    from qtoolkit.evaluate.glue import GlueConfig, run_glue
+
+    config = GlueConfig(tasks=task, data_dir=str(data_dir) if data_dir else None, epochs=epochs, lr=lr,
+                        head_lr=head_lr, batch_size=batch_size, max_len=max_len, max_train=max_train,
+                        pooling=pooling, freeze=freeze, policy=policy, seeds=seeds, seed=seed, device=device)
+    outputs = {"json": out / "glue.json", "markdown": out / "glue.md"}
+    existing = [str(p) for p in outputs.values() if p.exists()]
+    if existing:
+        raise ConfigError(f"--out {out} already holds {', '.join(existing)}; choose another --out or move them away")
+    shown = report.err_console if json_path == "-" else report.console  # stdout carries only the JSON then
+    with report.GlueProgress(shown) as progress:
+        result = run_glue(ckpt, config, compare=compare, save_dir=out if save_models else None, callback=progress)
+    shown.print(report.glue_table(result))
+    data = json.dumps(result.to_dict(), indent=2)
+    atomic_write_text(outputs["json"], data)
+    atomic_write_text(outputs["markdown"], report.glue_markdown(result))
+    if json_path == "-":
+        typer.echo(data)
+    elif json_path:
+        atomic_write_text(json_path, data)
+    for label, path in (*outputs.items(), ("json", json_path if json_path not in (None, "-") else None)):
+        if path:
+            shown.print(f"wrote {label}: {path}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()

@@ -7,12 +7,14 @@ Library modules return data or emit progress events; the CLI hands them to these
     tables      the tables and summaries printed after a command
     figures     matplotlib PNGs (analysis, search)
     documents   Markdown and one-file HTML reports
+    glue        GLUE results (`qtool glue`): progress, table, Markdown
 
 Everything is re-exported here, so callers write `report.train_summary(...)`.
 """
 
 from qtoolkit.report.documents import analysis_html, analysis_markdown
 from qtoolkit.report.figures import analysis_figure, save_analysis_plot, save_search_plot
+from qtoolkit.report.glue import GlueProgress, glue_markdown, glue_table
 from qtoolkit.report.progress import BenchProgress, StageProgress, TrainProgress, stream_generation
 from qtoolkit.report.tables import (
     analysis_renderables,
@@ -37,4 +39,5 @@ __all__ = [
     "eval_summary", "fmt_bytes", "generation_summary", "human_count", "pack_summary", "plan_table", "probe_table",
     "quantizers_table", "recipes_table", "save_analysis_plot", "save_search_plot", "search_renderables",
     "spec_text", "stream_generation", "train_summary",
+    "GlueProgress", "glue_markdown", "glue_table",
 ]
