@@ -138,7 +138,7 @@ class GlueConfig:
 
 @dataclass
 class GlueEvent:
-    kind: str  # "load" | "data" | "start" | "step" | "result"
+    kind: str  # "load" | "data" | "start" | "features" (linear probe) | "step" | "result"
     data: dict[str, Any] = field(default_factory=dict)
 
 
@@ -283,9 +283,11 @@ def _schedule(total_steps: int, warmup: float) -> TrainConfig:
     return TrainConfig(steps=total_steps, warmup_steps=int(warmup * total_steps), lr=1.0, min_lr_ratio=0.0)
 
 
-def _optimizer(model: nn.Module, cfg: GlueConfig, modules: dict[str, tuple[nn.Module, float]]) -> torch.optim.AdamW:
+def _optimizer(cfg: GlueConfig, modules: list[tuple[nn.Module, float]]) -> torch.optim.AdamW:
+    """AdamW over (module, peak lr) pairs, with the training stage's weight-decay groups (matrices
+    decay; norms and quantizer scales do not). Parameters that get no gradient (lm_head) never move."""
     groups = []
-    for module, lr in modules.values():
+    for module, lr in modules:
         for g in param_groups(module, cfg.weight_decay):
             if g["params"]:
                 groups.append({**g, "base_lr": lr, "lr": lr})
@@ -371,15 +373,16 @@ def finetune(backbone: nn.Module, task: GlueTask, train: EncodedSplit, dev: Enco
         clf.backbone.requires_grad_(False)
         for name, split in (("train", train), ("dev", dev)):
             if name not in cache:
+                callback(GlueEvent("features", {"label": label, "task": task.name, "split": name, "examples": len(split)}))
                 cache[name] = _features(clf, split, cfg, pad_id, device)
         feats = cache["train"]
-        optimizer = _optimizer(clf, cfg, {"head": (clf.head, cfg.head_lr)})
+        optimizer = _optimizer(cfg, [(clf.head, cfg.head_lr)])
 
         def step_fn(rows):
             idx = torch.as_tensor(rows)
             return clf.head(feats[idx].to(device)), labels[idx].to(device)
     else:
-        optimizer = _optimizer(clf, cfg, {"backbone": (clf.backbone, cfg.lr), "head": (clf.head, cfg.head_lr)})
+        optimizer = _optimizer(cfg, [(clf.backbone, cfg.lr), (clf.head, cfg.head_lr)])
 
         def step_fn(rows):
             x, lens = _pad(train.ids, rows, pad_id)

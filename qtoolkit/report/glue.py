@@ -205,6 +205,13 @@ class GlueProgress:
             self._task = self.progress.add_task(f"{self._label(d)}{d['task']} seed {d['seed']}", total=d["total"],
                                                 info="")
 
+    def _on_features(self, d) -> None:
+        text = f"computing {d['split']} features ({d['examples']:,} examples)"
+        if self.live and self._task is not None:
+            self.progress.update(self._task, info=text)
+        elif not self.live:
+            self._print(f"    {text}")
+
     def _on_step(self, d) -> None:
         if self.live and self._task is not None:
             self.progress.update(self._task, completed=d["step"], info=f"loss {d['loss']:.3f}")
