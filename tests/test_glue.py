@@ -142,6 +142,10 @@ def test_policy_override_and_packed_backbones(fp32_ckpt, trained_tiny, tmp_path)
     assert coverage is None and any(isinstance(m, FROZEN_MODULES) for m in frozen.modules())
     trainable, coverage, _ = load_backbone(packed)  # dequantized weights become latent weights, QAT again
     assert coverage is not None and isinstance(trainable.blocks[0].attn.q_proj, QuantLinear)
+    probe = run_glue(packed["path"], GlueConfig(tasks="sst2", data_dir=str(glue_dir(tmp_path / "g")), seeds=1,
+                                                freeze=True, epochs=1)).results[0]
+    assert probe.kind == "packed" and probe.quantizers == {"ternary": 2 * (4 * 64 * 64 + 3 * 64 * 176),
+                                                           "int8": 2 * 512 * 64}
     reference, _, _ = load_backbone(load_checkpoint(trained_tiny))
     idx = torch.randint(0, 500, (2, 12))
     with torch.no_grad():

@@ -435,8 +435,14 @@ def _run_one(path: str | Path, cfg: GlueConfig, data: dict[str, tuple], callback
     tokenizer = tokenizer_from_json(ckpt["tokenizer"])
     pad_id = eos_id(tokenizer)  # any id would do: never read (causal attention, real-position pooling)
     max_len = min(cfg.max_len, backbone.config.max_seq_len)
-    quantizers = coverage.params_by_quantizer() if coverage is not None else {
-        layer["spec"]["name"]: layer["params"] for layer in ckpt.get("layers", []) if not layer.get("tied_to")}
+    if coverage is not None:
+        quantizers = coverage.params_by_quantizer()
+    else:  # a frozen packed backbone: its stored layers
+        quantizers = {}
+        for layer in ckpt["layers"]:
+            if layer["kind"] != "param" and not layer.get("tied_to"):
+                name = layer["spec"]["name"]
+                quantizers[name] = quantizers.get(name, 0) + layer["params"]
     result = GlueResult(str(ckpt["path"]), ckpt["kind"], ckpt.get("step", (ckpt.get("source") or {}).get("step")),
                         policy, "checkpoint" if cfg.policy is None else str(cfg.policy), quantizers, str(device))
     callback(GlueEvent("load", {"label": label, "checkpoint": result.checkpoint, "kind": result.kind,
