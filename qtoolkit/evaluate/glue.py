@@ -76,7 +76,7 @@ class GlueConfig:
 
     tasks: str = "all"  # mrpc | sst2 | cola | a comma list | all
     data_dir: str | None = None  # local GLUE TSVs; None = the Hub's nyu-mll/glue
-    epochs: int | None = None  # None: the task's default (MRPC 3, SST-2 1, CoLA 3)
+    epochs: int | None = None  # None: the task's default (MRPC 2, SST-2 1, CoLA 3)
     lr: float = 1e-4  # backbone peak learning rate
     head_lr: float = 1e-3  # head peak learning rate
     batch_size: int = 32
