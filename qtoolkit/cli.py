@@ -337,7 +337,7 @@ def glue(
     data_dir: Annotated[Path | None, typer.Option(help="Local GLUE TSVs: the folder holding MRPC/, SST-2/, CoLA/ "
                                                   "[default: the Hub's nyu-mll/glue].")] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the training split [default: MRPC 2, SST-2 1, CoLA 3].")] = None,
-    lr: Annotated[float, typer.Option(help="Backbone peak learning rate.")] = 1e-4,
+    lr: Annotated[float, typer.Option(help="Backbone peak learning rate.")] = 3e-4,
     head_lr: Annotated[float, typer.Option(help="Classification head peak learning rate.")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 32,
     max_len: Annotated[int, typer.Option(help="Tokens per example; longer ones are truncated and counted.")] = 128,
