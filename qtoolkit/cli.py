@@ -344,14 +344,15 @@ def glue(
     max_train: Annotated[int | None, typer.Option(help="Use at most N training examples per task (one seeded subset); "
                                                   "0 = all [default: SST-2 20,000 of 67,349; MRPC, CoLA all].")] = None,
     pooling: Annotated[str, typer.Option(help="last (the closing token's state) or mean (over real tokens).")] = "last",
-    policy: Annotated[str | None, typer.Option(help="Finetune under this policy instead of the checkpoint's: a policy "
-                                               "YAML, a recipe name, or a quantizer spec.")] = None,
+    policy: Annotated[str | None, typer.Option(help="Finetune under this policy: a policy YAML, a recipe name, or a "
+                                               "quantizer spec [default: the checkpoint's own].")] = None,
     freeze: Annotated[bool, typer.Option(help="Train the head only (a linear probe).")] = False,
     seeds: Annotated[int, typer.Option(help="Number of seeds (runs) per task.")] = 3,
     seed: Annotated[int, typer.Option(help="First seed; runs use SEED, SEED+1, ...")] = 0,
     compare: Annotated[Path | None, typer.Option(help="A second checkpoint to run the same protocol on.")] = None,
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder for glue.json and glue.md.")] = Path("glue_out"),
-    json_path: Annotated[str | None, typer.Option("--json", help="Also write the JSON here ('-' = stdout).")] = None,
+    json_path: Annotated[str | None, typer.Option("--json", metavar="[PATH|-]",
+                                                  help="Also write the JSON here ('-' = stdout).")] = None,
     save_models: Annotated[bool, typer.Option(help="Also save every finetuned classifier in OUT as a training "
                                               "checkpoint (qtool pack/eval work on it).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
