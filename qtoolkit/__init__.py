@@ -39,12 +39,17 @@ _EXPORTS = {
     "evaluate_checkpoint": "qtoolkit.training.trainer",
     "GlueConfig": "qtoolkit.evaluate.glue",
     "run_glue": "qtoolkit.evaluate.glue",
+    "from_hf": "qtoolkit.interop.hf_import",
+    "import_hf": "qtoolkit.interop.hf_import",
+    "export_gguf": "qtoolkit.interop.gguf_export",
+    "export_hf": "qtoolkit.interop.hf_export",
     "QToolkitError": "qtoolkit.errors",
     "ConfigError": "qtoolkit.errors",
     "UnknownNameError": "qtoolkit.errors",
     "PolicyError": "qtoolkit.errors",
     "CheckpointError": "qtoolkit.errors",
     "DataError": "qtoolkit.errors",
+    "ConversionError": "qtoolkit.errors",
     "TrainingDiverged": "qtoolkit.errors",
 }
 

@@ -20,9 +20,18 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# Errors a user can cause and fix: reported without a traceback, exit status 1. Anything else is
-# a bug and keeps its traceback.
-USER_ERRORS = (QToolkitError, FileNotFoundError)
+# Errors a user can cause and fix: reported without a traceback, exit status 1. The environment's
+# refusals (OSError: a read-only or full disk, a missing or unwritable path, a file where a directory
+# belongs) and running out of memory are reported the same way. Anything else is a bug and keeps
+# its traceback.
+USER_ERRORS = (QToolkitError,)
+
+
+def os_error_text(e: OSError) -> str:
+    """One line for an OSError: the file(s) it concerns and the system's reason."""
+    where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{where}: {reason}" if where else reason
 
 
 def user_errors(fn):
@@ -34,7 +43,16 @@ def user_errors(fn):
             raise
         except USER_ERRORS as e:
             report.error(str(e))
-            raise typer.Exit(1) from None
+        except OSError as e:
+            report.error(os_error_text(e) + " (check the path, its permissions and the free space)")
+        except MemoryError:
+            report.error("out of memory: use a smaller model, batch or evaluation size")
+        except RuntimeError as e:  # torch's allocators raise RuntimeError subclasses when memory runs out
+            if not any(s in str(e) for s in ("can't allocate memory", "out of memory", "OutOfMemory")):
+                raise
+            report.error("out of memory: use a smaller model, batch or evaluation size "
+                         f"({(str(e).strip().splitlines() or [''])[0][:160]})")
+        raise typer.Exit(1)
 
     return wrapper
 
@@ -153,14 +171,16 @@ def analyze(
     """Per-layer sparsity and quantization report of a checkpoint."""
     import json
 
-    import yaml
-
     from qtoolkit.checkpoint import atomic_write_text
     from qtoolkit.evaluate.analyze import analyze_checkpoint
+    from qtoolkit.outputs import check_outputs
+    from qtoolkit.yamlsafe import parse_yaml
 
+    check_outputs([("--json", json_path, None), ("--markdown", markdown, None), ("--plot", plot, None),
+                   ("--html", html, None)], [ckpt, compare, as_ if as_ and Path(as_).is_file() else None])
     as_policy = None
     if as_ is not None:
-        as_policy = as_ if Path(as_).is_file() else yaml.safe_load(as_)
+        as_policy = as_ if Path(as_).is_file() else parse_yaml(as_, "--as")
     a = analyze_checkpoint(ckpt, as_policy=as_policy, band=band, middle=_range(middle))
     b = analyze_checkpoint(compare, band=band, middle=_range(middle)) if compare else None
     for item in report.analysis_renderables(a, full=full):
@@ -210,8 +230,10 @@ def probe(
     import json
 
     from qtoolkit.checkpoint import atomic_write_text
+    from qtoolkit.outputs import check_outputs
     from qtoolkit.search.probes import parse_formats, run_probe
 
+    check_outputs([("--json", json_path, None)], [ckpt, data])
     with report.StageProgress() as progress:
         result = run_probe(ckpt, parse_formats(formats), units, data, calib_tokens, seed, timeout, progress)
     report.console.print(report.probe_table(result, full=full))
@@ -241,9 +263,11 @@ def search(
     plot: Annotated[Path | None, typer.Option(help="Write a PNG: trials and Pareto front, chosen formats per layer.")] = None,
 ) -> None:
     """Find a per-layer mixed-precision allocation that fits a memory budget."""
+    from qtoolkit.outputs import check_outputs
     from qtoolkit.search.allocate import run_search
     from qtoolkit.search.probes import parse_formats
 
+    check_outputs([("--plot", plot, None)], [ckpt, data])
     with report.StageProgress() as progress:
         result = run_search(ckpt, budget, parse_formats(formats), out, data, trials, timeout, storage, study, units,
                             finetune_steps, pareto, seed, calib_tokens, eval_batches, progress=progress)
@@ -318,7 +342,9 @@ def bench(
 
     from qtoolkit.checkpoint import atomic_write_text
     from qtoolkit.deploy.bench import parse_baselines, run_bench
+    from qtoolkit.outputs import check_outputs
 
+    check_outputs([("--json", json_path, None)], [ckpt])
     names = parse_baselines(baselines)
     with report.BenchProgress() as progress:
         result = run_bench(ckpt, names, threads=threads, prompt_len=prompt_len, new_tokens=new_tokens,
@@ -385,6 +411,75 @@ def glue(
     for label, path in (*outputs.items(), ("json", json_path if json_path not in (None, "-") else None)):
         if path:
             shown.print(f"wrote {label}: {path}", highlight=False)
+
+
+@app.command("import")
+@user_errors
+def import_(
+    hf_dir: Annotated[Path, typer.Argument(help="Local Hugging Face model directory (config.json, safetensors, tokenizer.json).")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output run directory; default: runs/import-<HF_DIR name>.")] = None,
+    json_path: Annotated[str | None, typer.Option("--json", help="Also write the result as JSON to PATH ('-': stdout).")] = None,
+) -> None:
+    """Import a Hugging Face Llama-architecture model as a qtoolkit training checkpoint (OUT/ckpt.pt)."""
+    from qtoolkit.interop.hf_import import import_hf
+
+    out = out or Path("runs") / f"import-{hf_dir.resolve().name}"
+    with report.StageProgress(report.err_console) as progress:
+        result = import_hf(hf_dir, out, progress)
+    _print_result(report.import_summary(result), result.to_dict(), json_path)
+
+
+@app.command()
+@user_errors
+def export(
+    ckpt: Annotated[Path, typer.Argument(help="Training or packed checkpoint (or a run directory).")],
+    format_: Annotated[str, typer.Option("--format", help="gguf (llama.cpp) or hf (transformers directory).")] = "gguf",
+    type_: Annotated[str | None, typer.Option("--type", help="GGUF type of the ternary layers: tq2_0, tq1_0, q8_0 or "
+                                              "f16 (gguf only; default tq2_0; see docs/interop.md).")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output file (gguf) or directory (hf); default: "
+                                             "model-<type>.gguf or hf/ beside CKPT.")] = None,
+    json_path: Annotated[str | None, typer.Option("--json", help="Also write the result as JSON to PATH ('-': stdout).")] = None,
+) -> None:
+    """Export a quantized checkpoint to GGUF (llama.cpp) or a transformers directory."""
+    from qtoolkit.errors import ConfigError
+
+    src = ckpt if ckpt.is_file() else ckpt / "ckpt.pt"
+    with report.StageProgress(report.err_console) as progress:
+        if format_ == "gguf":
+            from qtoolkit.interop.gguf_export import export_gguf
+
+            type_ = (type_ or "tq2_0").lower()
+            path = out or src.with_name(f"model-{type_}.gguf")
+            if path.exists():
+                raise ConfigError(f"{path} already exists; choose another --out (nothing was overwritten)")
+            result = export_gguf(ckpt, path, type_, progress=progress)
+            table = report.gguf_export_table(result)
+        elif format_ == "hf":
+            from qtoolkit.interop.hf_export import export_hf
+
+            if type_ is not None:
+                raise ConfigError("--type applies to --format gguf only")
+            result = export_hf(ckpt, out or src.with_name("hf"), progress=progress)
+            table = report.hf_export_table(result)
+        else:
+            raise ConfigError(f"--format must be gguf or hf, got {format_!r}")
+    _print_result(table, result.to_dict(), json_path)
+
+
+def _print_result(renderable, data: dict, json_path: str | None) -> None:
+    """The table (to stderr when the JSON goes to stdout), and the JSON when asked."""
+    import json
+
+    from qtoolkit.checkpoint import atomic_write_text
+
+    if json_path == "-":
+        report.err_console.print(renderable)
+        typer.echo(json.dumps(data, indent=2))
+        return
+    report.console.print(renderable)
+    if json_path:
+        atomic_write_text(json_path, json.dumps(data, indent=2))
+        report.console.print(f"wrote json: {json_path}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console entry point

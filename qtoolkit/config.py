@@ -17,10 +17,17 @@ leave a field unset; e.g. the paper's 1k warmup steps belong to the 132M run, no
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from qtoolkit.errors import ConfigError, UnknownNameError
+from qtoolkit.errors import ConfigError, UnknownNameError, short_repr
+
+# Bounds that no real model reaches but that keep a hostile config from asking for terabytes before
+# anything checks it against stored tensors (qtoolkit/verify.py does that exactly).
+MAX_DIM = 2**31 - 1  # any single dimension, layer or head count
+MAX_LAYERS = 10_000  # a meta model (plans, checks) costs ~1 ms and ~150 kB per block
+MAX_SEQ_LEN = 2**20  # RoPE tables are (max_seq_len, head_dim / 2) in fp32, built at model construction
 
 
 @dataclass
@@ -29,6 +36,9 @@ class ModelConfig:
     d_model: int = 768
     n_layers: int = 12
     n_heads: int = 12
+    # Grouped-query attention: k/v heads, each shared by n_heads / n_kv_heads query heads (Llama 2 70B,
+    # Llama 3). None means n_heads (multi-head attention); __post_init__ fills it in.
+    n_kv_heads: int | None = None
     d_ff: int = 2048  # SwiGLU hidden width
     max_seq_len: int = 512
     rope_theta: float = 10000.0
@@ -40,6 +50,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         errors = self.validate()
+        if not errors and self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
         if errors:
             raise ConfigError("invalid model config: " + "; ".join(f"{k}: {m}" for k, m in errors))
 
@@ -49,17 +61,35 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                errors.append((name, f"must be a positive integer, got {value!r}"))
+                errors.append((name, f"must be a positive integer, got {short_repr(value)}"))
+            elif value > MAX_DIM:
+                errors.append((name, f"{value:,} is beyond any model this toolkit can hold (at most {MAX_DIM:,})"))
         if not errors and self.d_model % self.n_heads:
             errors.append(("n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"))
         elif not errors and (self.d_model // self.n_heads) % 2:
             errors.append(("n_heads", f"head dim {self.d_model // self.n_heads} must be even for RoPE"))
-        if not self.rope_theta > 0:
-            errors.append(("rope_theta", f"must be > 0, got {self.rope_theta!r}"))
-        if not 0 < self.norm_eps < 1:
-            errors.append(("norm_eps", f"must be in (0, 1), got {self.norm_eps!r}"))
-        if not self.init_std > 0:
-            errors.append(("init_std", f"must be > 0, got {self.init_std!r}"))
+        kv = self.n_kv_heads
+        if kv is not None:
+            if not isinstance(kv, int) or isinstance(kv, bool) or kv < 1:
+                errors.append(("n_kv_heads", f"must be a positive integer (or null = n_heads), got {short_repr(kv)}"))
+            elif isinstance(self.n_heads, int) and self.n_heads % kv:
+                errors.append(("n_kv_heads", f"n_heads={self.n_heads} is not a multiple of n_kv_heads={kv}"))
+        if not errors and self.n_layers > MAX_LAYERS:
+            errors.append(("n_layers", f"at most {MAX_LAYERS:,} (every layer is a module, even in a memory "
+                                       f"plan), got {self.n_layers:,}"))
+        if not errors and self.max_seq_len > MAX_SEQ_LEN:
+            errors.append(("max_seq_len", f"at most {MAX_SEQ_LEN:,} (the RoPE tables are built for every "
+                                          f"position), got {self.max_seq_len:,}"))
+        for name, lo, hi in (("rope_theta", 0.0, math.inf), ("norm_eps", 0.0, 1.0), ("init_std", 0.0, math.inf)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                errors.append((name, f"must be a finite number, got {short_repr(value)}"))
+            elif not lo < value < hi:
+                errors.append((name, f"must be in ({lo:g}, {hi:g}), got {value!r}" if hi < math.inf
+                               else f"must be > {lo:g}, got {value!r}"))
+        for name in ("tie_embeddings", "subln"):
+            if not isinstance(getattr(self, name), bool):
+                errors.append((name, f"must be true or false, got {short_repr(getattr(self, name))}"))
         return errors
 
     @classmethod
@@ -74,6 +104,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def kv_dim(self) -> int:
+        """Width of the k and v projections: n_kv_heads * head_dim (= d_model without GQA)."""
+        return (self.n_kv_heads or self.n_heads) * self.head_dim
+
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
         if name not in PRESETS:
@@ -85,7 +120,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ConfigError(f"unknown model config fields: {', '.join(sorted(unknown))}")
+            raise ConfigError(f"unknown model config fields: {short_repr(', '.join(sorted(map(str, unknown))), 120)}")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,7 +129,7 @@ class ModelConfig:
     def num_params(self) -> int:
         """Parameter count computed from the shapes (tied embeddings counted once)."""
         d, f, L, V = self.d_model, self.d_ff, self.n_layers, self.vocab_size
-        per_block = 4 * d * d + 3 * d * f + 2 * d  # attn q,k,v,o + mlp gate,up,down + two norms
+        per_block = 2 * d * d + 2 * d * self.kv_dim + 3 * d * f + 2 * d  # attn q,o + k,v; mlp; two norms
         if self.subln:
             per_block += d + f
         embed = V * d

@@ -33,3 +33,29 @@ class DataError(QToolkitError, RuntimeError):
 
 class TrainingDiverged(QToolkitError, RuntimeError):
     """A non-finite loss; the run stopped before applying the update."""
+
+
+class ConversionError(QToolkitError, ValueError):
+    """A model that cannot be imported or exported as asked (an architecture, option or layer format
+    the other side lacks); the message names the field or layer."""
+
+
+class OutputError(QToolkitError, ValueError):
+    """An output path that would destroy something the user has: an input of the same command, a
+    checkpoint replaced by another kind of file, a directory where a file belongs."""
+
+
+class RunDirBusy(QToolkitError, RuntimeError):
+    """A run directory that another process is writing into (it holds the directory's lock)."""
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """`repr(value)` bounded in depth, width and length, for error messages: a value read from a
+    hostile file (a YAML alias bomb expands to billions of items) must not be rendered whole."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 3, 4, 4, 4, 4
+    r.maxstring, r.maxother, r.maxlong = limit, limit, 40
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -8,6 +8,7 @@ tying and optimizer references survive the swap.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -38,7 +39,9 @@ class QuantEmbedding(nn.Embedding):
     """Looks rows up in the fake-quantized table (activation options do not apply to lookups)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, quantizer: Quantizer):
-        super().__init__(num_embeddings, embedding_dim, device="meta")
+        # a placeholder weight (from_float puts the real one in): `_weight` skips nn.Embedding's
+        # normal_ initialisation, which on a meta tensor costs seconds (it imports torch._dynamo)
+        super().__init__(num_embeddings, embedding_dim, _weight=torch.empty(num_embeddings, embedding_dim, device="meta"))
         self.quantizer = quantizer
 
     @classmethod

@@ -6,6 +6,8 @@
             x = x + mlp(mlp_norm(x))
     attn:   q,k,v = q_proj/k_proj/v_proj(x); RoPE on q,k; causal scaled_dot_product_attention;
             [sub_norm if config.subln]; o_proj
+            grouped-query attention when n_kv_heads < n_heads: k_proj/v_proj give n_kv_heads heads
+            (d_model -> kv_dim), and query head h reads k/v head h // (n_heads / n_kv_heads)
     mlp:    down_proj([sub_norm if config.subln](silu(gate_proj(x)) * up_proj(x)))     SwiGLU
 
 Module names are stable because policies and reports refer to them:
@@ -17,6 +19,7 @@ which swaps these nn.Linear/nn.Embedding modules for their quantized versions in
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -62,24 +65,31 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def repeat_kv(x: Tensor, n_heads: int) -> Tensor:
+    """(B, n_kv, T, hd) -> (B, n_heads, T, hd): k/v head g serves query heads g*r .. g*r + r - 1."""
+    r = n_heads // x.shape[1]
+    return x if r == 1 else x.repeat_interleave(r, dim=1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.d_model
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, cfg.kv_dim, bias=False)
+        self.v_proj = nn.Linear(d, cfg.kv_dim, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
         self.sub_norm = RMSNorm(d, cfg.norm_eps) if cfg.subln else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, C = x.shape
-        # (B, T, C) -> (B, nh, T, hd)
+        # (B, T, C) -> (B, nh, T, hd); k, v: (B, n_kv, T, hd)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = repeat_kv(k, self.n_heads), repeat_kv(v, self.n_heads)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, C)
         if self.sub_norm is not None:
@@ -119,14 +129,22 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Under `with torch.device("meta")` (memory plans, checkpoint checks) a model has shapes only:
+        # skip initialisation, whose normal_ on meta tensors costs seconds (it imports torch._dynamo).
+        meta = torch.empty(0).device.type == "meta"
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model,
+                                  _weight=torch.empty(cfg.vocab_size, cfg.d_model) if meta else None)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        if meta:
+            cos = sin = torch.empty(cfg.max_seq_len, cfg.head_dim // 2)
+        else:
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        if not meta:
+            self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -158,3 +176,16 @@ class DecoderLM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared (tied) parameters counted once
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model(fields: tuple[tuple[str, object], ...]) -> DecoderLM:
+    with torch.device("meta"):
+        return DecoderLM(ModelConfig(**dict(fields)))
+
+
+def meta_model(cfg: ModelConfig) -> DecoderLM:
+    """A shapes-only DecoderLM of `cfg` on the meta device (no memory), cached per config: memory
+    plans, recipe checks, checkpoint checks and search spaces of one process share it. Read it,
+    never modify it (apply a policy to a model of your own)."""
+    return _meta_model(tuple(cfg.to_dict().items()))

@@ -32,6 +32,7 @@ logits equal the training model's exactly on the same device: tolerance 0, teste
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -46,7 +47,8 @@ from qtoolkit.checkpoint import load_checkpoint, save_packed
 from qtoolkit.config import ModelConfig
 from qtoolkit.errors import CheckpointError
 from qtoolkit.layers import QUANT_MODULES, FrozenQuantEmbedding, FrozenQuantLinear
-from qtoolkit.model import DecoderLM
+from qtoolkit.model import DecoderLM, meta_model
+from qtoolkit.outputs import check_outputs
 from qtoolkit.policy import Coverage, Policy, build_model, set_by_name
 from qtoolkit.quantizers.base import TensorLayout
 
@@ -85,8 +87,8 @@ class Entry:
         shape = self.shape if len(self.shape) == 2 else (1, self.params)  # 1-D params as one row
         return self.quantizer.layout(shape)
 
-    @property
-    def nbytes(self) -> int:
+    @functools.cached_property
+    def nbytes(self) -> int:  # an Entry is not changed after it is made (plans sum this often)
         return sum(t.nbytes for t in self.layout().values())
 
     @property
@@ -112,17 +114,25 @@ def model_entries(model: nn.Module, coverage: Coverage, packing: str | None = No
     entries: list[Entry] = []
     owners: dict[int, str] = {}  # id(weight) -> entry name that stores it
     covered: set[str] = set()
+    built: dict[str, quantizers.Quantizer] = {}  # one (stateless) quantizer per spec: layouts, packing
+
+    def entry(name, kind, shape, spec, rule=None, tied_to=None) -> Entry:
+        spec = quantizers.canonical(spec)
+        key = repr(sorted(spec.items()))
+        if key not in built:
+            built[key] = quantizers.build(spec)
+        return Entry(name, kind, shape, spec, rule, tied_to, _quantizer=built[key])
+
     for a in coverage.layers:
         module = model.get_submodule(a.name)
         covered.update(f"{a.name}.{n}" for n, _ in module.named_parameters(recurse=True))
         spec = _with_packing(a.spec, packing) if a.spec is not None else FP32_SPEC
         tied_to = owners.get(id(module.weight))
         owners.setdefault(id(module.weight), a.name)
-        entries.append(Entry(a.name, a.module_type, a.shape, quantizers.canonical(spec), a.rule, tied_to))
-    fp32 = quantizers.canonical(FP32_SPEC)
+        entries.append(entry(a.name, a.module_type, a.shape, spec, a.rule, tied_to))
     for name, p in model.named_parameters(remove_duplicate=False):
         if name not in covered:
-            entries.append(Entry(name, "param", tuple(p.shape), fp32))
+            entries.append(entry(name, "param", tuple(p.shape), FP32_SPEC))
     return entries
 
 
@@ -169,8 +179,7 @@ class MemoryPlan:
 def memory_plan(model_config: ModelConfig, policy: Policy | dict[str, Any] | str | Path,
                 packing: str | None = None) -> MemoryPlan:
     """Exact stored bytes of `model_config` under `policy`, per entry, without any real weights."""
-    with torch.device("meta"):
-        model = DecoderLM(model_config)
+    model = meta_model(model_config)
     coverage = Policy.load(policy).resolve(model)
     return MemoryPlan(model_config, model_entries(model, coverage, packing))
 
@@ -225,6 +234,7 @@ class PackResult:
 
 def pack_checkpoint(ckpt_path: str | Path, out: str | Path, packing: str | None = None) -> PackResult:
     """Write the packed (deployment) form of a training checkpoint."""
+    check_outputs([("output", out, "packed")], [ckpt_path])
     ckpt = load_checkpoint(ckpt_path)
     if ckpt["kind"] != "train":
         raise CheckpointError(f"{ckpt['path']}: already a packed checkpoint")
@@ -262,6 +272,19 @@ def unpack_layer(ckpt: dict[str, Any], layer: dict[str, Any], consume: bool = Fa
         return entry, entry.quantizer.unpack(parts, shape)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{ckpt['path']}: layer {entry.name}: damaged packed data ({e})") from None
+
+
+def packed_form(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A loaded checkpoint of either kind in its packed form, in memory: a packed one as it is, a
+    training one packed as `qtool pack` would write it (default packings; nothing is written)."""
+    if ckpt["kind"] == "packed":
+        return ckpt
+    model, coverage = model_from_checkpoint(ckpt)
+    tensors, entries = pack_model(model, coverage)
+    layers = [{**e.to_dict(), "tensors": {s: f"{e.name}.{s}" for s in e.layout()}} for e in entries]
+    return {"kind": "packed", "model_config": ckpt["model_config"], "policy": ckpt["policy"], "layers": layers,
+            "tensors": tensors, "tokenizer": ckpt["tokenizer"], "path": ckpt["path"],
+            "recipe": ckpt.get("recipe", {}), "source": {"checkpoint": str(ckpt["path"]), "step": ckpt.get("step")}}
 
 
 def unpack_layers(ckpt: dict[str, Any]) -> dict[str, tuple[Entry, quantizers.QTensor]]:
@@ -318,9 +341,13 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[DecoderLM, Coverage | N
     if ckpt["kind"] == "packed":
         return model_from_packed(ckpt), None
     model, coverage = build_model(ModelConfig.from_dict(ckpt["model_config"]), ckpt["policy"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # quantizer state of the wrong shape (verify bounds it, not its exact shape)
+        reason = (str(e).strip().splitlines() or ["state dict mismatch"])[-1].strip()[:200]
+        raise CheckpointError(f"{ckpt['path']}: weights do not fit the model ({reason})") from None
     return model, coverage
 
 
 __all__ = ["Entry", "MemoryPlan", "PackResult", "memory_plan", "model_entries", "model_from_checkpoint",
-           "model_from_packed", "pack_checkpoint", "pack_model", "unpack_layer", "unpack_layers"]
+           "model_from_packed", "pack_checkpoint", "pack_model", "packed_form", "unpack_layer", "unpack_layers"]

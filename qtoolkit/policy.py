@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import nn
 
 from qtoolkit import quantizers
-from qtoolkit.errors import PolicyError, QToolkitError
+from qtoolkit.errors import PolicyError, QToolkitError, short_repr
 from qtoolkit.layers import QUANT_MODULES, QuantEmbedding, QuantLinear
 from qtoolkit.schema import SchemaError
+from qtoolkit.yamlsafe import read_yaml_file
 
 DEFAULT = "_default"
 REGEX_PREFIX = "re:"
@@ -58,11 +58,11 @@ def _selected_blocks(sel: str, n_layers: int) -> list[int]:
         except ValueError:
             bounds = []
         if not part or not 1 <= len(bounds) <= 3:
-            raise PolicyError(f"bad block selector item {part!r} in [{sel}]")
+            raise PolicyError(f"bad block selector item {short_repr(part)} in [{sel}]")
         if len(bounds) > 1:
             chosen += blocks[slice(*bounds)]
         elif bounds[0] is None or not -n_layers <= bounds[0] < n_layers:
-            raise PolicyError(f"block {part!r} out of range for a model with {n_layers} blocks")
+            raise PolicyError(f"block {short_repr(part)} out of range for a model with {n_layers} blocks")
         else:
             chosen.append(blocks[bounds[0]])
     return sorted(set(chosen))
@@ -142,15 +142,12 @@ class Policy:
             path = Path(source)
             if not path.is_file():
                 raise PolicyError(f"policy file not found: {path}")
-            try:
-                data = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as e:
-                raise PolicyError(f"{path}: not valid YAML: {e}") from None
+            data = read_yaml_file(path, "policy file", PolicyError)
             if isinstance(data, dict) and set(data) == {"policy"}:
                 data = data["policy"]
             source = data
         if not isinstance(source, dict) or not source:
-            raise PolicyError(f"a policy is a non-empty mapping of pattern -> quantizer spec, got {source!r}")
+            raise PolicyError(f"a policy is a non-empty mapping of pattern -> quantizer spec, got {short_repr(source)}")
         policy = cls(dict(source))
         errors = policy.check()
         if errors:

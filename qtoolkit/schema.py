@@ -11,13 +11,16 @@ dropped), so one pass reports as much as possible.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union
 
-from qtoolkit.errors import QToolkitError
+from qtoolkit.errors import QToolkitError, short_repr
 
 T = TypeVar("T")
+MAX_LISTED = 20  # errors listed in one message
 
 
 class SchemaError(QToolkitError, ValueError):
@@ -26,15 +29,21 @@ class SchemaError(QToolkitError, ValueError):
     def __init__(self, errors: list[tuple[str, str]], what: str = "config"):
         self.errors = errors
         self.what = what
-        lines = [f"  {path or '<root>'}: {msg}" for path, msg in errors]
-        noun = "error" if len(errors) == 1 else "errors"
-        super().__init__(f"{len(errors)} {noun} in {what}:\n" + "\n".join(lines))
+        if len(errors) == 1:  # one problem, one line
+            path, msg = errors[0]
+            super().__init__(f"{what}: {path or '<root>'}: {msg}")
+        else:
+            lines = [f"  {path or '<root>'}: {msg}" for path, msg in errors[:MAX_LISTED]]
+            if len(errors) > MAX_LISTED:
+                lines.append(f"  ... and {len(errors) - MAX_LISTED} more")
+            super().__init__(f"{len(errors)} errors in {what}:\n" + "\n".join(lines))
 
 
 def _join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
-    return f"{path}.{key}" if path else str(key)
+    key = key if len(key) <= 60 else key[:57] + "..."
+    return f"{path}.{key}" if path else key
 
 
 def _type_name(tp: Any) -> str:
@@ -60,52 +69,65 @@ def convert(tp: Any, value: Any, path: str, errors: list[tuple[str, str]]) -> An
                 return out
         if len(non_none) == 1:  # Optional[X]: report X's own error
             return convert(non_none[0], value, path, errors)
-        errors.append((path, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}"))
+        errors.append((path, f"expected {' or '.join(_type_name(a) for a in args)}, got {short_repr(value)}"))
         return value
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            errors.append((path, f"must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}"))
+            errors.append((path, f"must be one of {', '.join(repr(a) for a in allowed)}; got {short_repr(value)}"))
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path, errors)
     if origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
-            errors.append((path, f"expected a list, got {value!r}"))
+            errors.append((path, f"expected a list, got {short_repr(value)}"))
             return value
         return [convert(item_tp, v, _join(path, i), errors) for i, v in enumerate(value)]
     if origin is dict:
         key_tp, val_tp = typing.get_args(tp) or (Any, Any)
         if not isinstance(value, dict):
-            errors.append((path, f"expected a mapping, got {value!r}"))
+            errors.append((path, f"expected a mapping, got {short_repr(value)}"))
             return value
         return {k: convert(val_tp, v, _join(path, str(k)), errors) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            errors.append((path, f"expected true or false, got {value!r}"))
+            errors.append((path, f"expected true or false, got {short_repr(value)}"))
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            errors.append((path, f"expected an integer, got {value!r}"))
+            errors.append((path, f"expected an integer, got {short_repr(value)}"))
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
                 try:
-                    return float(value)
+                    value = float(value)
                 except ValueError:
-                    pass
-            errors.append((path, f"expected a number, got {value!r}"))
-            return value
-        return float(value)
+                    errors.append((path, f"expected a number, got {short_repr(value)}"))
+                    return value
+            else:
+                errors.append((path, f"expected a number, got {short_repr(value)}"))
+                return value
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            value = math.inf
+        if not math.isfinite(value):  # .nan, .inf: never a meaningful setting
+            errors.append((path, f"must be a finite number, got {value}"))
+        return value
     if tp is str:
         if not isinstance(value, str):
-            errors.append((path, f"expected a string, got {value!r}"))
+            errors.append((path, f"expected a string, got {short_repr(value)}"))
         return value
     raise TypeError(f"schema: unsupported type {tp!r} at {path}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # slow (evaluates string annotations): once per class
 
 
 def _build(cls: type[T], data: Any, path: str, errors: list[tuple[str, str]]) -> T:
@@ -114,9 +136,9 @@ def _build(cls: type[T], data: Any, path: str, errors: list[tuple[str, str]]) ->
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        errors.append((path, f"expected a mapping, got {data!r}"))
+        errors.append((path, f"expected a mapping, got {short_repr(data)}"))
         return None  # type: ignore[return-value]
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     flds = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in flds:
@@ -131,6 +153,8 @@ def _build(cls: type[T], data: Any, path: str, errors: list[tuple[str, str]]) ->
                 failed.add(name)
                 if dataclasses.is_dataclass(hints[name]):
                     kwargs[name] = None
+                elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    return None  # type: ignore[return-value]  # a required field is wrong: nothing to check
                 else:
                     del kwargs[name]  # check() below sees the default instead
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -161,3 +185,38 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+# ------------------------------------------------------------------------------ single arguments
+
+MAX_SEED = 2**32 - 1  # every RNG the toolkit seeds (torch, numpy, Optuna's samplers) takes this range
+
+
+def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """`value` as an int in [minimum, maximum], or ConfigError naming the option."""
+    from qtoolkit.errors import ConfigError
+
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {short_repr(value)}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = (f">= {minimum:,}" if maximum is None else f"<= {maximum:,}" if minimum is None
+                  else f"in [{minimum:,}, {maximum:,}]")
+        raise ConfigError(f"{name} must be {bounds}, got {short_repr(value)}")
+    return value
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    return check_int(value, name, 0, MAX_SEED)
+
+
+def check_number(value: Any, name: str, minimum: float | None = None, positive: bool = False) -> float:
+    """`value` as a finite float (> 0 if `positive`, >= `minimum` if given), or ConfigError."""
+    from qtoolkit.errors import ConfigError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {short_repr(value)}")
+    if positive and not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return float(value)

@@ -14,16 +14,19 @@ from qtoolkit.checkpoint import (
 )
 from qtoolkit.errors import CheckpointError
 
+from .conftest import save_untrained_checkpoint
+
 
 def minimal():
     return {"kind": "train", "model_config": {}, "policy": {}, "tokenizer": "{}", "model": {"w": torch.ones(2)}}
 
 
 def test_round_trip_with_weights_only(tmp_path):
-    path = save_checkpoint(minimal(), tmp_path / "c.pt")
+    path = save_untrained_checkpoint(tmp_path / "c.pt", mutate=lambda m: m.norm.weight.fill_(2.0))
     obj = load_checkpoint(path)
-    assert obj["format"] == FORMAT and obj["version"] == 1 and torch.equal(obj["model"]["w"], torch.ones(2))
-    save_checkpoint(minimal(), tmp_path / "ckpt.pt")
+    assert obj["format"] == FORMAT and obj["version"] == 1
+    assert torch.equal(obj["model"]["norm.weight"], torch.full((64,), 2.0))
+    save_untrained_checkpoint(tmp_path / "ckpt.pt")
     assert load_checkpoint(tmp_path)["path"] == str(tmp_path / "ckpt.pt")  # a run directory works too
 
 

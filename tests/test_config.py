@@ -35,7 +35,8 @@ def test_small_preset_is_cpu_sized():
     assert 7000 <= cfg.vocab_size <= 9000
 
 
-@pytest.mark.parametrize("extra", [dict(subln=True), dict(tie_embeddings=True), dict(subln=True, tie_embeddings=True)])
+@pytest.mark.parametrize("extra", [dict(subln=True), dict(tie_embeddings=True), dict(subln=True, tie_embeddings=True),
+                                   dict(n_kv_heads=2), dict(n_kv_heads=1, subln=True)])
 def test_architecture_options_counted(extra):
     cfg = ModelConfig.from_name("tiny", **extra)
     assert count_params(cfg) == cfg.num_params()
@@ -49,6 +50,19 @@ def test_overrides_and_validation():
         ModelConfig.from_name("tiny", n_layers=0)
     with pytest.raises(UnknownNameError, match="available: ternarylm-132m, small, tiny"):
         ModelConfig.from_name("huge")
+
+
+def test_grouped_query_attention_heads():
+    assert ModelConfig.from_name("tiny").n_kv_heads == 4  # unset: one k/v head per query head
+    cfg = ModelConfig.from_name("tiny", n_kv_heads=2)
+    assert (cfg.n_kv_heads, cfg.kv_dim, cfg.head_dim) == (2, 32, 16)
+    with pytest.raises(ConfigError, match="n_kv_heads: n_heads=4 is not a multiple of n_kv_heads=3"):
+        ModelConfig.from_name("tiny", n_kv_heads=3)
+    with pytest.raises(ConfigError, match="n_kv_heads: must be a positive integer"):
+        ModelConfig.from_name("tiny", n_kv_heads=0)
+    # checkpoints written before the field existed load with n_kv_heads = n_heads
+    old = {k: v for k, v in ModelConfig.from_name("small").to_dict().items() if k != "n_kv_heads"}
+    assert ModelConfig.from_dict(old) == ModelConfig.from_name("small")
 
 
 def test_round_trip_dict():

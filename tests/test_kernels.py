@@ -192,29 +192,31 @@ def test_extension_is_cached_under_qtoolkit_cache(tmp_path, monkeypatch):
     assert d.parent == tmp_path / "ext" and d.name.startswith("qtoolkit_kernels-torch")
 
 
-def test_fused_block_ops_match_pytorch():
+@pytest.mark.parametrize("nh,nkv", [(3, 3), (4, 2), (4, 1)])  # multi-head, grouped-query, multi-query
+def test_fused_block_ops_match_pytorch(nh, nkv):
     """attention_step / silu_mul / rms_norm / add_rms_norm against the PyTorch ops they replace."""
     backend("avx2")
     import torch.nn.functional as F
 
-    from qtoolkit.model import apply_rope, rope_tables
+    from qtoolkit.model import apply_rope, repeat_kv, rope_tables
 
     e = kernels.ext()
     gen = torch.Generator().manual_seed(4)
-    B, nh, hd, L, pos, T = 2, 3, 16, 20, 5, 4
-    C = nh * hd
+    B, hd, L, pos, T = 2, 16, 20, 5, 4
+    C, Ckv = nh * hd, nkv * hd
     cos, sin = rope_tables(hd, 64, 10000.0)
-    kc = torch.randn(B, nh, L, hd, generator=gen)
-    vc = torch.randn(B, nh, L, hd, generator=gen)
-    qkv = torch.randn(B * T, 3 * C, generator=gen)
+    kc = torch.randn(B, nkv, L, hd, generator=gen)
+    vc = torch.randn(B, nkv, L, hd, generator=gen)
+    qkv = torch.randn(B * T, C + 2 * Ckv, generator=gen)
     k_ref, v_ref = kc.clone(), vc.clone()
     y = e.attention_step(qkv, kc, vc, cos, sin, pos, nh)
-    q, k, v = (t.reshape(B, T, nh, hd).transpose(1, 2) for t in qkv.split(C, dim=1))
+    q, k, v = (t.reshape(B, T, -1, hd).transpose(1, 2) for t in qkv.split((C, Ckv, Ckv), dim=1))
     q, k = apply_rope(q, cos[pos:pos + T], sin[pos:pos + T]), apply_rope(k, cos[pos:pos + T], sin[pos:pos + T])
     k_ref[:, :, pos:pos + T], v_ref[:, :, pos:pos + T] = k, v
     assert torch.equal(kc, k_ref) and torch.equal(vc, v_ref)  # RoPE bit for bit; the cache written in place
     mask = torch.ones(T, pos + T, dtype=torch.bool).tril(diagonal=pos)
-    ref = F.scaled_dot_product_attention(q, k_ref[:, :, :pos + T], v_ref[:, :, :pos + T], attn_mask=mask)
+    k_all, v_all = (repeat_kv(t[:, :, :pos + T], nh) for t in (k_ref, v_ref))
+    ref = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
     torch.testing.assert_close(y, ref.transpose(1, 2).reshape(B * T, C), rtol=1e-5, atol=1e-5)
 
     gu = torch.randn(3, 2 * 37, generator=gen) * 4
@@ -227,3 +229,14 @@ def test_fused_block_ops_match_pytorch():
     h = e.add_rms_norm(x, d, w, 1e-6)
     assert torch.equal(x, x0 + d)
     torch.testing.assert_close(h, F.rms_norm(x0 + d, (37,), w, 1e-6), rtol=1e-6, atol=1e-6)
+
+
+def test_attention_step_refuses_query_heads_that_do_not_group():
+    backend("avx2")
+    from qtoolkit.model import rope_tables
+
+    cos, sin = rope_tables(16, 8, 10000.0)
+    kc = torch.zeros(1, 2, 8, 16)
+    qkv = torch.zeros(1, 3 * 16 + 2 * 2 * 16)  # 3 query heads over 2 k/v heads
+    with pytest.raises(RuntimeError, match="multiple"):
+        kernels.ext().attention_step(qkv, kc, kc.clone(), cos, sin, 0, 3)

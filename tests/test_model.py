@@ -66,3 +66,20 @@ def test_rope_relative_positions(tiny):
 def test_too_long_sequence(tiny):
     with pytest.raises(ConfigError, match="max_seq_len"):
         tiny(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_grouped_query_attention_is_attention_with_shared_kv_heads():
+    """A GQA model equals the multi-head model whose k/v projections repeat each k/v head for its
+    group of query heads (query head h reads k/v head h // (n_heads / n_kv_heads))."""
+    torch.manual_seed(0)
+    gqa = DecoderLM(ModelConfig.from_name("tiny", n_kv_heads=2))
+    assert gqa.blocks[0].attn.k_proj.weight.shape == (32, 64)
+    mha = DecoderLM(ModelConfig.from_name("tiny"))
+    state = gqa.state_dict()
+    for i in range(2):
+        for p in "kv":
+            w = state[f"blocks.{i}.attn.{p}_proj.weight"].view(2, 16, 64)  # (n_kv, hd, d)
+            state[f"blocks.{i}.attn.{p}_proj.weight"] = w.repeat_interleave(2, dim=0).reshape(64, 64)
+    mha.load_state_dict(state)
+    x = torch.randint(0, 512, (2, 12))
+    torch.testing.assert_close(gqa(x), mha(x), rtol=1e-5, atol=1e-6)

@@ -36,6 +36,8 @@ def test_units_layer_group_and_tied():
     assert embed.modules == ("embed", "lm_head") and embed.shapes == ((512, 64),)
     with pytest.raises(ConfigError):
         search_units(m, "row")
+    gqa = search_units(DecoderLM(ModelConfig.from_name("tiny", n_kv_heads=1)), "group")
+    assert gqa[1].shapes == ((64, 64), (16, 64), (16, 64), (64, 64))  # k/v: one 16-wide head
 
 
 def test_parse_formats():

@@ -49,6 +49,8 @@ VARIANTS = {
     # INT8 first/last blocks (weight-only), learned alpha, base-3 storage
     "middle_learned_base3": ("ternary_middle", ["model.n_layers=4",
                                                 "policy._default={name: ternary, alpha: learned, packing: base3}"]),
+    # grouped-query attention (4 query heads over 2 k/v heads): GQA KV cache, fused C++ attention
+    "gqa": ("ternary_all", ["model.n_kv_heads=2"]),
     # W8A8 attention, fp16 MLP, group-scale ternary (reference path), unfusable q/k/v, bf16 head
     "mixed": ("ternary_all", ["policy._default={name: ternary, granularity: group, group_size: 32}",
                               "policy.blocks.0.attn.q_proj=fp16",

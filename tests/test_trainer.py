@@ -84,7 +84,7 @@ def test_refuses_to_overwrite_and_resume_needs_a_checkpoint(corpus_dir, tmp_path
     with pytest.raises(CheckpointError, match="--resume"):
         train(r, tmp_path / "run")
     other = tiny_recipe("int8_all", corpus_dir, "train.steps=4")
-    with pytest.raises(CheckpointError, match="differs"):
+    with pytest.raises(CheckpointError, match="different recipe: policy"):
         train(other, tmp_path / "run", resume=True)
 
 

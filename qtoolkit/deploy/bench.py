@@ -122,17 +122,19 @@ def run_bench(ckpt: str | Path, baselines: list[str] | tuple[str, ...] = BASELIN
     """Measure the packed model and each baseline, each in its own process (see the module docstring)."""
     import torch
 
+    from qtoolkit.checkpoint import load_checkpoint
     from qtoolkit.config import ModelConfig
+    from qtoolkit.schema import check_int
 
     for name in baselines:
         if name not in BASELINES:
             raise ConfigError(f"unknown baseline {name!r}; available: {', '.join(BASELINES)}")
-    if prompt_len < 1 or new_tokens < 1 or repeats < 1:
-        raise ConfigError("prompt_len, new_tokens and repeats must be >= 1")
-    threads = threads or torch.get_num_threads()
-    if threads < 1:
-        raise ConfigError(f"threads must be >= 1, got {threads}")
-    cfg = ModelConfig.from_dict(_model_config(ckpt))  # fails early, with a clear error, on a bad file
+    for name, value in (("prompt_len", prompt_len), ("new_tokens", new_tokens), ("repeats", repeats)):
+        check_int(value, name, 1)
+    threads = torch.get_num_threads() if threads is None else check_int(threads, "threads", 1, 4096)
+    # verified here, once (CRC/digest, config against tensors): a bad file fails with a clear error,
+    # not in a child process
+    cfg = ModelConfig.from_dict(load_checkpoint(ckpt)["model_config"])
     if prompt_len + new_tokens > cfg.max_seq_len:
         raise ConfigError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceed the model's "
                           f"max_seq_len={cfg.max_seq_len}")
@@ -145,23 +147,6 @@ def run_bench(ckpt: str | Path, baselines: list[str] | tuple[str, ...] = BASELIN
                 "new_tokens": new_tokens, "repeats": repeats, "kernels": kernels}
         report.results.append(VariantResult(**_run_child(spec, threads)))
     return report
-
-
-def _model_config(path: str | Path) -> dict[str, Any]:
-    """The model config of a checkpoint; for packed files from the header alone (no tensors read)."""
-    from qtoolkit.checkpoint import _looks_like_safetensors, _resolve, load_checkpoint
-
-    p = _resolve(path)
-    if _looks_like_safetensors(p):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["meta"])
-            return meta["model_config"]
-        except Exception:
-            pass  # let load_checkpoint say what is wrong
-    return load_checkpoint(p)["model_config"]
 
 
 def _run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
@@ -191,12 +176,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     warnings.filterwarnings("ignore")
     from qtoolkit.checkpoint import load_checkpoint
-    from qtoolkit.deploy.runtime import InferenceModel, _training_to_packed
+    from qtoolkit.deploy.runtime import InferenceModel
+    from qtoolkit.pack import packed_form
 
     t0 = time.perf_counter()
-    ckpt = load_checkpoint(spec["ckpt"])
-    if ckpt["kind"] == "train":
-        ckpt = _training_to_packed(ckpt)
+    ckpt = packed_form(load_checkpoint(spec["ckpt"]))
     variant = spec["variant"]
     if variant == "packed":
         model = InferenceModel.from_packed(ckpt, spec.get("kernels"), _consume=True)

@@ -31,7 +31,9 @@ weights and kernels, not graph shapes.
 
 KV cache layout (preallocated for prompt + new tokens, so decoding never reallocates):
 
-    k, v: (n_layers, B, n_heads, max_len, head_dim) fp32;  positions [0, length) are filled
+    k, v: (n_layers, B, n_kv_heads, max_len, head_dim) fp32;  positions [0, length) are filled
+    (n_kv_heads = n_heads without grouped-query attention; with it the cache is n_heads / n_kv_heads
+    times smaller, and query head h reads k/v head h // (n_heads / n_kv_heads))
 
 Outputs match the fake-quantized model: identical integer accumulations in every ternary layer;
 float rounding (the training GEMM's summation order against one exact integer sum) moves a few
@@ -43,6 +45,7 @@ on the test prompts (tests/test_runtime.py).
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -56,9 +59,10 @@ from torch import Tensor, nn
 from qtoolkit.config import ModelConfig
 from qtoolkit.deploy import kernels
 from qtoolkit.deploy.kernels import Backend
-from qtoolkit.errors import CheckpointError, ConfigError
-from qtoolkit.model import apply_rope, rope_tables
+from qtoolkit.errors import CheckpointError, ConfigError, short_repr
+from qtoolkit.model import apply_rope, repeat_kv, rope_tables
 from qtoolkit.quantizers.base import int8_per_token_codes
+from qtoolkit.schema import check_seed
 
 EOS = "<|endoftext|>"
 
@@ -176,7 +180,7 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str = "cpu"):
         if max_len > cfg.max_seq_len:
             raise ConfigError(f"{max_len} positions exceed the model's max_seq_len={cfg.max_seq_len}")
-        shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.head_dim)
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device)
         self.v = torch.zeros(shape, device=device)
         self.max_len = max_len
@@ -193,6 +197,7 @@ class RuntimeBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: dict[str, nn.Module], norms: dict[str, Tensor]):
         super().__init__()
         self.d, self.f, self.nh, self.hd, self.eps = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.head_dim, cfg.norm_eps
+        self.nkv, self.kvd = cfg.n_kv_heads, cfg.kv_dim
         for name, op in ops.items():
             self.add_module(name, op)
         self.fused_qkv = "qkv" in ops
@@ -243,13 +248,13 @@ class RuntimeBlock(nn.Module):
         """The PyTorch path: the training model's attention, reading and extending the cache."""
         C = self.d
         if self.fused_qkv:
-            q, k, v = self.qkv(h).split(C, dim=1)
+            q, k, v = self.qkv(h).split((C, self.kvd, self.kvd), dim=1)
         else:
             q, k, v = self.q(h), self.k(h), self.v(h)
-        # (B*T, C) -> (B, nh, T, hd)
+        # (B*T, C) -> (B, nh, T, hd); k, v -> (B, nkv, T, hd)
         q = q.reshape(B, T, self.nh, self.hd).transpose(1, 2)
-        k = k.reshape(B, T, self.nh, self.hd).transpose(1, 2)
-        v = v.reshape(B, T, self.nh, self.hd).transpose(1, 2)
+        k = k.reshape(B, T, self.nkv, self.hd).transpose(1, 2)
+        v = v.reshape(B, T, self.nkv, self.hd).transpose(1, 2)
         cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -257,6 +262,7 @@ class RuntimeBlock(nn.Module):
             ck[:, :, pos:pos + T] = k
             cv[:, :, pos:pos + T] = v
             k, v = ck[:, :, :pos + T], cv[:, :, :pos + T]
+        k, v = repeat_kv(k, self.nh), repeat_kv(v, self.nh)
         if T == 1:
             y = F.scaled_dot_product_attention(q, k, v)
         elif pos == 0:
@@ -508,17 +514,6 @@ class _Builder:
         return cls(cfg, embed, blocks, norm, head, self.backend, self.device)
 
 
-def _training_to_packed(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The packed form of a training checkpoint, in memory (what `qtool pack` would write)."""
-    from qtoolkit.pack import model_from_checkpoint, pack_model
-
-    model, coverage = model_from_checkpoint(ckpt)
-    tensors, entries = pack_model(model, coverage)
-    layers = [{**e.to_dict(), "tensors": {s: f"{e.name}.{s}" for s in e.layout()}} for e in entries]
-    return {"kind": "packed", "model_config": ckpt["model_config"], "policy": ckpt["policy"], "layers": layers,
-            "tensors": tensors, "tokenizer": ckpt["tokenizer"], "path": ckpt["path"]}
-
-
 def load_tokenizer_json(text: str | None):
     """The checkpoint's tokenizer, or None when it has none (e.g. test checkpoints)."""
     if not text:
@@ -538,13 +533,15 @@ def load_inference_model(path: str | Path, kernels: str | None = None, device: s
     `device`: cpu | cuda | auto."""
     from qtoolkit.checkpoint import load_checkpoint
 
+    if not isinstance(device, (str, torch.device)) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {short_repr(str(device))}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device cuda requested, but PyTorch sees no CUDA device (use --device cpu)")
-    ckpt = load_checkpoint(path)
-    if ckpt["kind"] == "train":
-        ckpt = _training_to_packed(ckpt)
+    from qtoolkit.pack import packed_form
+
+    ckpt = packed_form(load_checkpoint(path))
     model = InferenceModel.from_packed(ckpt, kernels, device, _consume=True)
     model.tokenizer = load_tokenizer_json(ckpt.get("tokenizer"))
     model.source = str(ckpt["path"])
@@ -607,6 +604,8 @@ def generate(model: InferenceModel, prompt_ids: Iterable[int], max_new_tokens: i
     tokens); each further token is one decode step. A fixed `seed` makes sampling deterministic.
     Arguments are checked here, before the first token is asked for."""
     _check_sampling(max_new_tokens, temperature, top_k)
+    if seed is not None:
+        check_seed(seed)
     ids = list(prompt_ids)
     if not ids:
         raise ConfigError("the prompt is empty")

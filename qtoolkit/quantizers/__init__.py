@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qtoolkit.errors import ConfigError, UnknownNameError
+from qtoolkit.errors import ConfigError, UnknownNameError, short_repr
 from qtoolkit.quantizers.base import QTensor, Quantizer
 
 _REGISTRY: dict[str, type[Quantizer]] = {}
@@ -39,7 +39,7 @@ def get(name: str) -> type[Quantizer]:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise UnknownNameError(f"unknown quantizer {name!r}; available: {', '.join(available())}") from None
+        raise UnknownNameError(f"unknown quantizer {short_repr(name)}; available: {', '.join(available())}") from None
 
 
 def split_spec(spec: Any) -> tuple[str, dict[str, Any]]:
@@ -48,7 +48,7 @@ def split_spec(spec: Any) -> tuple[str, dict[str, Any]]:
         return spec, {}
     if isinstance(spec, dict) and isinstance(spec.get("name"), str):
         return spec["name"], {k: v for k, v in spec.items() if k != "name"}
-    raise ConfigError(f"a quantizer spec is a name or a mapping with a 'name' key, got {spec!r}")
+    raise ConfigError(f"a quantizer spec is a name or a mapping with a 'name' key, got {short_repr(spec)}")
 
 
 def build(spec: Any, path: str = "") -> Quantizer:
@@ -56,8 +56,20 @@ def build(spec: Any, path: str = "") -> Quantizer:
     return get(name).from_options(options, path=path)
 
 
+_CANONICAL: dict[Any, dict[str, Any]] = {}
+
+
 def canonical(spec: Any) -> dict[str, Any]:
-    return build(spec).spec()
+    """The full spec ({"name", every option}) of a spec; memoized, since policies on models of
+    thousands of layers ask for the same few specs thousands of times."""
+    try:
+        key = spec if isinstance(spec, str) else (type(spec), tuple(sorted(spec.items())))
+        hash(key)
+    except (AttributeError, TypeError):  # not a name or a flat mapping: validate without the memo
+        return build(spec).spec()
+    if key not in _CANONICAL:
+        _CANONICAL[key] = build(spec).spec()
+    return dict(_CANONICAL[key])
 
 
 # Built-in quantizers register themselves on import.

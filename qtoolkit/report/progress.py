@@ -85,6 +85,8 @@ class TrainProgress:
             f"{human_count(d['data_info'].get('val_tokens', 0))} val tokens)"
             + ("; resuming from step " + str(event.step) if d["resumed"] else "")
         )
+        if d.get("stale_metrics"):
+            self._print(f"an earlier run stopped before its first checkpoint: its metrics moved to {escape(d['stale_metrics'])}")
         self.console.print(coverage_table(d["coverage"]))
         self._t0, self._step0, self._total = time.perf_counter(), event.step, d["total_steps"]
         if self.live:

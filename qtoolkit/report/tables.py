@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from rich import box
@@ -100,19 +101,33 @@ def quantizers_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+PLAN_ROWS = 200  # a plan with more layer rows groups them across blocks unless --full
+
+
 def plan_table(plan, title: str, full: bool = False) -> Table:
-    """Per-layer bytes of a MemoryPlan; small fp32 parameters (norms) in one row unless `full`."""
+    """Per-layer bytes of a MemoryPlan; small fp32 parameters (norms) in one row unless `full`, and
+    layers grouped across blocks when there are more than PLAN_ROWS of them."""
     table = Table(title=title, title_justify="left")
     table.add_column("layer", no_wrap=True)
     for col, justify in (("shape", "right"), ("quantizer", "left"), ("bits/weight", "right"), ("bytes", "right")):
         table.add_column(col, justify=justify)
     rest = []
-    for e in plan.entries:
-        if e.kind == "param" and not full:
-            rest.append(e)
-            continue
-        quant = f"tied to {e.tied_to}" if e.tied_to else spec_text(e.spec)
-        table.add_row(e.name, _shape(e.shape), quant, f"{float(e.bits_per_weight):.4f}", f"{e.nbytes:,}")
+    layers = [e for e in plan.entries if full or e.kind != "param"]
+    rest = [e for e in plan.entries if not full and e.kind == "param"]
+    if not full and len(layers) > PLAN_ROWS:  # thousands of layers: one row per (module, format) over blocks
+        groups: dict[tuple, list] = {}
+        for e in layers:
+            key = (re.sub(r"^blocks\.\d+\.", "blocks.*.", e.name), e.shape,
+                   f"tied to {e.tied_to}" if e.tied_to else spec_text(e.spec))
+            groups.setdefault(key, []).append(e)
+        for (name, shape, quant), members in groups.items():
+            label = f"{name} (x{len(members)})" if len(members) > 1 else members[0].name
+            table.add_row(label, _shape(shape), quant, f"{float(members[0].bits_per_weight):.4f}",
+                          f"{sum(e.nbytes for e in members):,}")
+    else:
+        for e in layers:
+            quant = f"tied to {e.tied_to}" if e.tied_to else spec_text(e.spec)
+            table.add_row(e.name, _shape(e.shape), quant, f"{float(e.bits_per_weight):.4f}", f"{e.nbytes:,}")
     if rest:
         n, b = sum(e.params for e in rest), sum(e.nbytes for e in rest)
         table.add_row(f"{len(rest)} norm weights", f"{n:,}", "fp32", f"{8 * b / n:.4f}", f"{b:,}")
@@ -273,7 +288,9 @@ def search_renderables(result) -> list:
     summary.add_row("budget", f"{result.budget:,} B", fmt_bytes(result.budget))
     summary.add_row("chosen policy", f"{best['bytes']:,} B",
                     f"{100 * best['bytes'] / result.budget:.1f}% of budget; smallest reachable {fmt_bytes(result.min_bytes)}")
-    summary.add_row("validation loss", f"{best['loss']:.4f}", f"trial {best['number']} ({best['source']})")
+    summary.add_row("validation loss", f"{best['loss']:.4f}",
+                    f"trial {best['number']} ({best['source']})" if best["number"] is not None
+                    else f"{best['source']} (no searched allocation that fits did better)")
     for key, ref in result.references.items():
         fits = "fits" if ref["bytes"] <= result.budget else "over budget"
         summary.add_row(f"all-{key}", f"{ref['loss']:.4f}", f"{fmt_bytes(ref['bytes'])}, {fits}")
@@ -320,5 +337,73 @@ def bench_table(report) -> Table:
                  f"{first.torch_rss_bytes / 1e6:,.0f} MB resident")
     lines.append(f"packed kernels: {first.backend} ({first.backend_reason})")
     table.caption = "\n".join(lines)
+    table.caption_justify = "left"
+    return table
+
+
+# ------------------------------------------------------------------------------ interop
+
+
+def import_summary(result) -> Table:
+    """What `qtool import` read and wrote."""
+    cfg = result.config
+    table = Table(title="Imported Hugging Face model", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    gqa = f", {cfg.n_kv_heads} k/v heads" if cfg.n_kv_heads != cfg.n_heads else ""
+    for k, v in (
+        ("source", f"{result.source['path']} ({result.source['model_type']}, {result.source['dtype']})"),
+        ("model", f"{cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads{gqa}, d_ff {cfg.d_ff}, "
+                  f"vocab {cfg.vocab_size}, context {cfg.max_seq_len}, rope theta {cfg.rope_theta:g}"
+                  + (", tied head" if cfg.tie_embeddings else "")),
+        ("parameters", f"{human_count(result.params)} ({result.params:,})"),
+        ("tokenizer", f"{result.tokenizer_size:,} tokens (tokenizer.json kept)"),
+        ("checkpoint", f"{result.path} ({fmt_bytes(result.file_bytes)}, fp32 policy: nothing quantized yet)"),
+        *(("note", n) for n in result.notes),
+    ):
+        table.add_row(k, escape(v))
+    return table
+
+
+def gguf_export_table(result) -> Table:
+    """Per GGML type: which qtoolkit formats went there and how; fallbacks; file vs packed bytes."""
+    table = Table(title=f"GGUF export ({result.target}): {result.path}", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("GGML type", "from", "how", "tensors", "bytes"):
+        table.add_column(col, justify="right" if col in ("tensors", "bytes") else "left")
+    groups: dict[tuple[str, str, str], list] = {}
+    for t in result.tensors:
+        groups.setdefault((t.ggml_type, t.source, t.how), []).append(t)
+    for (ggml_type, source, how), ts in groups.items():
+        table.add_row(ggml_type, source, how, str(len(ts)), f"{sum(t.nbytes for t in ts):,}")
+    errs = [t.scale_rel_err for t in result.tensors if t.scale_rel_err is not None]
+    lines = [f"file {result.file_bytes:,} B ({fmt_bytes(result.file_bytes)}) | qtoolkit packed tensors: "
+             f"{result.packed_bytes['2bit']:,} B 2-bit, {result.packed_bytes['base3']:,} B base-3"]
+    if errs:
+        lines.append(f"fp16 rounding of the scales: at most {max(errs):.2e} relative")
+    for t in result.fallbacks:
+        lines.append(f"fallback: {t.name} -> {t.ggml_type} ({t.fallback})")
+    lines += [f"note: {n}" for n in result.notes]
+    table.caption = escape("\n".join(lines))
+    table.caption_justify = "left"
+    return table
+
+
+def hf_export_table(result) -> Table:
+    """Which layers run as transformers' bitnet layers and which as dequantized float, and why."""
+    table = Table(title=f"transformers export ({result.architecture}): {result.path}", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    for col in ("exported as", "qtoolkit format", "layers", "exact", "why"):
+        table.add_column(col, justify="right" if col == "layers" else "left")
+    groups: dict[tuple[str, str, bool, str], list] = {}
+    for x in result.layers:
+        groups.setdefault((x.how, spec_text(x.spec), x.exact, x.reason), []).append(x)
+    for (how, spec, exact, reason), xs in groups.items():
+        label = "bitnet (2-bit codes + alpha)" if how == "bitnet" else "float32 (modules_to_not_convert)"
+        table.add_row(label, escape(spec), str(len(xs)), "yes" if exact else "[yellow]no[/]", escape(reason or "-"))
+    lines = [f"directory {result.file_bytes:,} B ({fmt_bytes(result.file_bytes)}), model.safetensors "
+             f"{result.weights_bytes:,} B | qtoolkit packed tensors: {result.packed_bytes:,} B",
+             "embedding and norms: float32; policy and this table: README.md in the directory"]
+    lines += [f"not exact: {n}" for n in result.notes]
+    table.caption = escape("\n".join(lines))
     table.caption_justify = "left"
     return table

@@ -28,7 +28,7 @@ def spec_text(spec: dict[str, Any] | None) -> str:
     """`ternary` or `ternary(alpha=learned)`: the name plus options that differ from defaults."""
     if spec is None:
         return "float32 (unquantized)"
-    defaults = quantizers.build(spec["name"]).spec()
+    defaults = quantizers.canonical(spec["name"])
     opts = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name" and defaults.get(k) != v)
     return f"{spec['name']}({opts})" if opts else spec["name"]
 

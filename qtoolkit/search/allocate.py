@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import math
 import re
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,8 +50,11 @@ from torch import nn
 
 from qtoolkit.checkpoint import atomic_write_text, load_checkpoint
 from qtoolkit.config import ModelConfig
-from qtoolkit.errors import ConfigError, QToolkitError
-from qtoolkit.model import DecoderLM
+from qtoolkit.errors import ConfigError, QToolkitError, short_repr
+from qtoolkit.model import DecoderLM, meta_model
+from qtoolkit.outputs import check_outputs
+from qtoolkit.rundir import run_dir_lock
+from qtoolkit.schema import check_int, check_number, check_seed
 from qtoolkit.search.probes import (
     Format,
     ProbeResult,
@@ -61,6 +66,7 @@ from qtoolkit.search.probes import (
 )
 
 Progress = Callable[[str, int, int | None], None]
+MAX_BUDGET = 10**15  # 1 PB: budgets beyond it are typos (and overflow the integer program)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -74,15 +80,19 @@ def _noop(stage: str, done: int, total: int | None) -> None:
 
 def parse_budget(text: str | int) -> int:
     """"400MB" (10^6), "1.5GB", "64MiB" (2^20), "512KiB", "123456" (bytes) -> bytes."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
+        if not 1 <= text <= MAX_BUDGET:
+            raise ConfigError(f"budget {text} B must be in [1, {MAX_BUDGET}]")
         return text
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     unit = m.group(2).lower() if m else None
     if m is None or unit not in _UNITS and unit != "":
         raise ConfigError(f"budget {text!r}: expected a number with B, KB, MB, GB, KiB, MiB or GiB, e.g. 400MB")
     value = float(m.group(1)) * _UNITS.get(unit or "b", 1)
-    if value < 1:
+    if not value >= 1:
         raise ConfigError(f"budget {text!r} must be positive")
+    if value > MAX_BUDGET:
+        raise ConfigError(f"budget {short_repr(text)} is beyond any model (at most {MAX_BUDGET / 1e12:.0f} TB)")
     return int(value)
 
 
@@ -146,8 +156,7 @@ def _short(spec: dict[str, Any]) -> str | dict[str, Any]:
 
 
 def build_space(model_config: ModelConfig, formats: list[Format], granularity: str = "layer") -> SearchSpace:
-    with torch.device("meta"):
-        model = DecoderLM(model_config)
+    model = meta_model(model_config)
     units = search_units(model, granularity)
     searched = {m for u in units for m in u.modules}
     # the fixed part: every parameter outside the searched modules, stored as fp32 (the memory model's rule)
@@ -243,23 +252,47 @@ class Evaluator:
 # ------------------------------------------------------------------------------ storage
 
 
+HEARTBEAT_S = 10  # a RUNNING trial whose process stops beating for 3 intervals is failed and retried
+
+
 def open_storage(url: str):
-    """An Optuna storage: sqlite:///file.db, postgresql://..., mysql://..., or journal:/path/file.log."""
+    """An Optuna storage: sqlite:///file.db, postgresql://..., mysql://..., or journal:/path/file.log.
+
+    Database storages record a heartbeat for every running trial: a trial whose process died
+    (kill -9, a lost machine) is marked failed after 3 missed beats and re-enqueued once
+    (`RetryFailedTrialCallback`), by whichever process of the study next asks for a trial."""
     import optuna
+
+    def fail(e: BaseException) -> SearchError:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        return SearchError(f"cannot open Optuna storage {short_repr(url, 120)}: {reason} (a damaged or foreign "
+                           "file? pass another --storage or --out)")
 
     if url.startswith("journal:"):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        path = url[len("journal:"):]
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(path))
+        path = Path(url[len("journal:"):])
+        if path.is_dir():
+            raise SearchError(f"--storage {url}: {path} is a directory; give a file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return JournalStorage(JournalFileBackend(str(path)))
+        except Exception as e:
+            raise fail(e) from None
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    # Optuna >= 4.9 names the retry callback RetryHeartbeatStaleTrialCallback (the old name is deprecated)
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    stale = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback"
+             in inspect.signature(optuna.storages.RDBStorage).parameters else "failed_trial_callback")
     try:
-        return optuna.storages.RDBStorage(url)
+        with warnings.catch_warnings():  # heartbeats are marked experimental (since Optuna 2.9)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S,
+                                              **{stale: retry(max_retry=1)})
     except Exception as e:
-        raise SearchError(f"cannot open Optuna storage {url!r}: {e}") from None
+        raise fail(e) from None
 
 
 # ------------------------------------------------------------------------------ results
@@ -313,11 +346,58 @@ def _trial_record(t) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ main entry
 
 
-def default_study_name(ckpt_fp: str, space: SearchSpace, budget: int, pareto: bool, finetune_steps: int,
-                       granularity: str) -> str:
-    key = json.dumps({"ckpt": ckpt_fp, "formats": space.keys, "budget": budget, "pareto": pareto,
-                      "finetune": finetune_steps, "units": granularity}, sort_keys=True)
-    return "qtool-search-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+def study_identity(ckpt_fp: str, space: SearchSpace, budget: int, pareto: bool, finetune_steps: int,
+                   granularity: str, eval_batches: int, data_source: str, seed: int, calib_tokens: int,
+                   probe_key: str) -> dict[str, Any]:
+    """Everything that changes the objective or the search's answer. Trials of one study are only
+    comparable if all of it is equal: the default study name is its hash, and a study records it
+    and refuses to continue under different settings (`--study NAME` reused with other arguments)."""
+    return {"ckpt": ckpt_fp, "formats": [f.spec for f in space.formats], "budget": budget, "pareto": pareto,
+            "finetune_steps": finetune_steps, "units": granularity, "eval_batches": eval_batches,
+            "data": data_source, "seed": seed, "calib_tokens": calib_tokens, "probe": probe_key}
+
+
+def default_study_name(identity: dict[str, Any]) -> str:
+    return "qtool-search-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _check_identity(study, identity: dict[str, Any], name: str, storage: str) -> None:
+    saved = study.user_attrs.get("identity")
+    if saved is None:
+        if study.get_trials(deepcopy=False):
+            raise SearchError(f"study {name!r} in {storage} was not made by this version of qtool search (no "
+                              "recorded settings); use another --study or --out")
+        study.set_user_attr("identity", identity)
+        return
+    saved = json.loads(json.dumps(saved))  # storage round trip: tuples become lists
+    differ = [k for k in sorted(set(saved) | set(identity)) if saved.get(k) != json.loads(json.dumps(identity.get(k)))]
+    if differ:
+        shown = "; ".join(f"{k}: {short_repr(saved.get(k), 40)} then, {short_repr(identity.get(k), 40)} now"
+                          for k in differ[:3])
+        raise SearchError(f"study {name!r} in {storage} was run with other settings ({shown}); its losses are not "
+                          "comparable with this search: use another --study or --out")
+
+
+def _requeue_unfinished_seeds(study, heartbeat: bool) -> int:
+    """Enqueue again every seed allocation (MILP and Fisher seeds) that no trial has finished: a
+    seed interrupted by Ctrl-C (FAIL without an error), or RUNNING in a storage without heartbeats
+    (whose process may have died; if it is alive the seed is evaluated twice, harmlessly). A seed
+    that failed with an error (a non-finite loss) is not retried. Returns how many were enqueued."""
+    import optuna
+
+    TS = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    settled = {TS.COMPLETE, TS.PRUNED, TS.WAITING} | ({TS.RUNNING} if heartbeat else set())
+    done = {json.dumps(t.params, sort_keys=True) for t in trials if t.state in settled}
+    done |= {json.dumps(t.params, sort_keys=True) for t in trials if t.state == TS.FAIL and "error" in t.user_attrs}
+    n = 0
+    for t in trials:
+        sig = json.dumps(t.params, sort_keys=True)
+        if t.user_attrs.get("source", "sampler") != "sampler" and t.params and sig not in done:
+            study.enqueue_trial(dict(t.params), user_attrs={**t.user_attrs, "retry_of": t.number})
+            done.add(sig)
+            n += 1
+    return n
 
 
 def run_search(
@@ -339,19 +419,18 @@ def run_search(
     seeds_k: int = 3,
     progress: Progress = _noop,
 ) -> SearchResult:
-    import dataclasses
-
-    import optuna
-
-    from qtoolkit.search.probes import checkpoint_fingerprint
-    from qtoolkit.training.data import prepare_data, tokenizer_from_json
-    from qtoolkit.training.recipe import DataConfig
-
     t_start = time.perf_counter()
-    deadline = None if timeout is None else t_start + timeout
     budget = parse_budget(budget)
-    if trials < 1:
-        raise ConfigError(f"trials must be >= 1, got {trials}")
+    check_int(trials, "trials", 1)
+    if timeout is not None:
+        check_number(timeout, "timeout", minimum=0)
+    check_int(finetune_steps, "finetune_steps", 0)
+    check_seed(seed)
+    check_int(calib_tokens, "calib_tokens", 1)
+    check_int(eval_batches, "eval_batches", 1)
+    if not formats:
+        raise ConfigError("formats: give at least one candidate format")
+    deadline = None if timeout is None else t_start + timeout
     ckpt = load_checkpoint(ckpt_path)
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     space = build_space(cfg, formats, granularity)
@@ -362,7 +441,22 @@ def run_search(
             f"norms in fp32)"
         )
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_outputs([("--out", out_dir / "search.json", None), ("--out", out_dir / "policy.yaml", None)],
+                  [ckpt_path, data_path])
+    with run_dir_lock(out_dir, "qtool search"):
+        return _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
+                       study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
+                       progress, t_start)
+
+
+def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
+            study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
+            progress, t_start) -> SearchResult:
+    import optuna
+
+    from qtoolkit.search.probes import checkpoint_fingerprint
+    from qtoolkit.training.data import prepare_data, tokenizer_from_json
+    from qtoolkit.training.recipe import checkpoint_data_config
 
     probe = run_probe(ckpt_path, formats, granularity, data_path, calib_tokens, seed,
                       timeout=None if deadline is None else max(1.0, deadline - time.perf_counter()),
@@ -371,27 +465,35 @@ def run_search(
 
     model = float_model(ckpt)
     recipe = ckpt.get("recipe") or {}
-    train_cfg = recipe.get("train", {})
-    data_cfg = DataConfig(**recipe.get("data", {}))
-    if data_path is not None:
-        data_cfg = dataclasses.replace(data_cfg, path=str(data_path))
-    data = prepare_data(data_cfg, cfg.vocab_size, tokenizer=tokenizer_from_json(ckpt["tokenizer"]),
-                        need_train=finetune_steps > 0, progress=progress)
+    train_cfg = recipe.get("train") or {}
+    data = prepare_data(checkpoint_data_config(ckpt, data_path), cfg.vocab_size,
+                        tokenizer=tokenizer_from_json(ckpt["tokenizer"]), need_train=finetune_steps > 0,
+                        progress=progress)
     bs, sl = int(train_cfg.get("batch_size") or 8), int(train_cfg.get("seq_len") or cfg.max_seq_len)
+    data.val.require_window(sl)
+    if data.train is not None:
+        data.train.require_window(sl)
     val_batches = list(data.val.eval_batches(bs, sl, eval_batches))
     evaluate = Evaluator(model, space, val_batches, data.train, finetune_steps,
                          float(train_cfg.get("lr", 1e-3)) * float(train_cfg.get("min_lr_ratio", 0.1)), bs, sl, seed)
 
     storage_url = storage or f"sqlite:///{(out_dir / 'search.db').resolve()}"
-    name = study_name or default_study_name(checkpoint_fingerprint(ckpt["path"]), space, budget, pareto,
-                                            finetune_steps, granularity)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    identity = study_identity(checkpoint_fingerprint(ckpt["path"]), space, budget, pareto, finetune_steps,
+                              granularity, eval_batches, str(data.info.get("source")), seed, calib_tokens, probe.key)
+    name = study_name or default_study_name(identity)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # library code never prints; failures are in the records
     sampler = (optuna.samplers.NSGAIISampler(seed=seed) if pareto
                else optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=5))
-    study = optuna.create_study(
-        storage=open_storage(storage_url), study_name=name, sampler=sampler, load_if_exists=True,
-        **({"directions": ["minimize", "minimize"]} if pareto else {"direction": "minimize"}),
-    )
+    opened = open_storage(storage_url)
+    heartbeat = isinstance(opened, optuna.storages.RDBStorage)
+    try:
+        study = optuna.create_study(
+            storage=opened, study_name=name, sampler=sampler, load_if_exists=True,
+            **({"directions": ["minimize", "minimize"]} if pareto else {"direction": "minimize"}),
+        )
+    except ValueError as e:  # e.g. an existing study with other directions
+        raise SearchError(f"study {name!r} in {storage_url}: {str(e)[:200]}; use another --study or --out") from None
+    _check_identity(study, identity, name, storage_url)
 
     # references: every uniform allocation (computed once, kept with the study)
     references = dict(study.user_attrs.get("references", {}))
@@ -418,55 +520,73 @@ def run_search(
                 seen.add(sig)
                 study.enqueue_trial(alloc, user_attrs={"source": source})
         study.set_user_attr("seeded", True)
+    if heartbeat:  # trials of processes that died are failed now (and re-enqueued by the storage's callback)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    _requeue_unfinished_seeds(study, heartbeat)
+
+    TS = optuna.trial.TrialState
 
     def n_complete() -> int:
-        return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+        return sum(t.state == TS.COMPLETE for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE,)))
 
-    rejected, interrupted = 0, False
-    done = n_complete()
-    progress("search trials", done, trials)
+    counts = {"rejected": 0, "done": n_complete()}
     max_rejections = 200 * trials
-    try:
-        while done < trials and rejected < max_rejections:
-            if deadline is not None and time.perf_counter() > deadline:
-                break
-            trial = study.ask()
-            alloc = {u.name: trial.suggest_categorical(u.name, space.keys) for u in space.units}
-            nbytes = space.bytes_of(alloc)
-            trial.set_user_attr("bytes", nbytes)
-            if nbytes > budget:  # rejected before any evaluation
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                rejected += 1
-                continue
-            try:
-                loss = evaluate(alloc)
-            except KeyboardInterrupt:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                raise
-            if not math.isfinite(loss):
-                trial.set_user_attr("error", f"non-finite loss {loss}")
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                continue
-            trial.set_user_attr("loss", loss)
-            study.tell(trial, [nbytes, loss] if pareto else loss)
-            done = n_complete()
-            progress("search trials", min(done, trials), trials)
-    except KeyboardInterrupt:
-        interrupted = True
+
+    def objective(trial):
+        alloc = {u.name: trial.suggest_categorical(u.name, space.keys) for u in space.units}
+        nbytes = space.bytes_of(alloc)
+        trial.set_user_attr("bytes", nbytes)
+        if nbytes > budget:  # rejected before any evaluation
+            counts["rejected"] += 1
+            raise optuna.TrialPruned(f"{nbytes} B over the budget")
+        loss = evaluate(alloc)
+        if not math.isfinite(loss):
+            trial.set_user_attr("error", f"non-finite loss {loss}")
+            return [nbytes, math.nan] if pareto else math.nan  # Optuna records the trial as failed
+        trial.set_user_attr("loss", loss)
+        return [nbytes, loss] if pareto else loss
+
+    def seeds_waiting() -> bool:  # an exact seed (a retried one included) is never left unevaluated
+        return any(t.user_attrs.get("source", "sampler") != "sampler"
+                   for t in study.get_trials(deepcopy=False, states=(TS.WAITING,)))
+
+    def after_trial(study, frozen) -> None:
+        if frozen.state == TS.COMPLETE:
+            counts["done"] = n_complete()
+            progress("search trials", min(counts["done"], trials), trials)
+        if (counts["done"] >= trials and not seeds_waiting()) or counts["rejected"] >= max_rejections:
+            study.stop()
+
+    interrupted = False
+    progress("search trials", counts["done"], trials)
+    remaining = None if deadline is None else deadline - time.perf_counter()
+    if (counts["done"] < trials or seeds_waiting()) and (remaining is None or remaining > 0):
+        try:
+            # study.optimize, not ask/tell: it runs the heartbeat of each trial and fails stale ones
+            study.optimize(objective, timeout=remaining, callbacks=[after_trial], gc_after_trial=False)
+        except KeyboardInterrupt:  # Optuna has marked the running trial failed
+            interrupted = True
 
     records = [_trial_record(t) for t in study.get_trials(deepcopy=False)]
     complete = [r for r in records if r["state"] == "COMPLETE" and r["bytes"] is not None and r["bytes"] <= budget]
-    best = min(complete, key=lambda r: r["loss"]) if complete else None
+    # a uniform allocation that fits and was measured is a candidate too: the answer is never worse
+    uniform = [{"number": None, "state": "REFERENCE", "bytes": ref["bytes"], "loss": ref["loss"],
+                "source": f"uniform {f}", "values": None, "allocation": space.uniform(f)}
+               for f, ref in references.items() if f in space.keys and ref["bytes"] <= budget
+               and ref["loss"] is not None and math.isfinite(ref["loss"])]
+    candidates = complete + uniform
+    best = min(candidates, key=lambda r: r["loss"]) if candidates else None
     front = []
-    if complete:
-        for r in sorted(complete, key=lambda r: (r["bytes"], r["loss"])):
-            if not front or r["loss"] < front[-1]["loss"]:
-                front.append({"number": r["number"], "bytes": r["bytes"], "loss": r["loss"]})
+    for r in sorted(candidates, key=lambda r: (r["bytes"], r["loss"])):
+        if not front or r["loss"] < front[-1]["loss"]:
+            front.append({"number": r["number"], "bytes": r["bytes"], "loss": r["loss"], "source": r["source"]})
     policy = space.policy(best["allocation"]) if best else {}
     result = SearchResult(
         out_dir=out_dir, budget=budget, min_bytes=space.min_bytes, max_bytes=space.max_bytes, space=space,
         probe=probe, study_name=name, storage=storage_url, trials=records, best=best, references=references,
-        pareto_front=front, policy=policy, interrupted=interrupted, rejected=rejected,
+        pareto_front=front, policy=policy, interrupted=interrupted, rejected=counts["rejected"],
         elapsed_s=time.perf_counter() - t_start,
     )
     write_outputs(result)
@@ -480,10 +600,12 @@ def write_outputs(result: SearchResult) -> None:
     if not result.best:
         return
     best = result.best
+    origin = (f"trial {best['number']}, {best['source']}" if best["number"] is not None
+              else f"{best['source']}: no searched allocation that fits did better")
     header = (
         "# qtool search: mixed-precision policy\n"
         f"# budget {result.budget:,} B; this policy: {best['bytes']:,} B (qtool plan gives the same figure)\n"
-        f"# validation loss {best['loss']:.4f} (trial {best['number']}, {best['source']})\n"
+        f"# validation loss {best['loss']:.4f} ({origin})\n"
         f"# use: qtool train --recipe ternary_all --set policy={result.out_dir / 'policy.yaml'}\n"
     )
     atomic_write_text(result.out_dir / "policy.yaml", header + yaml.safe_dump(result.policy, sort_keys=False))

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from qtoolkit import quantizers
 from qtoolkit.checkpoint import atomic_write_text, load_checkpoint
 from qtoolkit.config import ModelConfig
-from qtoolkit.errors import CheckpointError, ConfigError, QToolkitError
+from qtoolkit.errors import CheckpointError, ConfigError, QToolkitError, short_repr
 from qtoolkit.evaluate.analyze import code_stats, latent_stats
 from qtoolkit.model import DecoderLM, layer_position
 from qtoolkit.policy import apply_policy, set_by_name
@@ -80,19 +80,21 @@ class Format:
 
 
 def format_key(spec: dict[str, Any]) -> str:
-    defaults = quantizers.build(spec["name"]).spec()
+    defaults = quantizers.canonical(spec["name"])
     opts = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name" and defaults.get(k) != v)
     return f"{spec['name']}({opts})" if opts else spec["name"]
 
 
 def parse_formats(value: str | list[Any]) -> list[Format]:
     """"ternary,int8,fp16", or a YAML list of specs: "[{name: ternary, packing: base3}, int8]"."""
-    import yaml
+    from qtoolkit.yamlsafe import parse_yaml
 
     if isinstance(value, str):
-        items = yaml.safe_load(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
+        items = parse_yaml(value, "--formats") if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
     else:
         items = list(value)
+    if not isinstance(items, list):
+        raise ConfigError(f"--formats takes ternary,int8,fp16 or a YAML list of specs, got {short_repr(value)}")
     if not items:
         raise ConfigError("--formats needs at least one quantizer")
     formats, seen = [], set()
@@ -301,9 +303,10 @@ def _load_cached(key: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # a damaged cache entry is recomputed
+        data = json.loads(path.read_text())
+    except (ValueError, OSError):  # undecodable or unreadable: a damaged cache entry is recomputed
+        return None
+    return data if isinstance(data, dict) else None
 
 
 # ------------------------------------------------------------------------------ the probes
@@ -375,20 +378,24 @@ def run_probe(
     use_cache: bool = True,
 ) -> ProbeResult:
     """Sparsity probe, cheap estimate and measured sensitivities (module docstring), cached."""
-    import dataclasses
-
+    from qtoolkit.schema import check_int, check_number, check_seed
     from qtoolkit.training.data import prepare_data, tokenizer_from_json
-    from qtoolkit.training.recipe import DataConfig
+    from qtoolkit.training.recipe import checkpoint_data_config
 
+    check_int(calib_tokens, "calib_tokens", 1)
+    check_seed(seed)
+    if timeout is not None:
+        check_number(timeout, "timeout", minimum=0)
+    if not formats:
+        raise ConfigError("formats: give at least one candidate format")
     ckpt = load_checkpoint(ckpt_path)
     model = float_model(ckpt)
     cfg = model.config
     recipe = ckpt.get("recipe") or {}
-    data_cfg = DataConfig(**recipe.get("data", {}))
-    if data_path is not None:
-        data_cfg = dataclasses.replace(data_cfg, path=str(data_path))
-    seq_len = int(recipe.get("train", {}).get("seq_len") or cfg.max_seq_len)
-    data = prepare_data(data_cfg, cfg.vocab_size, tokenizer=tokenizer_from_json(ckpt["tokenizer"]), progress=progress)
+    seq_len = int((recipe.get("train") or {}).get("seq_len") or cfg.max_seq_len)
+    data = prepare_data(checkpoint_data_config(ckpt, data_path), cfg.vocab_size,
+                        tokenizer=tokenizer_from_json(ckpt["tokenizer"]), progress=progress)
+    data.train.require_window(seq_len)
     batches = calibration_batches(data.train, calib_tokens, seq_len, seed)
     units = search_units(model, granularity)
 

@@ -24,6 +24,7 @@ sees exactly the batches an uninterrupted one would. Evaluation uses fixed conse
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -121,13 +122,38 @@ def local_files(path: str | Path) -> dict[str, list[Path]]:
     return splits
 
 
-def _file_digest(paths: Iterable[Path]) -> str:
+def _file_digest(paths: Iterable[Path], split: str = "") -> str:
+    """Content fingerprint of text files, checking in the same single pass that each is UTF-8 text
+    (binary or mis-encoded files are named here, not deep inside `datasets`) and that the split
+    holds some text."""
     h = hashlib.sha256()
+    paths = list(paths)
+    has_text = False
     for p in paths:
         h.update(p.name.encode())
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0
+        try:
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+                    nul = chunk.find(b"\0")
+                    if nul >= 0:
+                        raise DataError(f"--data {p}: a binary file, not text (NUL byte at offset "
+                                        f"{offset + nul}); remove it or pass only text files")
+                    try:
+                        text = decoder.decode(chunk)
+                    except UnicodeDecodeError as e:
+                        raise DataError(f"--data {p}: not UTF-8 text (byte 0x{chunk[e.start]:02x} at offset "
+                                        f"{offset + e.start}); convert it to UTF-8") from None
+                    has_text = has_text or bool(text.strip())
+                    offset += len(chunk)
+                decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"--data {p}: not UTF-8 text (it ends inside a multi-byte character)") from None
+    if paths and not has_text:
+        names = ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
+        raise DataError(f"--data: the {split or 'data'} files hold no text ({names} empty)")
     return h.hexdigest()[:16]
 
 
@@ -136,9 +162,17 @@ def _iter_local(files: list[Path]) -> Iterator[str]:
     if not files:
         return
     with _quiet_datasets() as datasets:
-        ds = datasets.load_dataset(
-            "text", data_files=[str(f) for f in files], split="train", sample_by="paragraph"
-        )
+        try:
+            ds = datasets.load_dataset(
+                "text", data_files=[str(f) for f in files], split="train", sample_by="paragraph"
+            )
+        except OSError:
+            raise
+        except Exception as e:  # datasets wraps every reading problem in its own 70-line errors
+            cause = e.__cause__ or e
+            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:160]
+            names = ", ".join(f.name for f in files[:3]) + (" ..." if len(files) > 3 else "")
+            raise DataError(f"--data {files[0].parent}: cannot read {names} ({reason})") from None
     for row in ds:
         yield from split_stories(row["text"])
 
@@ -159,7 +193,8 @@ def local_source(cfg: DataConfig) -> TextSource:
     return TextSource(
         description=f"local {cfg.path} (train: {names(train_files)}; validation: "
         f"{names(val_files) if val_files else 'none'}{held})",
-        fingerprint=f"local:{_file_digest(train_files)}:{_file_digest(val_files)}:{frac if not val_files else ''}",
+        fingerprint=(f"local:{_file_digest(train_files, 'training')}:{_file_digest(val_files, 'validation')}:"
+                     f"{frac if not val_files else ''}"),
         train=train,
         val=val,
     )
@@ -298,6 +333,16 @@ def _take_chars(texts: Iterable[str], limit: int) -> Iterator[str]:
             return
 
 
+def _cached_tokenizer(path: Path):
+    """A cached tokenizer, or None when absent or damaged (then it is trained again)."""
+    if not path.is_file():
+        return None
+    try:
+        return tokenizer_from_json(path.read_text())
+    except Exception:  # a truncated or damaged cache entry: the cache is rebuilt, never trusted
+        return None
+
+
 def get_tokenizer(cfg: DataConfig, source: TextSource, vocab_size: int, progress: Progress = _noop):
     """Load `cfg.tokenizer`, or train (and cache) a BPE on the training text."""
     if cfg.tokenizer:
@@ -305,9 +350,8 @@ def get_tokenizer(cfg: DataConfig, source: TextSource, vocab_size: int, progress
     else:
         key = hashlib.sha256(f"{source.fingerprint}|bpe|{vocab_size}".encode()).hexdigest()[:20]
         path = cache_dir() / "tokenizers" / f"{key}.json"
-        if path.is_file():
-            tok = tokenizer_from_json(path.read_text())
-        else:
+        tok = _cached_tokenizer(path)
+        if tok is None:
             progress("training tokenizer", 0, None)
             tok = train_tokenizer(_take_chars(source.train(), TOKENIZER_TRAIN_CHARS), vocab_size)
             atomic_write_text(path, tok.to_str())
@@ -327,6 +371,21 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+def _remove_dead_temps(root: Path) -> None:
+    """Token arrays being written are `<key>.<pid>.tmp`; those of processes that no longer run were
+    left by a crash (the cache is shared by concurrent runs, so only dead writers' files go)."""
+    for p in root.glob("*.tmp"):
+        pid = p.suffixes[-2][1:] if len(p.suffixes) >= 2 else ""
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+        except (PermissionError, OverflowError):
+            pass  # alive (another user's) or not a pid
+
+
 def tokenize_to_cache(
     texts: Iterable[str],
     tokenizer,
@@ -341,10 +400,14 @@ def tokenize_to_cache(
     bin_path, meta_path = root / f"{key}.bin", root / f"{key}.json"
     dtype = _token_dtype(tokenizer.get_vocab_size())
     if meta_path.is_file() and bin_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta["n_tokens"] > 0 and bin_path.stat().st_size == meta["n_tokens"] * dtype.itemsize:
-            return np.memmap(bin_path, dtype=dtype, mode="r", shape=(meta["n_tokens"],))
+        try:
+            n_cached = int(json.loads(meta_path.read_text())["n_tokens"])
+        except (ValueError, KeyError, TypeError):  # damaged cache metadata: tokenize again
+            n_cached = 0
+        if n_cached > 0 and bin_path.stat().st_size == n_cached * dtype.itemsize:
+            return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_cached,))
     root.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps(root)
     eos = eos_id(tokenizer)
     tmp = bin_path.with_suffix(f".{os.getpid()}.tmp")
     n = 0
@@ -393,7 +456,8 @@ class TokenStream:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def _check(self, seq_len: int) -> None:
+    def require_window(self, seq_len: int) -> None:
+        """DataError unless the split holds at least one window of `seq_len` + 1 tokens."""
         if len(self.tokens) < seq_len + 1:
             raise DataError(
                 f"{self.name} split has {len(self.tokens)} tokens, fewer than one sequence "
@@ -402,7 +466,7 @@ class TokenStream:
 
     def batch(self, step: int, batch_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Random windows for training step `step`; a pure function of (seed, step)."""
-        self._check(seq_len)
+        self.require_window(seq_len)
         rng = np.random.default_rng([seed, step])
         starts = rng.integers(0, len(self.tokens) - seq_len, size=batch_size)
         chunk = np.stack([self.tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
@@ -411,7 +475,7 @@ class TokenStream:
 
     def eval_batches(self, batch_size: int, seq_len: int, max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Fixed, consecutive, non-overlapping windows from the start of the split."""
-        self._check(seq_len)
+        self.require_window(seq_len)
         n_windows = min(max_batches * batch_size, (len(self.tokens) - 1) // seq_len)
         for b in range(0, n_windows, batch_size):
             starts = range(b * seq_len, min(b + batch_size, n_windows) * seq_len, seq_len)

@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 
 from qtoolkit import schema
 from qtoolkit.config import PRESETS, TRAIN_DEFAULTS, ModelConfig
-from qtoolkit.errors import PolicyError, UnknownNameError
-from qtoolkit.model import DecoderLM
+from qtoolkit.errors import ConfigError, PolicyError, UnknownNameError, short_repr
+from qtoolkit.model import meta_model
 from qtoolkit.policy import Policy, PolicyFitError
 from qtoolkit.schema import SchemaError
+from qtoolkit.yamlsafe import parse_yaml, read_yaml_file
 
 HUB_TINYSTORIES = "roneneldan/TinyStories"
 
@@ -84,8 +84,10 @@ class TrainConfig:
             errors.append(("grad_clip", f"must be >= 0, got {self.grad_clip}"))
         if not 0 <= self.label_smoothing < 1:
             errors.append(("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}"))
+        if not 0 <= self.seed <= schema.MAX_SEED:
+            errors.append(("seed", f"must be in [0, {schema.MAX_SEED}], got {short_repr(self.seed)}"))
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            errors.append(("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}"))
+            errors.append(("device", f"must be auto, cpu, cuda or cuda:N, got {short_repr(self.device)}"))
         return errors
 
 
@@ -139,9 +141,8 @@ class Recipe:
             seq_len = self.train.seq_len or TRAIN_DEFAULTS[self.preset]["seq_len"]
             if seq_len > model_config.max_seq_len:
                 errors.append(("train.seq_len", f"{seq_len} exceeds model.max_seq_len={model_config.max_seq_len}"))
-        try:  # does the policy fit this model? (on the meta device: no memory, no time)
-            with torch.device("meta"):
-                Policy(self.policy).resolve(DecoderLM(model_config))
+        try:  # does the policy fit this model? (on the meta device: no memory, little time)
+            Policy(self.policy).resolve(meta_model(model_config))
         except PolicyFitError as e:
             errors += [(f"policy.{key}", message) for key, message in e.problems]
         return errors
@@ -163,8 +164,8 @@ class Recipe:
 def _check_model_section(model: dict[str, Any]) -> list[tuple[str, str]]:
     errors = []
     preset = model.get("preset", "small")
-    if preset not in PRESETS:
-        return [("model.preset", f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")]
+    if not isinstance(preset, str) or preset not in PRESETS:
+        return [("model.preset", f"unknown preset {short_repr(preset)}; available: {', '.join(PRESETS)}")]
     hints = typing.get_type_hints(ModelConfig)
     values = dict(PRESETS[preset])
     for key, value in model.items():
@@ -223,9 +224,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             errors.append((item, "an override is KEY=VALUE, e.g. train.lr=3e-4"))
             continue
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
+            value = parse_yaml(text, "the value") if text.strip() else ""
+        except ConfigError as e:
+            if "refused" in str(e) or "duplicate key" in str(e):
+                errors.append((key, str(e)))
+                continue
+            value = text  # not YAML: the text itself (e.g. a path with a colon)
         head, _, rest = key.partition(".")
         if head == "policy" and rest:  # policy keys are module names: they contain dots themselves
             parents, leaf = ["policy"], rest
@@ -257,12 +261,9 @@ def load_recipe(
     else:
         path = find_recipe(name_or_path)
         base_dir = path.parent
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise SchemaError([("", f"not valid YAML: {e}")], str(path)) from None
+        raw = read_yaml_file(path, "recipe")
         if not isinstance(raw, dict):
-            raise SchemaError([("", "a recipe is a mapping")], str(path))
+            raise SchemaError([("", f"a recipe is a mapping, got {short_repr(raw)}")], str(path))
         where = f"recipe {path}"
         raw.setdefault("name", path.stem)
     raw = apply_overrides(raw, list(overrides or []))
@@ -281,6 +282,14 @@ def _load_policy_file(text: str, base_dir: Path) -> dict[str, Any]:
             except PolicyError as e:
                 raise SchemaError([("policy", str(e))], "recipe") from None
     raise SchemaError([("policy", f"policy file not found: {text}")], "recipe")
+
+
+def checkpoint_data_config(ckpt: dict[str, Any], data_path: str | Path | None = None) -> DataConfig:
+    """The data section of a checkpoint's recipe (validated), with `data_path` as --data if given."""
+    recipe = ckpt.get("recipe") or {}
+    raw = recipe.get("data") if isinstance(recipe, dict) else None
+    cfg = schema.from_dict(DataConfig, raw if isinstance(raw, dict) else {}, what=f"{ckpt['path']}: recipe.data")
+    return dataclasses.replace(cfg, path=str(data_path)) if data_path is not None else cfg
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -14,16 +14,27 @@ Files in `out_dir`:
 Loss: cross-entropy with label smoothing (the training objective); every reported perplexity is
 exp(plain cross-entropy). Batches are a pure function of (seed, step) and the checkpoint carries
 optimizer and RNG state, so `resume=True` reaches bit-identical weights to an uninterrupted run.
-A non-finite loss stops the run with `TrainingDiverged` before the bad update; the last
-checkpoint on disk is the last good one.
+Nothing lost (docs/reliability.md):
+  * the run holds `out_dir`'s lock (`qtoolkit.rundir`) from start to end: a second run into the
+    same directory fails at once; temporary files a crashed run left are removed;
+  * a non-finite loss or gradient norm stops the run with `TrainingDiverged` before the update is
+    applied, and a checkpoint is written only if every weight and optimizer value is finite and the
+    evaluation at that step is finite: the checkpoint on disk is always the last good one;
+  * SIGTERM (schedulers, `docker stop`) saves a checkpoint and stops, like Ctrl-C;
+  * `--resume` continues only with the run's own recipe (`qtoolkit.training.resume` lists what
+    may change), and only on the same data;
+  * the data is checked before the first step (each split must hold at least one window);
+  * a new run in a directory whose earlier run crashed before its first checkpoint moves the stale
+    metrics.jsonl aside instead of appending to it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import itertools
 import json
 import math
+import re
 import signal
 import threading
 import time
@@ -36,12 +47,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qtoolkit import schema
 from qtoolkit.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from qtoolkit.errors import CheckpointError, ConfigError, TrainingDiverged
+from qtoolkit.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, short_repr
 from qtoolkit.pack import model_from_checkpoint
 from qtoolkit.policy import Coverage, build_model
+from qtoolkit.rundir import run_dir_lock
+from qtoolkit.schema import check_int
 from qtoolkit.training.data import PreparedData, TokenStream, prepare_data, tokenizer_from_json
-from qtoolkit.training.recipe import DataConfig, Recipe, TrainConfig, save_recipe
+from qtoolkit.training.recipe import Recipe, TrainConfig, checkpoint_data_config, save_recipe
+from qtoolkit.training.resume import resume_recipe
 
 
 @dataclass
@@ -78,11 +93,16 @@ def _noop(event: TrainEvent) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N -> a torch.device this machine has, or ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {short_repr(name)}")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but CUDA is not available on this machine")
+        raise ConfigError(f"device {name} requested, but CUDA is not available on this machine (use cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -160,25 +180,29 @@ def evaluate(model: nn.Module, val: TokenStream, batch_size: int, seq_len: int, 
 
 
 class _StopFlag:
-    """Set by Ctrl-C (first press) or by the caller; the loop stops at the next step boundary."""
+    """Set by Ctrl-C or SIGTERM (first one) or by the caller; the loop stops at the next step
+    boundary and saves. A second signal stops at once (the last checkpoint stays intact)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, external: threading.Event | None):
         self.event = external or threading.Event()
-        self._previous = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
             def handler(signum, frame):
-                if self.event.is_set():  # second Ctrl-C: stop now
+                if self.event.is_set():  # second signal: stop now
                     raise KeyboardInterrupt
                 self.event.set()
 
-            self._previous = signal.signal(signal.SIGINT, handler)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, handler)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
     def is_set(self) -> bool:
         return self.event.is_set()
@@ -189,16 +213,60 @@ def _rewrite_metrics(path: Path, upto_step: int) -> None:
     if not path.is_file():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             if json.loads(line).get("step", 0) <= upto_step:
                 keep.append(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, AttributeError):
             continue  # a line cut by a crash
     atomic_write_text(path, "".join(f"{line}\n" for line in keep))
 
 
 # ------------------------------------------------------------------------------ main loop
+
+
+def _set_aside(path: Path) -> Path | None:
+    """Rename `path` to a free `<stem>.stale-N<suffix>` beside it (nothing is deleted)."""
+    if not path.exists():
+        return None
+    n = 1
+    while (target := path.with_name(f"{path.stem}.stale-{n}{path.suffix}")).exists():
+        n += 1
+    path.rename(target)
+    return target
+
+
+def _all_finite(tensors) -> bool:
+    """One fused check (a single host sync) that every floating-point tensor is finite."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer):
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, Tensor):
+                yield v
+
+
+def _load_resume_state(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Weights, optimizer state and RNG of a checkpoint, each checked against this run's model (the
+    loader checked the weights; the optimizer state must match them tensor for tensor)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{ckpt['path']}: damaged resume state ({reason})") from None
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, Tensor) and v.dim() and v.shape != p.shape:
+                    raise CheckpointError(f"{ckpt['path']}: damaged resume state (optimizer {name} of shape "
+                                          f"{list(v.shape)} for a weight of {list(p.shape)})")
+    if not _all_finite(_optimizer_tensors(optimizer)):
+        raise CheckpointError(f"{ckpt['path']}: the optimizer state holds NaN or inf; it cannot be resumed")
 
 
 def train(
@@ -208,9 +276,14 @@ def train(
     callback: Callback = _noop,
     stop: threading.Event | None = None,
 ) -> TrainResult:
-    recipe = recipe.resolved()
-    cfg = recipe.train
+    """Train `recipe` into `out_dir` (module docstring), holding the directory's lock throughout."""
     out_dir = Path(out_dir)
+    with run_dir_lock(out_dir, f"qtool train, recipe {recipe.name}"):
+        return _train(recipe, out_dir, resume, callback, stop)
+
+
+def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback,
+           stop: threading.Event | None) -> TrainResult:
     ckpt_path = out_dir / "ckpt.pt"
     metrics_path = out_dir / "metrics.jsonl"
 
@@ -221,17 +294,16 @@ def train(
         ckpt = load_checkpoint(ckpt_path)
         if ckpt["kind"] != "train":
             raise CheckpointError(f"{ckpt_path}: a {ckpt['kind']} checkpoint cannot be resumed")
-        saved = ckpt["recipe"]
-        for section in ("model", "policy"):
-            if saved[section] != recipe.to_dict()[section]:
-                raise CheckpointError(
-                    f"{ckpt_path}: the checkpoint's {section} differs from this recipe's; resume with "
-                    f"the recipe the run started with (saved in {out_dir / 'recipe.yaml'})"
-                )
+        if not all(k in ckpt for k in ("optimizer", "step", "rng")):
+            raise CheckpointError(f"{ckpt_path}: holds no optimizer state; it can be evaluated or packed, not resumed")
+        recipe = resume_recipe(recipe, ckpt.get("recipe"), ckpt["step"], str(ckpt_path))
     elif ckpt_path.exists():
         raise CheckpointError(
             f"{out_dir} already holds a checkpoint; pass --resume to continue it or choose another --out"
         )
+    else:
+        recipe = recipe.resolved()
+    cfg = recipe.train
 
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -245,6 +317,18 @@ def train(
     tokens_needed = cfg.steps * cfg.batch_size * cfg.seq_len
     tokenizer = tokenizer_from_json(ckpt["tokenizer"]) if ckpt else None
     data = prepare_data(recipe.data, model_config.vocab_size, tokens_needed, tokenizer, progress=data_progress)
+    try:  # before any work, not at the first evaluation
+        data.train.require_window(cfg.seq_len)
+        data.val.require_window(cfg.seq_len)
+    except DataError as e:
+        raise DataError(f"{'--data ' + recipe.data.path if recipe.data.path else recipe.data.dataset}: {e}") from None
+    saved_source = (ckpt.get("data") or {}).get("source") if ckpt else None
+    if saved_source is not None and saved_source != data.info.get("source"):
+        raise CheckpointError(
+            f"{ckpt_path}: the run trained on other data ({short_repr(saved_source, 60)}) than "
+            f"{recipe.data.path or recipe.data.dataset} ({short_repr(data.info.get('source'), 60)}); resume on the "
+            "run's own data"
+        )
 
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps
@@ -252,16 +336,23 @@ def train(
     step = 0
     last_eval: dict[str, float] = {}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        _load_resume_state(ckpt, model, optimizer)
         step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
         last_eval = dict(ckpt.get("metrics") or {})
         _rewrite_metrics(metrics_path, step)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = None if ckpt is not None else _set_aside(metrics_path)  # a run that crashed before its first checkpoint
     save_recipe(recipe, out_dir / "recipe.yaml")
+    last_good = {"step": step if ckpt is not None else None}
+
+    def diverged(what: str) -> TrainingDiverged:
+        saved = (f"Last good checkpoint: {ckpt_path} (step {last_good['step']})." if last_good["step"] is not None
+                 else "No checkpoint was written.")
+        return TrainingDiverged(f"{what}; nothing was saved from it. {saved} "
+                                "Try a lower train.lr or a stricter train.grad_clip.")
 
     def checkpoint() -> None:
+        if not _all_finite(itertools.chain(model.state_dict().values(), _optimizer_tensors(optimizer))):
+            raise diverged(f"the weights or optimizer state became non-finite by step {step}")
         state = {
             "kind": "train",
             "model_config": model_config.to_dict(),
@@ -277,6 +368,7 @@ def train(
             "metrics": last_eval,
         }
         save_checkpoint(state, ckpt_path)
+        last_good["step"] = step
         callback(TrainEvent("checkpoint", step, {"path": str(ckpt_path)}))
 
     def run_eval() -> dict[str, float]:
@@ -287,6 +379,7 @@ def train(
         "total_steps": cfg.steps, "params": n_params, "coverage": coverage, "device": str(device),
         "data": data.description, "data_info": data.info, "recipe": recipe.name,
         "tokens_per_step": cfg.batch_size * cfg.seq_len, "resumed": ckpt is not None,
+        "stale_metrics": str(stale) if stale else None,
     }))
 
     t_start = time.perf_counter()
@@ -294,6 +387,7 @@ def train(
     recent_ce = float("nan")
     tok_per_s = live_rate = 0.0
     interrupted = False
+    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     with _StopFlag(stop) as stop_flag, open(metrics_path, "a") as log:
 
@@ -315,22 +409,21 @@ def train(
             with autocast(device):
                 logits = model(x)
             loss, ce = loss_fn(logits, y, cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at step {step + 1}; stopped before applying the update. "
-                    + (f"Last good checkpoint: {ckpt_path}." if ckpt_path.exists() else "No checkpoint was written yet.")
-                    + " Try a lower train.lr or a stricter train.grad_clip."
-                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = (
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip > 0 else float("nan")
-            )
+            # The global gradient norm (clipped to grad_clip when set): a non-finite one means the
+            # update would write NaN/inf into the weights. One host sync reads it with the losses.
+            grad_norm_t = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            loss_v, ce_v, grad_norm = torch.stack([loss.detach().float(), ce.detach().float(),
+                                                   grad_norm_t.float()]).tolist()
+            if not (math.isfinite(loss_v) and math.isfinite(grad_norm)):
+                what = f"loss {loss_v}" if not math.isfinite(loss_v) else f"gradient norm {grad_norm}"
+                raise diverged(f"{what} at step {step + 1}: stopped before applying the update")
             optimizer.step()
             step += 1
 
-            window["loss"] += loss.item()
-            window["ce"] += ce.item()
+            window["loss"] += loss_v
+            window["ce"] += ce_v
             window["n"] += 1
             window["tokens"] += y.numel()
             now = time.perf_counter()
@@ -342,11 +435,13 @@ def train(
                 window = {"loss": 0.0, "ce": 0.0, "n": 0, "t": now, "tokens": 0}
             rate = y.numel() / max(now - t_step, 1e-9)
             live_rate = rate if live_rate == 0 else 0.9 * live_rate + 0.1 * rate  # smoothed for display
-            callback(TrainEvent("step", step, {"loss": loss.item(), "ce": ce.item(), "lr": lr,
+            callback(TrainEvent("step", step, {"loss": loss_v, "ce": ce_v, "lr": lr,
                                                "tokens_per_s": live_rate, "total_steps": cfg.steps}))
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 last_eval = run_eval()
-                train_ce = recent_ce if math.isfinite(recent_ce) else ce.item()
+                if not math.isfinite(last_eval["val_loss"]):
+                    raise diverged(f"validation loss {last_eval['val_loss']} at step {step}")
+                train_ce = recent_ce if math.isfinite(recent_ce) else ce_v
                 record = {"type": "eval", "step": step, **last_eval, "train_ce": train_ce,
                           "train_val_ratio": train_ce / last_eval["val_loss"]}
                 log_line(record)
@@ -371,6 +466,16 @@ def train(
 # ------------------------------------------------------------------------------ evaluation
 
 
+def _checkpoint_train_config(ckpt: dict[str, Any]) -> TrainConfig:
+    """The (resolved) train section of a checkpoint's recipe, validated."""
+    recipe = ckpt.get("recipe") or {}
+    raw = recipe.get("train") if isinstance(recipe, dict) else None
+    cfg = schema.from_dict(TrainConfig, raw if isinstance(raw, dict) else {}, what=f"{ckpt['path']}: recipe.train")
+    if cfg.batch_size is None or cfg.seq_len is None:
+        raise CheckpointError(f"{ckpt['path']}: its recipe has no train.batch_size / train.seq_len to evaluate with")
+    return cfg
+
+
 @dataclass
 class EvalResult:
     checkpoint: str
@@ -391,20 +496,20 @@ def evaluate_checkpoint(
 ) -> EvalResult:
     """Validation loss/perplexity of a training or packed checkpoint, on its own data config
     (or on `data_path`)."""
-    ckpt = load_checkpoint(path)
-    recipe = ckpt["recipe"]
-    data_cfg = DataConfig(**recipe["data"])
-    if data_path is not None:
-        data_cfg = dataclasses.replace(data_cfg, path=str(data_path))
+    if batches is not None:
+        check_int(batches, "--batches", 1)
     dev = resolve_device(device)
+    ckpt = load_checkpoint(path)
+    data_cfg = checkpoint_data_config(ckpt, data_path)
+    train_cfg = _checkpoint_train_config(ckpt)
     model, _ = model_from_checkpoint(ckpt)
     model.to(dev)
     tokenizer = tokenizer_from_json(ckpt["tokenizer"])
     kwargs = {"progress": progress} if progress else {}
     data: PreparedData = prepare_data(data_cfg, model.config.vocab_size, tokenizer=tokenizer, need_train=False, **kwargs)
-    train_cfg = recipe["train"]
-    res = evaluate(model, data.val, train_cfg["batch_size"], train_cfg["seq_len"],
-                   batches or train_cfg["eval_batches"], dev)
+    data.val.require_window(train_cfg.seq_len)
+    res = evaluate(model, data.val, train_cfg.batch_size, train_cfg.seq_len,
+                   batches if batches is not None else train_cfg.eval_batches, dev)
     step = ckpt.get("step", ckpt.get("source", {}).get("step")) or 0
     return EvalResult(str(ckpt["path"]), step, res["val_loss"], res["val_ppl"], int(res["val_tokens"]),
                       data.description, ckpt["kind"])

@@ -695,34 +695,44 @@ QT_AVX2 void attend_queries_any(const float* qd, int64_t T, int64_t pos, const f
   }
 }
 
-// One (batch row, head): rotate q and k of tokens pos .. pos+T-1 (RoPE), store k and v in the cache,
-// then attend: token t sees cache positions 0 .. pos + t.
-QT_AVX2 void attend_head(const float* qkv, int64_t T, int64_t C, int64_t hd, int64_t h, float* kc, float* vc,
-                         const float* cos, const float* sin, int64_t half, int64_t pos, float scale, float* y,
-                         std::vector<float>& qrot, std::vector<float>& p) {
-  for (int64_t t = 0; t < T; ++t) {  // (T, 3C) rows: [q | k | v], head h at columns h * hd
-    const float* row = qkv + t * 3 * C;
+// One (batch row, k/v head g) with its r query heads h = g*r .. g*r + r - 1 (r = 1 without grouped-query
+// attention): rotate k of tokens pos .. pos+T-1 (RoPE) and store k and v in head g's cache, then for each
+// query head rotate q and attend: token t sees cache positions 0 .. pos + t.
+QT_AVX2 void attend_group(const float* qkv, int64_t T, int64_t C, int64_t Ckv, int64_t hd, int64_t g, int64_t r,
+                          float* kc, float* vc, const float* cos, const float* sin, int64_t half, int64_t pos,
+                          float scale, float* y, std::vector<float>& qrot, std::vector<float>& p) {
+  const int64_t row_len = C + 2 * Ckv;  // (T, C + 2 Ckv) rows: [q | k | v], head h at columns h * hd
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = qkv + t * row_len;
     const float* cs = cos + (pos + t) * half;
     const float* sn = sin + (pos + t) * half;
-    const float* q = row + h * hd;
-    const float* k = row + C + h * hd;
+    const float* k = row + C + g * hd;
     float* kd = kc + (pos + t) * hd;
-    float* qd = qrot.data() + t * hd;
     for (int64_t i = 0; i < half; ++i) {  // apply_rope: (x1 cos - x2 sin, x1 sin + x2 cos)
-      qd[i] = q[i] * cs[i] - q[i + half] * sn[i];
-      qd[i + half] = q[i] * sn[i] + q[i + half] * cs[i];
       kd[i] = k[i] * cs[i] - k[i + half] * sn[i];
       kd[i + half] = k[i] * sn[i] + k[i + half] * cs[i];
     }
-    std::copy(row + 2 * C + h * hd, row + 2 * C + (h + 1) * hd, vc + (pos + t) * hd);
+    std::copy(row + C + Ckv + g * hd, row + C + Ckv + (g + 1) * hd, vc + (pos + t) * hd);
   }
-  float* out = y + h * hd;
-  switch (hd) {
-    case 16: attend_queries<2>(qrot.data(), T, pos, kc, vc, scale, out, C, p.data()); break;
-    case 32: attend_queries<4>(qrot.data(), T, pos, kc, vc, scale, out, C, p.data()); break;
-    case 64: attend_queries<8>(qrot.data(), T, pos, kc, vc, scale, out, C, p.data()); break;
-    case 128: attend_queries<16>(qrot.data(), T, pos, kc, vc, scale, out, C, p.data()); break;
-    default: attend_queries_any(qrot.data(), T, pos, kc, vc, hd, scale, out, C, p.data()); break;
+  for (int64_t h = g * r; h < (g + 1) * r; ++h) {
+    for (int64_t t = 0; t < T; ++t) {
+      const float* q = qkv + t * row_len + h * hd;
+      const float* cs = cos + (pos + t) * half;
+      const float* sn = sin + (pos + t) * half;
+      float* qd = qrot.data() + t * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        qd[i] = q[i] * cs[i] - q[i + half] * sn[i];
+        qd[i + half] = q[i] * sn[i] + q[i + half] * cs[i];
+      }
+    }
+    float* out = y + h * hd;
+    switch (hd) {
+      case 16: attend_queries<2>(qrot.data(), T, pos, kc, vc, scale, out, C, p.data()); break;
+      case 32: attend_queries<4>(qrot.data(), T, pos, kc, vc, scale, out, C, p.data()); break;
+      case 64: attend_queries<8>(qrot.data(), T, pos, kc, vc, scale, out, C, p.data()); break;
+      case 128: attend_queries<16>(qrot.data(), T, pos, kc, vc, scale, out, C, p.data()); break;
+      default: attend_queries_any(qrot.data(), T, pos, kc, vc, hd, scale, out, C, p.data()); break;
+    }
   }
 }
 
@@ -825,18 +835,22 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 
 at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& cos, const at::Tensor& sin, int64_t pos, int64_t n_heads) {
-  // qkv (B*T, 3C) fused projections; caches (B, n_heads, max_len, hd) of one layer; cos/sin
-  // (max_seq_len, hd/2) RoPE tables. Writes positions pos..pos+T-1 of the caches; returns (B*T, C).
+  // qkv (B*T, C + 2 Ckv) fused projections, C = n_heads * hd, Ckv = n_kv_heads * hd; caches
+  // (B, n_kv_heads, max_len, hd) of one layer; cos/sin (max_seq_len, hd/2) RoPE tables. Writes
+  // positions pos..pos+T-1 of the caches; returns (B*T, C). Query head h reads k/v head h / r,
+  // r = n_heads / n_kv_heads (grouped-query attention; r = 1 is plain multi-head attention).
   RECORD_FUNCTION("qtoolkit::attention_step", std::vector<c10::IValue>());
   checked_isa(kAvx2);
   check_2d(qkv, at::kFloat, "qkv");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   k_cache.scalar_type() == at::kFloat && v_cache.sizes() == k_cache.sizes() &&
                   v_cache.scalar_type() == at::kFloat,
-              "caches must be contiguous float32 (B, n_heads, max_len, head_dim) tensors");
-  const int64_t B = k_cache.size(0), nh = k_cache.size(1), L = k_cache.size(2), hd = k_cache.size(3);
-  const int64_t C = nh * hd, T = qkv.size(0) / std::max<int64_t>(B, 1), half = hd / 2;
-  TORCH_CHECK(nh == n_heads && qkv.size(1) == 3 * C && qkv.size(0) == B * T && hd % 2 == 0,
+              "caches must be contiguous float32 (B, n_kv_heads, max_len, head_dim) tensors");
+  const int64_t B = k_cache.size(0), nkv = k_cache.size(1), L = k_cache.size(2), hd = k_cache.size(3);
+  TORCH_CHECK(n_heads >= nkv && nkv > 0 && n_heads % nkv == 0, "n_heads must be a multiple of the caches' heads");
+  const int64_t r = n_heads / nkv, C = n_heads * hd, Ckv = nkv * hd, half = hd / 2;
+  const int64_t T = qkv.size(0) / std::max<int64_t>(B, 1);
+  TORCH_CHECK(qkv.size(1) == C + 2 * Ckv && qkv.size(0) == B * T && hd % 2 == 0,
               "qkv, caches and n_heads disagree");
   TORCH_CHECK(pos >= 0 && pos + T <= L, "positions beyond the cache");
   check_2d(cos, at::kFloat, "cos");
@@ -847,13 +861,15 @@ at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, cons
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   const float *q = qkv.data_ptr<float>(), *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
   float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>(), *out = y.data_ptr<float>();
-  const int64_t work = T * (pos + T) * hd;
-  at::parallel_for(0, B * nh, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, work)), [&](int64_t b0, int64_t b1) {
+  // One task per (batch row, k/v head): it writes that head's cache and then reads it, so no task
+  // reads a cache another task writes.
+  const int64_t work = r * T * (pos + T) * hd;
+  at::parallel_for(0, B * nkv, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, work)), [&](int64_t b0, int64_t b1) {
     std::vector<float> qrot(T * hd), p(pos + T);
-    for (int64_t bh = b0; bh < b1; ++bh) {
-      const int64_t b = bh / nh, h = bh % nh;
-      attend_head(q + b * T * 3 * C, T, C, hd, h, kc + bh * L * hd, vc + bh * L * hd, cs, sn, half, pos, scale,
-                  out + b * T * C, qrot, p);
+    for (int64_t bg = b0; bg < b1; ++bg) {
+      const int64_t b = bg / nkv, g = bg % nkv;
+      attend_group(q + b * T * (C + 2 * Ckv), T, C, Ckv, hd, g, r, kc + bg * L * hd, vc + bg * L * hd, cs, sn, half,
+                   pos, scale, out + b * T * C, qrot, p);
     }
   });
   return y;
