@@ -171,6 +171,7 @@ def save_packed(tensors: dict[str, torch.Tensor], meta: dict[str, Any], tokenize
                 "tokenizer": tokenizer, "digest": tensor_digest(tensors, meta_json, tokenizer)}
     with atomic_path(path, kind="packed") as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # save_file replaces the temporary file (mode 0600) with its own
     return Path(path)
 
 

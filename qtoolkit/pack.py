@@ -140,6 +140,7 @@ def model_entries(model: nn.Module, coverage: Coverage, packing: str | None = No
 class MemoryPlan:
     model_config: ModelConfig
     entries: list[Entry]
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # policy rules that assign nothing
 
     @property
     def total_bytes(self) -> int:
@@ -173,6 +174,7 @@ class MemoryPlan:
             "compression_vs_fp32": self.compression,
             "bytes_by_quantizer": self.bytes_by_quantizer(),
             "entries": [e.to_dict() for e in self.entries],
+            "warnings": [list(w) for w in self.warnings],
         }
 
 
@@ -181,7 +183,7 @@ def memory_plan(model_config: ModelConfig, policy: Policy | dict[str, Any] | str
     """Exact stored bytes of `model_config` under `policy`, per entry, without any real weights."""
     model = meta_model(model_config)
     coverage = Policy.load(policy).resolve(model)
-    return MemoryPlan(model_config, model_entries(model, coverage, packing))
+    return MemoryPlan(model_config, model_entries(model, coverage, packing), coverage.warnings)
 
 
 # ------------------------------------------------------------------------------ packing
@@ -230,6 +232,11 @@ class PackResult:
     @property
     def overhead_bytes(self) -> int:
         return self.file_bytes - self.tensor_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "predicted_bytes": self.predicted_bytes, "tensor_bytes": self.tensor_bytes,
+                "file_bytes": self.file_bytes, "overhead_bytes": self.overhead_bytes, "fp32_bytes": self.fp32_bytes,
+                "plan": self.plan.to_dict()}
 
 
 def pack_checkpoint(ckpt_path: str | Path, out: str | Path, packing: str | None = None) -> PackResult:

@@ -15,9 +15,12 @@ a glob on the rest of the name (`mlp.*`, `attn.q_proj`); without REST every modu
 blocks matches. They rank with regexes.
 
 Precedence: exact name > `re:` regex or block selector (first in file order) > `_default`. Modules no rule claims stay
-float32 and are listed as such in the coverage report. Every exact name and every regex must end up
-assigning at least one module: a typo or a rule fully shadowed by higher-priority rules is an error,
-never a silent no-op. With tied embeddings, `embed` and `lm_head` share one weight and therefore one
+unquantized, stored in fp32 (the coverage report calls them `fp32`, the name of the quantizer that
+stores them). Every exact name and every regex must end up assigning at least one module: a typo or
+a rule fully shadowed by higher-priority rules is an error, never a silent no-op. A rule that is
+valid but assigns nothing *on this model* is a warning (`Coverage.warnings`): a block selector that
+selects no block at this depth (`blocks[1:-1]` of a 2-block model), or a `_default` left with no
+module (`ternary_middle` on a 2-block model: its first and last block are every block). With tied embeddings, `embed` and `lm_head` share one weight and therefore one
 quantizer; giving them different specs is an error, and naming only one assigns both.
 
 A policy file (e.g. search output) holds the same mapping, optionally under a top-level `policy:` key.
@@ -40,6 +43,7 @@ from qtoolkit.schema import SchemaError
 from qtoolkit.yamlsafe import read_yaml_file
 
 DEFAULT = "_default"
+UNQUANTIZED = "fp32"  # what coverage calls a module no rule assigns: it is stored by the fp32 quantizer
 REGEX_PREFIX = "re:"
 SELECTOR = re.compile(r"blocks\[([^\]]*)\](?:\.(.+))?")
 
@@ -93,7 +97,7 @@ class LayerAssignment:
     name: str
     module_type: str  # "linear" | "embedding"
     shape: tuple[int, int]  # weight shape (rows, cols)
-    spec: dict[str, Any] | None  # canonical quantizer spec; None = stays float32
+    spec: dict[str, Any] | None  # canonical quantizer spec; None = no rule: stays unquantized (fp32)
     rule: str | None  # the policy key that assigned it
 
     @property
@@ -102,7 +106,7 @@ class LayerAssignment:
 
     @property
     def quantizer(self) -> str:
-        return self.spec["name"] if self.spec else "float32"
+        return self.spec["name"] if self.spec else UNQUANTIZED
 
 
 @dataclass
@@ -111,6 +115,7 @@ class Coverage:
 
     layers: list[LayerAssignment]
     tied: bool = False
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (policy key, why it assigns nothing)
 
     def params_by_quantizer(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -126,7 +131,8 @@ class Coverage:
         return [a.name for a in self.layers if a.spec is None]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tied": self.tied, "layers": [a.__dict__ | {"shape": list(a.shape)} for a in self.layers]}
+        return {"tied": self.tied, "layers": [a.__dict__ | {"shape": list(a.shape)} for a in self.layers],
+                "warnings": [list(w) for w in self.warnings]}
 
 
 @dataclass
@@ -186,13 +192,20 @@ class Policy:
         exact = {p: s for p, s in self.rules.items() if p != DEFAULT and not _is_pattern(p)}
         n_layers = len(getattr(model, "blocks", ()))
         problems: list[tuple[str, str]] = []  # (policy key, what is wrong)
+        warnings: list[tuple[str, str]] = []  # (policy key, why it assigns nothing here)
         regexes = []
         for pattern, spec in self.rules.items():
             if _is_pattern(pattern):
                 try:
-                    regexes.append((pattern, compile_pattern(pattern, n_layers), spec))
+                    rx = compile_pattern(pattern, n_layers)
                 except PolicyError as e:
                     problems.append((pattern, str(e)))
+                    continue
+                m = SELECTOR.fullmatch(pattern)
+                if m is not None and (not n_layers or not _selected_blocks(m.group(1), n_layers)):
+                    warnings.append((pattern, f"selects no block of this {n_layers}-block model, so it assigns nothing"))
+                    continue
+                regexes.append((pattern, rx, spec))
         for name in exact:
             if name not in targets:
                 close = difflib.get_close_matches(name, list(targets), n=3)
@@ -236,6 +249,8 @@ class Policy:
                 )])
             assigned["embed"] = assigned["lm_head"] = explicit[0] if explicit else h
 
+        if DEFAULT in self.rules and not any(rule == DEFAULT for _, rule in assigned.values()):
+            warnings.append((DEFAULT, "assigns no module: higher-priority rules claim every module of this model"))
         layers = []
         for name, module in targets.items():
             spec, rule = assigned[name]
@@ -246,7 +261,7 @@ class Policy:
                 spec=quantizers.canonical(spec) if spec is not None else None,
                 rule=rule,
             ))
-        return Coverage(layers, tied=tied)
+        return Coverage(layers, tied=tied, warnings=warnings)
 
 
 class PolicyFitError(PolicyError):

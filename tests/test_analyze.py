@@ -76,7 +76,7 @@ def test_middle_blocks_follow_the_paper():
         middle_blocks(4, (3, 9))
 
 
-JSON_TOP = {"schema_version", "checkpoint", "kind", "step", "as_policy", "model_config", "band", "layers", "blocks",
+JSON_TOP = {"schema_version", "qtoolkit_version", "checkpoint", "recipe", "kind", "step", "as_policy", "model_config", "band", "layers", "blocks",
             "kinds", "middle_vs_boundary", "totals"}
 JSON_LAYER = {"name", "block", "kind", "quantizer", "spec", "rule", "shape", "params", "bits_per_weight", "bytes",
               "code_bits", "zeros", "plus", "minus", "alpha", "entropy_bits", "near_threshold", "sqnr_db"}
@@ -88,7 +88,7 @@ JSON_TOTALS = {"params", "bytes", "fp32_bytes", "compression_vs_fp32", "bytes_by
 def test_json_schema_is_stable(tmp_path):
     """The documented schema (docs/analyze.md). Changing it means bumping SCHEMA_VERSION."""
     d = json.loads(json.dumps(analyze_checkpoint(save_untrained_checkpoint(tmp_path / "c.pt")).to_dict()))
-    assert SCHEMA_VERSION == 1 and d["schema_version"] == 1
+    assert SCHEMA_VERSION == 2 and d["schema_version"] == 2
     assert set(d) == JSON_TOP
     assert all(set(x) == JSON_LAYER for x in d["layers"])
     assert all(set(b) == JSON_GROUP | {"block"} for b in d["blocks"])
@@ -105,7 +105,7 @@ def test_plot_is_a_png_and_reports_render(tmp_path):
     data = (tmp_path / "p.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     md = analysis_markdown(a, b)
-    assert "| blocks.0.attn.q_proj |" in md and "## Compared with" in md
+    assert "| blocks.0.attn.q_proj |" in md and "## Comparison, A vs B" in md
     html = analysis_html(a)
     assert html.startswith("<!doctype html>") and "data:image/png;base64," in html and "<table>" in html
 

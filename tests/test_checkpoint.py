@@ -83,3 +83,18 @@ def test_newer_version_is_refused(tmp_path):
     torch.save({**minimal(), "format": FORMAT, "version": 99}, tmp_path / "v.pt")
     with pytest.raises(CheckpointError, match="version 99 is not supported"):
         load_checkpoint(tmp_path / "v.pt")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_every_output_follows_the_umask(tmp_path, umask):
+    """Text, torch and safetensors (packed) files alike get 0666 & ~umask, as a plain open() would."""
+    from qtoolkit.checkpoint import save_packed
+
+    old = os.umask(umask)
+    try:
+        paths = [atomic_write_text(tmp_path / "a.txt", "x"), save_checkpoint(minimal(), tmp_path / "c.pt"),
+                 save_packed({"w": torch.ones(2)}, {}, "{}", tmp_path / "p.safetensors")]
+    finally:
+        os.umask(old)
+    for path in paths:
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path.name

@@ -21,9 +21,40 @@ def test_train_then_eval(corpus_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert "Training summary" in r.output and "val perplexity" in r.output
     assert (out / "ckpt.pt").is_file() and (out / "metrics.jsonl").is_file()
-    r = run("eval", out / "ckpt.pt", "--batches", 2)
+    assert "outputs" in r.output and "recipe.yaml" in r.output and "float32" not in r.output
+    r = run("eval", out / "ckpt.pt", "--batches", 2)  # the deprecated spelling of --eval-batches
     assert r.exit_code == 0, r.output
     assert re.search(r"val perplexity\s+│\s+\d+\.\d+", r.output)
+    assert "--batches is deprecated" in r.stderr and "tokens scored" in r.output
+    assert "evaluating: 2/2" in r.output  # progress
+
+
+def test_eval_data_scores_the_whole_named_file(fp32_ckpt, corpus_dir):
+    import json
+
+    from qtoolkit.checkpoint import load_checkpoint
+    from qtoolkit.training.data import EOS, tokenizer_from_json
+
+    path = corpus_dir / "stories_val.txt"
+    tok = tokenizer_from_json(load_checkpoint(fp32_ckpt)["tokenizer"])
+    stories = [s.strip() for s in path.read_text().split(EOS) if s.strip()]
+    n_tokens = sum(len(tok.encode(s, add_special_tokens=False).ids) + 1 for s in stories)  # each + <|endoftext|>
+    r = run("eval", fp32_ckpt, "--data", path, "--json", "-")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["val_tokens"] == n_tokens - 1 and result["whole"]  # every token after the first, once
+    assert f"{n_tokens - 1:,}" in r.stderr and "every token of the data" in r.stderr
+    r = run("eval", fp32_ckpt, "--data", path, "--eval-batches", 1, "--json", "-")
+    assert json.loads(r.stdout)["val_tokens"] == 8 * 64  # one batch of the recipe's 8 x 64-token windows
+
+
+def test_a_policy_rule_that_assigns_nothing_warns(corpus_dir, tmp_path):
+    r = run("plan", "--recipe", "ternary_middle", "--model", "tiny")
+    assert r.exit_code == 0 and "warning: policy rule _default assigns no module" in r.output
+    r = run("train", "--recipe", "ternary_middle", "--model", "tiny", "--data", corpus_dir, "-o", tmp_path / "m",
+            "--max-steps", 1, "--set", "train.eval_batches=1")
+    assert r.exit_code == 0, r.output
+    assert "warning: policy rule _default assigns no module" in r.output
 
 
 def test_resume_continues(corpus_dir, tmp_path):
@@ -77,7 +108,7 @@ def test_plan_table_and_json():
     r = run("plan", "--recipe", "ternary_all", "--model", "tiny", "--json")
     import json
 
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)  # the table went to stderr
     assert data["total_bytes"] == 96056 and data["entries"][0]["name"] == "embed"
     r = run("plan", "--packing", "base4")
     assert r.exit_code == 1 and "--packing must be one of" in r.output
@@ -107,11 +138,29 @@ def test_analyze_outputs_and_compare(tmp_path):
     import json
 
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["schema_version"] == 1 and data["compare"]["checkpoint"].endswith("b.pt")
+    assert data["schema_version"] == 2 and data["compare"]["checkpoint"].endswith("b.pt")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "r.md").read_text().startswith("# Quantization analysis")
     r = run("analyze", b, "--as", "{name: ternary, granularity: channel}")
     assert r.exit_code == 0, r.output and "analysed as" in r.output
+
+
+def test_compare_html_shows_both_checkpoints(tmp_path):
+    from qtoolkit import __version__
+
+    from .conftest import save_untrained_checkpoint
+
+    a = save_untrained_checkpoint(tmp_path / "runs" / "a" / "ckpt.pt")
+    b = save_untrained_checkpoint(tmp_path / "runs" / "b" / "ckpt.pt", "ternary_middle")
+    html = tmp_path / "reports" / "r.html"
+    r = run("analyze", a, "--compare", b, "--html", html, "--markdown", tmp_path / "reports" / "r.md")
+    assert r.exit_code == 0, r.output
+    for doc in (html.read_text(), (tmp_path / "reports" / "r.md").read_text()):
+        assert "../runs/a/ckpt.pt" in doc and "../runs/b/ckpt.pt" in doc  # relative to the report
+        assert "Comparison, A vs B" in doc and "recipe ternary_all" in doc and "recipe ternary_middle" in doc
+        assert f"qtoolkit {__version__}" in doc and str(tmp_path) not in doc
+    page = html.read_text()
+    assert page.count("<h3>By block</h3>") == 2 and page.count("data:image/png;base64,") == 1
 
 
 @pytest.mark.parametrize("content, message", [
@@ -149,15 +198,17 @@ def test_probe_and_search_commands(corpus_dir, tmp_path):
     r = run("probe", out, "--units", "group", "--calib-tokens", 256, "--json", tmp_path / "probe.json")
     assert r.exit_code == 0, r.output
     assert "blocks.0.attn" in r.output and "Spearman" in r.output and (tmp_path / "probe.json").is_file()
-    r = run("search", "--budget", "1KB", "--ckpt", out, "--out", tmp_path / "s")
+    r = run("search", "--budget", "1KB", "--ckpt", out, "--out", tmp_path / "s")  # deprecated --ckpt still works
     assert r.exit_code == 1 and "smallest reachable size" in r.output and "Traceback" not in r.output
-    r = run("search", "--budget", "90kB", "--ckpt", out, "--out", tmp_path / "s", "--trials", 4, "--units", "group",
+    assert "--ckpt is deprecated" in r.stderr
+    r = run("search", out, "--budget", "90kB", "-o", tmp_path / "s", "--trials", 4, "--units", "group",
             "--calib-tokens", 256, "--eval-batches", 2, "--plot", tmp_path / "s.png")
     assert r.exit_code == 0, r.output
     assert "Chosen format per unit" in r.output and "Search summary" in r.output
     assert (tmp_path / "s" / "policy.yaml").is_file() and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert "search.db" in r.output and "optuna-dashboard sqlite:///" in r.output  # the outputs row
     r = run("plan", "--model", "tiny", "--set", f"policy={tmp_path / 's' / 'policy.yaml'}", "--json")
     import json
 
     searched = json.loads((tmp_path / "s" / "search.json").read_text())["best"]["bytes"]
-    assert json.loads(r.output)["total_bytes"] == searched
+    assert json.loads(r.stdout)["total_bytes"] == searched

@@ -365,7 +365,7 @@ CASES = [
     ("data-empty", _data(b""), ["hold no text", "train.txt"]),
     ("data-val-too-small", _data(_STORY, b"The end."), ["validation split has", "smaller train.seq_len"]),
     # numbers and devices
-    ("eval-batches-0", _args("eval", "RUN", "--batches", 0), ["--batches must be >= 1"]),
+    ("eval-batches-0", _args("eval", "RUN", "--eval-batches", 0), ["--eval-batches must be >= 1"]),
     ("eval-device-tpu", _args("eval", "RUN", "--device", "tpu"), ["device must be"]),
     ("generate-device-tpu", _args("generate", "RUN/packed.safetensors", "--prompt", "Hi", "--device", "tpu"),
      ["device must be"]),
@@ -452,7 +452,7 @@ def test_foreign_json_output_may_be_replaced_but_not_a_checkpoint(base, tmp_path
     (tmp_path / "old.json").write_text("{}")
     result = runner.invoke(app, ["analyze", str(run), "--json", str(tmp_path / "old.json")])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "old.json").read_text())["schema_version"] == 1
+    assert json.loads((tmp_path / "old.json").read_text())["schema_version"] == 2
     buf = io.BytesIO((run / "ckpt.pt").read_bytes())
     assert zipfile.is_zipfile(buf)  # the checkpoint it read is untouched
 

@@ -167,7 +167,7 @@ def test_auto_picks_the_best_native_path(monkeypatch):
 
 
 def test_without_a_compiler_auto_falls_back_with_the_reason(monkeypatch):
-    monkeypatch.setattr(kernels, "load_extension", lambda: (False, "C++ extension unavailable (no compiler)"))
+    monkeypatch.setattr(kernels, "load_extension", lambda progress=None: (False, "C++ extension unavailable (no compiler)"))
     monkeypatch.delenv("QTOOLKIT_KERNELS", raising=False)
     b = kernels.select_backend()
     assert b.name == "reference" and "no compiler" in b.reason
@@ -184,6 +184,27 @@ def test_a_failed_build_is_reported_not_raised(monkeypatch, tmp_path):
     monkeypatch.setattr(cpp_extension, "load", broken)
     ok, why = kernels.compile_extension(tmp_path / "ext")
     assert not ok and "RuntimeError" in why and "c++: not found" in why
+
+
+def test_a_first_build_is_announced_once_and_a_cached_one_is_silent(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    class Built:  # what cpp_extension.load returns, after writing the library into the build directory
+        ternary_linear = None
+
+    def fake_load(name, build_directory, **kwargs):
+        (tmp_path / "ext" / f"{name}.so").write_bytes(b"")
+        return Built()
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(kernels, "_EXT", None)
+    events = []
+    ok, _ = kernels.compile_extension(tmp_path / "ext", lambda *e: events.append(e))
+    assert ok and events == [(kernels.BUILD_STAGE, 0, 1), (kernels.BUILD_STAGE, 1, 1)]
+    assert kernels.extension_built(tmp_path / "ext")
+    events.clear()
+    ok, _ = kernels.compile_extension(tmp_path / "ext", lambda *e: events.append(e))
+    assert ok and events == []  # the cached library loads without a notice
 
 
 def test_extension_is_cached_under_qtoolkit_cache(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ from qtoolkit.config import ModelConfig
 from qtoolkit.errors import PolicyError
 from qtoolkit.layers import QuantEmbedding, QuantLinear
 from qtoolkit.model import DecoderLM
+from qtoolkit.pack import memory_plan
 from qtoolkit.policy import Policy, apply_policy
 from qtoolkit.schema import SchemaError
 
@@ -39,7 +40,7 @@ def test_default_covers_linears_including_lm_head_but_not_embed():
     m = model()
     cov = by_name(apply_policy(m, {"_default": "int8"}))
     assert cov["lm_head"].quantizer == "int8"
-    assert cov["embed"].spec is None and cov["embed"].quantizer == "float32"
+    assert cov["embed"].spec is None and cov["embed"].quantizer == "fp32"
     assert type(m.embed) is torch.nn.Embedding
 
 
@@ -131,3 +132,20 @@ def test_policy_file(tmp_path):
     assert Policy.load(path).rules == {"_default": "ternary", "lm_head": "int8"}
     with pytest.raises(PolicyError, match="not found"):
         Policy.load(tmp_path / "missing.yaml")
+
+
+def test_a_rule_that_assigns_nothing_here_warns():
+    # ternary_middle on a 2-block model: blocks[0, -1] are all the blocks, so _default is left with nothing
+    cov = apply_policy(model(2), {"_default": "ternary", "blocks[0, -1]": "int8", "embed": "int8", "lm_head": "int8"})
+    assert cov.params_by_quantizer().keys() == {"int8"}
+    assert [k for k, _ in cov.warnings] == ["_default"] and "assigns no module" in cov.warnings[0][1]
+    # a depth-portable selector that selects no block at this depth warns instead of failing
+    cov = apply_policy(model(2), {"_default": "ternary", "blocks[1:-1]": "fp16"})
+    assert cov.warnings == [("blocks[1:-1]", "selects no block of this 2-block model, so it assigns nothing")]
+    assert apply_policy(model(4), {"_default": "ternary", "blocks[1:-1]": "fp16"}).warnings == []
+    assert memory_plan(ModelConfig.from_name("tiny"), {"_default": "ternary", "blocks[1:-1]": "fp16"}).warnings
+
+
+def test_unassigned_modules_are_called_fp32_like_the_quantizer_that_stores_them():
+    cov = apply_policy(model(2), {"_default": "ternary"})
+    assert cov.params_by_quantizer() == {"fp32": 512 * 64, "ternary": 512 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 176)}

@@ -128,6 +128,10 @@ def test_pareto_and_finetune_and_journal_storage(fp32_ckpt, tmp_path):
     front = res.pareto_front
     assert front and all(a["bytes"] < b["bytes"] and a["loss"] > b["loss"] for a, b in zip(front, front[1:], strict=False))
     assert (tmp_path / "j.log").is_file()
+    from qtoolkit.report import save_search_plot
+
+    save_search_plot(res, tmp_path / "pareto.png")  # the trial scatter is optuna's plot_pareto_front here
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_search_reproducible(fp32_ckpt, tmp_path):

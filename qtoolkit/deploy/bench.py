@@ -18,15 +18,21 @@ own. The child times, after one warm-up round, `repeats` rounds of
               logits at the last position only                              -> prompt_len / seconds
     decode    `new_tokens` single-token steps with greedy argmax             -> new_tokens / seconds
 
-and reports the median round. Ratios are packed / baseline (speed: higher is better; bytes and
-memory: lower is better).
+and reports the median round with the min and max beside it: on a shared machine rounds can differ
+by 10x, so a large spread (`SPREAD_WARN`) is flagged rather than hidden. Rounds are timed with
+`torch.utils.benchmark`'s clock (which synchronizes an accelerator before reading the time) and
+summarized as its `Measurement` (median, interquartile range). A prompt and decode length that do
+not fit the model's context are scaled down to fit it, and the report says so (`notes`).
+Ratios are packed / baseline (speed: higher is better; bytes and memory: lower is better).
+
+Before the first child starts, the parent loads the C++ kernels once (`kernels.select_backend`), so
+a first-use build happens once, is announced through `progress`, and is not timed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +45,15 @@ from qtoolkit.errors import ConfigError
 
 VARIANTS = ("packed", "fp32", "int8-dynamic")
 BASELINES = ("fp32", "int8-dynamic")
+SPREAD_WARN = 1.25  # max / min round time above which the report warns that the timings are noisy
+Progress = Callable[[str, int, int | None], None]  # (stage, done, total)
+
+
+def _measurement(times: list[float], what: str):
+    from torch.utils.benchmark import Measurement
+    from torch.utils.benchmark.utils.common import TaskSpec
+
+    return Measurement(number_per_run=1, raw_times=list(times), task_spec=TaskSpec(stmt=what, setup=""))
 
 
 @dataclass
@@ -60,19 +75,35 @@ class VariantResult:
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_len / statistics.median(self.prefill_s)
+        return self.prompt_len / _measurement(self.prefill_s, "prefill").median
 
     @property
     def decode_tok_s(self) -> float:
-        return self.new_tokens / statistics.median(self.decode_s)
+        return self.new_tokens / _measurement(self.decode_s, "decode").median
+
+    @property
+    def prefill_tok_s_range(self) -> tuple[float, float]:
+        """(slowest, fastest) round in tokens/s."""
+        return self.prompt_len / max(self.prefill_s), self.prompt_len / min(self.prefill_s)
+
+    @property
+    def decode_tok_s_range(self) -> tuple[float, float]:
+        return self.new_tokens / max(self.decode_s), self.new_tokens / min(self.decode_s)
 
     @property
     def decode_ms_per_token(self) -> float:
         return 1e3 / self.decode_tok_s
 
+    def spread(self) -> float:
+        """The larger of max/min round time over prefill and decode (1.0 = identical rounds)."""
+        return max(max(t) / min(t) for t in (self.prefill_s, self.decode_s))
+
     def to_dict(self) -> dict[str, Any]:
+        decode = _measurement(self.decode_s, "decode")
         return {**asdict(self), "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
-                "decode_ms_per_token": self.decode_ms_per_token}
+                "prefill_tok_s_range": list(self.prefill_tok_s_range),
+                "decode_tok_s_range": list(self.decode_tok_s_range), "decode_ms_per_token": self.decode_ms_per_token,
+                "decode_iqr_over_median": decode.iqr / decode.median, "spread": self.spread()}
 
 
 @dataclass
@@ -80,6 +111,17 @@ class BenchReport:
     checkpoint: str
     model: dict[str, Any]  # preset-like summary: layers, d_model, vocab, params
     results: list[VariantResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # adjustments made to the request (context clamping)
+
+    def warnings(self) -> list[str]:
+        """One line per variant whose rounds differ by more than SPREAD_WARN (a busy machine)."""
+        out = []
+        for r in self.results:
+            if r.spread() > SPREAD_WARN:
+                lo, hi = r.decode_tok_s_range
+                out.append(f"{r.variant}: rounds differ by {r.spread():.1f}x (decode {lo:,.0f}-{hi:,.0f} tokens/s); "
+                           "the machine is busy or throttling: compare medians with care, or rerun with more --repeats")
+        return out
 
     def get(self, variant: str) -> VariantResult | None:
         return next((r for r in self.results if r.variant == variant), None)
@@ -102,8 +144,8 @@ class BenchReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"checkpoint": self.checkpoint, "model": self.model,
-                "results": [r.to_dict() for r in self.results], "ratios": self.ratios()}
+        return {"checkpoint": self.checkpoint, "model": self.model, "notes": self.notes,
+                "warnings": self.warnings(), "results": [r.to_dict() for r in self.results], "ratios": self.ratios()}
 
 
 def parse_baselines(text: str | None) -> list[str]:
@@ -116,14 +158,26 @@ def parse_baselines(text: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def fit_context(prompt_len: int, new_tokens: int, context: int) -> tuple[int, int]:
+    """(prompt_len, new_tokens) scaled down in proportion to fit `context` tokens (each >= 1)."""
+    if prompt_len + new_tokens <= context:
+        return prompt_len, new_tokens
+    if context < 2:
+        raise ConfigError(f"a model with a context of {context} token(s) cannot be benchmarked")
+    p = min(context - 1, max(1, round(context * prompt_len / (prompt_len + new_tokens))))
+    return p, context - p
+
+
 def run_bench(ckpt: str | Path, baselines: list[str] | tuple[str, ...] = BASELINES, threads: int | None = None,
               prompt_len: int = 128, new_tokens: int = 64, repeats: int = 3, kernels: str | None = None,
-              progress: Callable[[str], None] | None = None) -> BenchReport:
-    """Measure the packed model and each baseline, each in its own process (see the module docstring)."""
+              progress: Progress | None = None) -> BenchReport:
+    """Measure the packed model and each baseline, each in its own process (see the module docstring).
+    `progress(stage, done, total)` hears of a kernel build and of each variant being measured."""
     import torch
 
     from qtoolkit.checkpoint import load_checkpoint
     from qtoolkit.config import ModelConfig
+    from qtoolkit.deploy.kernels import select_backend
     from qtoolkit.schema import check_int
 
     for name in baselines:
@@ -135,17 +189,23 @@ def run_bench(ckpt: str | Path, baselines: list[str] | tuple[str, ...] = BASELIN
     # verified here, once (CRC/digest, config against tensors): a bad file fails with a clear error,
     # not in a child process
     cfg = ModelConfig.from_dict(load_checkpoint(ckpt)["model_config"])
-    if prompt_len + new_tokens > cfg.max_seq_len:
-        raise ConfigError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceed the model's "
-                          f"max_seq_len={cfg.max_seq_len}")
     report = BenchReport(str(ckpt), {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size,
-                                     "params": cfg.num_params()})
-    for variant in ("packed", *baselines):
+                                     "params": cfg.num_params(), "max_seq_len": cfg.max_seq_len})
+    fitted = fit_context(prompt_len, new_tokens, cfg.max_seq_len)
+    if fitted != (prompt_len, new_tokens):
+        report.notes.append(f"prompt {prompt_len} + {new_tokens} new tokens exceed the model's context of "
+                            f"{cfg.max_seq_len}; measured {fitted[0]} + {fitted[1]} instead")
+        prompt_len, new_tokens = fitted
+    select_backend(kernels, progress)  # build (once, announced) or load the kernels before any timing
+    variants = ("packed", *baselines)
+    for i, variant in enumerate(variants):
         if progress is not None:
-            progress(variant)
+            progress(f"measuring {variant}", i, len(variants))
         spec = {"ckpt": str(ckpt), "variant": variant, "threads": threads, "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "repeats": repeats, "kernels": kernels}
         report.results.append(VariantResult(**_run_child(spec, threads)))
+    if progress is not None:
+        progress("measuring", len(variants), len(variants))
     return report
 
 
@@ -172,6 +232,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
+    # torch.utils.benchmark's clock: synchronizes an accelerator before reading the time
+    from torch.utils.benchmark.utils.timer import timer as clock
+
     torch_rss = peak_rss_bytes()
     torch.set_num_threads(spec["threads"])
     warnings.filterwarnings("ignore")
@@ -197,15 +260,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     prefill_s, decode_s = [], []
     for round_ in range(spec["repeats"] + 1):  # round 0 warms up
         cache.length = 0
-        t = time.perf_counter()
+        t = clock()
         logits = model(prompt, cache, last_only=True)
-        t_prefill = time.perf_counter() - t
+        t_prefill = clock() - t
         token = torch.argmax(logits[0, -1]).view(1, 1)
-        t = time.perf_counter()
+        t = clock()
         for _ in range(N):
             logits = model(token, cache)
             token = torch.argmax(logits[0, -1]).view(1, 1)
-        t_decode = time.perf_counter() - t
+        t_decode = clock() - t
         if round_ > 0:
             prefill_s.append(t_prefill)
             decode_s.append(t_decode)

@@ -21,7 +21,10 @@ Choosing: `select_backend(kernels)` with kernels (or the env var QTOOLKIT_KERNEL
 
 The extension is compiled on first use with `torch.utils.cpp_extension.load` into
 $QTOOLKIT_CACHE/ext (default ~/.cache/qtoolkit/ext), one directory per torch and Python version;
-later processes load the cached library in milliseconds. It compiles with the default flags; each
+later processes load the cached library in milliseconds. A first build takes 15-60 s, so the
+functions that may trigger it take a `progress(stage, done, total)` callback and call it with
+`("compiling C++ kernels", 0, 1)` before a build and `(..., 1, 1)` after (never when the cached
+library is loaded), which the CLI renders as a one-time notice. It compiles with the default flags; each
 kernel carries its instruction set as a function attribute and the CPU is probed at run time.
 
 The ternary weight layout in memory (drawn in full in the C++ file): rows padded with code 0 to
@@ -40,6 +43,7 @@ import io
 import os
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,25 +93,39 @@ def extension_dir() -> Path:
     return root / "ext" / f"{EXT_NAME}-{tag}"
 
 
+BUILD_STAGE = "compiling C++ kernels"
+Progress = Callable[[str, int, int | None], None]  # (stage, done, total)
+
+
+def extension_built(build_dir: Path | None = None) -> bool:
+    """Whether the library is already compiled in `build_dir` (then loading it takes milliseconds)."""
+    build_dir = build_dir or extension_dir()
+    return any((build_dir / f"{EXT_NAME}{suffix}").is_file() for suffix in (".so", ".pyd"))
+
+
 _lock = threading.Lock()
 _loaded: dict[str, tuple[bool, str]] = {}  # build dir -> (ok, reason): one attempt per process
 _EXT = None  # the loaded module
 
 
-def load_extension() -> tuple[bool, str]:
-    """Compile (first time) and load the C++ kernels: (loaded, reason if not). Never prints."""
+def load_extension(progress: Progress | None = None) -> tuple[bool, str]:
+    """Compile (first time) and load the C++ kernels: (loaded, reason if not). Never prints; a build
+    is announced through `progress` (module docstring)."""
     build_dir = extension_dir()
     with _lock:
         if _EXT is not None:
             return True, ""
         if str(build_dir) not in _loaded:
-            _loaded[str(build_dir)] = compile_extension(build_dir)
+            _loaded[str(build_dir)] = compile_extension(build_dir, progress)
         return _loaded[str(build_dir)]
 
 
-def compile_extension(build_dir: Path) -> tuple[bool, str]:
+def compile_extension(build_dir: Path, progress: Progress | None = None) -> tuple[bool, str]:
     """Build (or reuse the cached build in `build_dir`) and import the module `qtoolkit_kernels`."""
     global _EXT
+    building = progress is not None and not extension_built(build_dir)
+    if building:
+        progress(BUILD_STAGE, 0, 1)
     try:
         from torch.utils import cpp_extension
 
@@ -127,6 +145,9 @@ def compile_extension(build_dir: Path) -> tuple[bool, str]:
     except Exception as e:  # no compiler, no ninja, a failed build: the fallback runs
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
         return False, f"C++ extension unavailable ({type(e).__name__}: {lines[0][:200]})"
+    finally:
+        if building:
+            progress(BUILD_STAGE, 1, 1)
     if not hasattr(module, "ternary_linear"):
         return False, "C++ extension built but it lacks its functions"
     _EXT = module
@@ -141,8 +162,9 @@ def ext():
     return _EXT
 
 
-def select_backend(kernels: str | None = None) -> Backend:
-    """Pick the kernel path: `kernels` argument > $QTOOLKIT_KERNELS > auto (see module docstring)."""
+def select_backend(kernels: str | None = None, progress: Progress | None = None) -> Backend:
+    """Pick the kernel path: `kernels` argument > $QTOOLKIT_KERNELS > auto (see module docstring);
+    `progress` hears of a first-use build."""
     source = "argument" if kernels is not None else ENV
     choice = kernels if kernels is not None else (os.environ.get(ENV) or "auto")
     if choice not in CHOICES:
@@ -150,7 +172,7 @@ def select_backend(kernels: str | None = None) -> Backend:
     if choice == "reference":
         how = f"{ENV}=reference" if source == ENV else "kernels='reference' requested"
         return Backend("reference", f"forced ({how})")
-    ok, why = load_extension()
+    ok, why = load_extension(progress)
     if not ok:
         if choice != "auto":
             raise ConfigError(f"kernels={choice} requested but {why}")
@@ -244,6 +266,6 @@ def int8_linear(x: Tensor, codes: Tensor, scale: Tensor, backend: Backend) -> Te
     return F.linear(x, codes.to(x.dtype)) * scale
 
 
-__all__ = ["BLOCK", "Backend", "extension_dir", "int8_linear", "int_matmul", "load_extension", "pack_ternary",
+__all__ = ["BLOCK", "BUILD_STAGE", "Backend", "extension_built", "extension_dir", "int8_linear", "int_matmul", "load_extension", "pack_ternary",
            "padded_cols", "quantize_activations", "select_backend", "ternary_linear", "ternary_linear_reference",
            "ternary_matmul_int", "unpack_ternary"]

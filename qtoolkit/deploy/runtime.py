@@ -45,7 +45,6 @@ on the test prompts (tests/test_runtime.py).
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -58,8 +57,8 @@ from torch import Tensor, nn
 
 from qtoolkit.config import ModelConfig
 from qtoolkit.deploy import kernels
-from qtoolkit.deploy.kernels import Backend
-from qtoolkit.errors import CheckpointError, ConfigError, short_repr
+from qtoolkit.deploy.kernels import Backend, Progress
+from qtoolkit.errors import CheckpointError, ConfigError
 from qtoolkit.model import apply_rope, repeat_kv, rope_tables
 from qtoolkit.quantizers.base import int8_per_token_codes
 from qtoolkit.schema import check_seed
@@ -347,11 +346,12 @@ class InferenceModel(nn.Module):
 
     @classmethod
     def from_packed(cls, ckpt: dict[str, Any], kernels_: str | None = None, device: str | torch.device = "cpu",
-                    _consume: bool = False) -> InferenceModel:
+                    _consume: bool = False, progress: Progress | None = None) -> InferenceModel:
         """Build from a loaded packed checkpoint (`load_checkpoint`).
 
         `kernels_` picks the CPU path (`qtoolkit.deploy.kernels.select_backend`: auto, reference, avx2,
-        avx512-vnni) or "dequant", the dequantize-then-matmul path that CUDA devices always use."""
+        avx512-vnni) or "dequant", the dequantize-then-matmul path that CUDA devices always use;
+        `progress` hears of a first-use build of the C++ kernels (`kernels.load_extension`)."""
         device = torch.device(device)
         if device.type not in ("cpu", "cuda"):
             raise ConfigError(f"unsupported device {device}; use cpu or cuda")
@@ -360,7 +360,7 @@ class InferenceModel(nn.Module):
         elif device.type == "cuda":
             backend = Backend("dequant", "CUDA device: dequantize-then-matmul (no custom CUDA kernel)")
         else:
-            backend = kernels.select_backend(kernels_)
+            backend = kernels.select_backend(kernels_, progress)
         return _Builder(ckpt, backend, device, _consume).build(cls).use_fused_ops(backend.native)
 
     @classmethod
@@ -526,23 +526,19 @@ def load_tokenizer_json(text: str | None):
         return None
 
 
-def load_inference_model(path: str | Path, kernels: str | None = None, device: str = "cpu") -> InferenceModel:
+def load_inference_model(path: str | Path, kernels: str | None = None, device: str = "auto",
+                         progress: Progress | None = None) -> InferenceModel:
     """A packed checkpoint (or a training one, packed in memory) as an InferenceModel with its tokenizer.
 
     `kernels`: auto | reference | avx2 | avx512-vnni (default: $QTOOLKIT_KERNELS or auto);
-    `device`: cpu | cuda | auto."""
+    `device`: auto | cpu | cuda (`qtoolkit.device`); `progress`: hears of a first-use kernel build."""
     from qtoolkit.checkpoint import load_checkpoint
-
-    if not isinstance(device, (str, torch.device)) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {short_repr(str(device))}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested, but PyTorch sees no CUDA device (use --device cpu)")
+    from qtoolkit.device import resolve_device
     from qtoolkit.pack import packed_form
 
+    device = resolve_device(device)
     ckpt = packed_form(load_checkpoint(path))
-    model = InferenceModel.from_packed(ckpt, kernels, device, _consume=True)
+    model = InferenceModel.from_packed(ckpt, kernels, device, _consume=True, progress=progress)
     model.tokenizer = load_tokenizer_json(ckpt.get("tokenizer"))
     model.source = str(ckpt["path"])
     return model
@@ -570,6 +566,12 @@ class GenerationStats:
     def decode_tok_s(self) -> float:
         steps = self.new_tokens - 1  # the first new token comes from the prefill's logits
         return steps / self.decode_s if steps > 0 and self.decode_s else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        nan_none = lambda x: None if math.isnan(x) else x  # noqa: E731 (JSON has no NaN)
+        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens, "prefill_s": self.prefill_s,
+                "decode_s": self.decode_s, "stopped_at_eos": self.stopped_at_eos, "token_ids": list(self.token_ids),
+                "prefill_tok_s": nan_none(self.prefill_tok_s), "decode_tok_s": nan_none(self.decode_tok_s)}
 
 
 def sample_next(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:

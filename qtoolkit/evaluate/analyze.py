@@ -46,7 +46,7 @@ from qtoolkit.pack import Entry, memory_plan, model_from_checkpoint, unpack_laye
 from qtoolkit.policy import Policy
 from qtoolkit.quantizers.base import QTensor, grouped, ungrouped
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: adds qtoolkit_version and recipe
 DEFAULT_BAND = 0.05
 
 
@@ -88,11 +88,16 @@ class Analysis:
     kinds: dict[str, dict[str, Any]] = field(default_factory=dict)
     middle_vs_boundary: dict[str, Any] | None = None
     totals: dict[str, Any] = field(default_factory=dict)
+    recipe: str | None = None  # the name of the recipe the checkpoint was trained with
 
     def to_dict(self) -> dict[str, Any]:
+        from qtoolkit import __version__
+
         return {
             "schema_version": SCHEMA_VERSION,
+            "qtoolkit_version": __version__,
             "checkpoint": self.checkpoint,
+            "recipe": self.recipe,
             "kind": self.kind,
             "step": self.step,
             "as_policy": self.as_policy,
@@ -273,6 +278,7 @@ def analyze_checkpoint(
     analysis = Analysis(
         checkpoint=str(ckpt["path"]), kind=ckpt["kind"], step=step,
         as_policy=policy if as_policy is not None else None, model_config=cfg.to_dict(), band=band, layers=layers,
+        recipe=(ckpt.get("recipe") or {}).get("name"),
     )
     aggregate(analysis, cfg.n_layers, middle)
     analysis.totals = {

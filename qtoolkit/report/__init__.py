@@ -15,7 +15,13 @@ Everything is re-exported here, so callers write `report.train_summary(...)`.
 from qtoolkit.report.documents import analysis_html, analysis_markdown
 from qtoolkit.report.figures import analysis_figure, save_analysis_plot, save_search_plot
 from qtoolkit.report.glue import GlueProgress, glue_markdown, glue_table
-from qtoolkit.report.progress import BenchProgress, StageProgress, TrainProgress, stream_generation
+from qtoolkit.report.progress import (
+    BenchProgress,
+    KernelBuildNotice,
+    StageProgress,
+    TrainProgress,
+    stream_generation,
+)
 from qtoolkit.report.tables import (
     analysis_renderables,
     bench_table,
@@ -34,14 +40,28 @@ from qtoolkit.report.tables import (
     search_renderables,
     train_summary,
 )
-from qtoolkit.report.text import console, err_console, error, fmt_bytes, human_count, spec_text
+from qtoolkit.report.text import (
+    console,
+    display_path,
+    err_console,
+    error,
+    fmt_bytes,
+    human_count,
+    outputs_text,
+    print_outputs,
+    print_renderables,
+    spec_text,
+    stdout_to_stderr,
+    warn,
+)
 
 __all__ = [
     "BenchProgress", "StageProgress", "TrainProgress", "analysis_figure", "analysis_html", "analysis_markdown",
-    "analysis_renderables", "bench_table", "compare_table", "console", "coverage_table", "err_console", "error",
-    "eval_summary", "fmt_bytes", "generation_summary", "gguf_export_table", "hf_export_table", "human_count",
-    "import_summary", "pack_summary", "plan_table", "probe_table",
-    "quantizers_table", "recipes_table", "save_analysis_plot", "save_search_plot", "search_renderables",
-    "spec_text", "stream_generation", "train_summary",
+    "KernelBuildNotice", "analysis_renderables", "bench_table", "compare_table", "console", "coverage_table",
+    "display_path", "err_console", "error", "eval_summary", "fmt_bytes", "generation_summary", "gguf_export_table",
+    "hf_export_table", "human_count", "import_summary", "outputs_text", "pack_summary", "plan_table",
+    "print_outputs", "print_renderables", "probe_table", "quantizers_table", "recipes_table", "save_analysis_plot",
+    "save_search_plot", "search_renderables", "spec_text", "stdout_to_stderr", "stream_generation", "train_summary",
+    "warn",
     "GlueProgress", "glue_markdown", "glue_table",
 ]

@@ -146,21 +146,61 @@ class StageProgress:
         self.progress.update(self.tasks[stage], completed=done, total=total)
 
 
-def stream_generation(prompt: str, pieces, out: Console = console) -> None:
-    """The prompt (bold), then each generated text piece as soon as it arrives."""
+def stream_generation(prompt: str, pieces, out: Console = console) -> str:
+    """The prompt (bold), then each generated text piece as soon as it arrives; the generated text."""
     out.print(Text(prompt, style="bold"), end="", soft_wrap=True)
+    text = []
     for piece in pieces:
+        text.append(piece)
         out.print(Text(piece), end="", soft_wrap=True)
         out.file.flush()
     out.print()
     out.file.flush()
+    return "".join(text)
+
+
+class KernelBuildNotice:
+    """A kernel-build progress callback (`qtoolkit.deploy.kernels`, (stage, done, total)): says once,
+    on stderr, that the C++ kernels are being compiled and how long it took; silent otherwise."""
+
+    def __init__(self, out: Console = err_console, spinner: bool = True):
+        self.out, self.spinner = out, spinner
+        self.status = None
+        self._t0 = 0.0
+
+    def __enter__(self) -> KernelBuildNotice:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if done == 0:
+            self._t0 = time.perf_counter()
+            self.out.print(f"[yellow]note:[/] {escape(stage)} for this machine (first use only, typically "
+                           "15-60 s; later runs load the cached build)", highlight=False)
+            if self.spinner and self.out.is_terminal:
+                self.status = self.out.status(escape(stage), spinner="dots")
+                self.status.start()
+        elif total is not None and done >= total:
+            self._stop()
+            self.out.print(f"{escape(stage)}: done in {time.perf_counter() - self._t0:.0f} s", highlight=False,
+                           style="dim")
 
 
 class BenchProgress:
-    """A `run_bench` progress callback: a spinner naming the variant being measured."""
+    """A `run_bench` progress callback ((stage, done, total)): a spinner naming what is being done;
+    a first-use kernel build is announced once, as `KernelBuildNotice` does."""
 
     def __init__(self, out: Console = err_console):
+        self.out = out
         self.status = out.status("starting", spinner="dots")
+        self.build = KernelBuildNotice(out, spinner=False)  # one live display at a time: ours
 
     def __enter__(self) -> BenchProgress:
         self.status.__enter__()
@@ -169,5 +209,13 @@ class BenchProgress:
     def __exit__(self, *exc) -> None:
         self.status.__exit__(*exc)
 
-    def __call__(self, variant: str) -> None:
-        self.status.update(f"measuring [bold]{escape(variant)}[/] in its own process")
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        from qtoolkit.deploy.kernels import BUILD_STAGE
+
+        if stage == BUILD_STAGE:
+            self.build(stage, done, total)
+            self.status.update(escape(stage))
+            return
+        if total is not None and done >= total:
+            return
+        self.status.update(f"{escape(stage)} in its own process ({done + 1}/{total})")

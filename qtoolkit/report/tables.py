@@ -11,26 +11,36 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from qtoolkit.deploy.bench import SPREAD_WARN
 from qtoolkit.policy import Coverage
 from qtoolkit.report.text import (
     GROUP_COLUMNS,
     GROUP_LEGEND,
-    LAYER_COLUMNS,
+    TERMINAL_LAYER_COLUMNS,
+    TERMINAL_LAYER_LEGEND,
     _analysis_heading,
     _num,
     _pct,
     _rho,
     _shape,
+    compare_rows,
     fmt_bytes,
     human_count,
     middle_boundary_text,
+    outputs_text,
+    spec_short,
     spec_text,
     totals_text,
 )
 
 
+def policy_warnings_text(warnings) -> str:
+    """Policy rules that assign nothing on this model, one line each (empty if none)."""
+    return "\n".join(f"[yellow]warning:[/] policy rule {escape(k)} {escape(m)}" for k, m in warnings)
+
+
 def coverage_table(coverage: Coverage, title: str = "Policy coverage") -> Table:
-    """Groups layers with the same quantizer spec and rule into one row."""
+    """Groups layers with the same quantizer spec and rule into one row; warnings as the caption."""
     table = Table(title=title, title_justify="left")
     table.add_column("quantizer")
     table.add_column("rule")
@@ -44,13 +54,16 @@ def coverage_table(coverage: Coverage, title: str = "Policy coverage") -> Table:
         names = [a.name for a in layers]
         examples = ", ".join(names[:3]) + (f", ... (+{len(names) - 3})" if len(names) > 3 else "")
         table.add_row(spec, rule, str(len(layers)), human_count(sum(a.numel for a in layers)), examples)
+    if coverage.warnings:
+        table.caption = policy_warnings_text(coverage.warnings)
+        table.caption_justify = "left"
     return table
 
 
-def train_summary(result) -> Table:
+def train_summary(result, extra_outputs=()) -> Table:
     table = Table(title="Training summary", title_justify="left", show_header=False)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")
     rows = [
         ("checkpoint", str(result.checkpoint)),
         ("steps", f"{result.steps} / {result.total_steps}" + (" (interrupted)" if result.interrupted else "")),
@@ -61,24 +74,28 @@ def train_summary(result) -> Table:
         ("train cross-entropy", f"{result.train_ce:.4f}" if math.isfinite(result.train_ce) else "-"),
         ("throughput", f"{human_count(result.tokens_per_s)} tokens/s"),
         ("time", f"{result.elapsed_s:.0f} s"),
+        ("outputs", outputs_text([*result.outputs(), *extra_outputs])),
     ]
     for k, v in rows:
-        table.add_row(k, v)
+        table.add_row(k, escape(v))
     return table
 
 
-def eval_summary(result) -> Table:
+def eval_summary(result, extra_outputs=()) -> Table:
     table = Table(title="Evaluation", title_justify="left", show_header=False)
     table.add_column(style="bold")
-    table.add_column()
-    for k, v in (
+    table.add_column(overflow="fold")
+    rows = [
         ("checkpoint", f"{result.checkpoint} (step {result.step})"),
         ("data", result.data),
-        ("tokens", human_count(result.val_tokens)),
+        ("tokens scored", f"{result.val_tokens:,}" + (" (every token of the data)" if result.whole else "")),
         ("val loss", f"{result.val_loss:.4f}"),
         ("val perplexity", f"{result.val_ppl:.2f}"),
-    ):
-        table.add_row(k, v)
+    ]
+    if extra_outputs:
+        rows.append(("outputs", outputs_text(extra_outputs)))
+    for k, v in rows:
+        table.add_row(k, escape(v))
     return table
 
 
@@ -93,11 +110,13 @@ def recipes_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def quantizers_table(rows: list[dict[str, Any]]) -> Table:
+    """Rows: {"name", "spec" (default options), "bits_per_weight_768x768"}."""
     table = Table(title="Quantizers", title_justify="left")
     for col in ("name", "default options", "bits/weight (768x768)"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", justify="right" if col.startswith("bits") else "left")
     for r in rows:
-        table.add_row(r["name"], r["options"], r["bits"])
+        opts = ", ".join(f"{k}={v}" for k, v in r["spec"].items() if k != "name") or "-"
+        table.add_row(r["name"], escape(opts), f"{r['bits_per_weight_768x768']:.4f}")
     return table
 
 
@@ -137,22 +156,25 @@ def plan_table(plan, title: str, full: bool = False) -> Table:
     by_q = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in plan.bytes_by_quantizer().items())
     table.caption = (f"{fmt_bytes(plan.total_bytes)} ({by_q}) vs {fmt_bytes(plan.fp32_bytes)} in fp32: "
                      f"{plan.compression:.2f}x smaller")
+    if plan.warnings:
+        table.caption += "\n" + policy_warnings_text(plan.warnings)
+    table.caption_justify = "left"
     return table
 
 
-def pack_summary(result) -> Table:
+def pack_summary(result, extra_outputs=()) -> Table:
     table = Table(title="Packed checkpoint", title_justify="left", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(justify="right", no_wrap=True)
+    table.add_column(overflow="fold")
     exact = "[green]== predicted[/]" if result.tensor_bytes == result.predicted_bytes else "[red]!= predicted[/]"
     for k, v, note in (
-        ("file", str(result.path), ""),
-        ("predicted (memory model)", f"{result.predicted_bytes:,} B", fmt_bytes(result.predicted_bytes)),
-        ("packed tensors written", f"{result.tensor_bytes:,} B", exact),
+        ("predicted", f"{result.predicted_bytes:,} B", f"{fmt_bytes(result.predicted_bytes)} (the memory model, qtool plan)"),
+        ("packed tensors", f"{result.tensor_bytes:,} B", exact),
         ("file size", f"{result.file_bytes:,} B", fmt_bytes(result.file_bytes)),
-        ("header + metadata", f"{result.overhead_bytes:,} B", "config, policy, layers, tokenizer"),
+        ("header", f"{result.overhead_bytes:,} B", "metadata: config, policy, layers, tokenizer"),
         ("fp32 model", f"{result.fp32_bytes:,} B", f"{result.fp32_bytes / result.predicted_bytes:.2f}x larger"),
+        ("outputs", "", escape(outputs_text([result.path, *extra_outputs]))),
     ):
         table.add_row(k, v, note)
     return table
@@ -164,11 +186,12 @@ def pack_summary(result) -> Table:
 def analysis_renderables(a, full: bool = False) -> list:
     out: list = [Text(_analysis_heading(a), style="bold")]
     if full:
-        table = Table(title="Layers", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-        for header, _ in LAYER_COLUMNS:
-            table.add_column(header, no_wrap=header == "layer", justify="left" if header in ("layer", "quantizer") else "right")
+        table = Table(title="Layers", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                      caption=TERMINAL_LAYER_LEGEND, caption_justify="left")
+        for header, _ in TERMINAL_LAYER_COLUMNS:
+            table.add_column(header, no_wrap=header == "layer", justify="left" if header in ("layer", "quant") else "right")
         for x in a.layers:
-            table.add_row(*(fn(x) for _, fn in LAYER_COLUMNS))
+            table.add_row(*(escape(fn(x)) for _, fn in TERMINAL_LAYER_COLUMNS))
         out.append(table)
     blocks = Table(title="By block", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     blocks.add_column("block", justify="right")
@@ -195,31 +218,23 @@ def analysis_renderables(a, full: bool = False) -> list:
 
 
 def compare_table(a, b) -> Table:
-    table = Table(title=f"A: {a.checkpoint}\nB: {b.checkpoint}", title_justify="left")
-    for col in ("layer", "quantizer A", "quantizer B", "bits A", "bits B", "zeros A", "zeros B", "d zeros",
-                "SQNR A", "SQNR B"):
-        table.add_column(col, justify="left" if col.startswith(("layer", "quantizer")) else "right",
-                         no_wrap=col == "layer")
-    other = {x.name: x for x in b.layers}
-    for x in a.layers:
-        y = other.get(x.name)
-        if y is None:
-            continue
-        dz = None if x.zeros is None or y.zeros is None else y.zeros - x.zeros
-        table.add_row(x.name, spec_text(x.spec), spec_text(y.spec), f"{x.bits_per_weight:.3f}",
-                      f"{y.bits_per_weight:.3f}", _pct(x.zeros), _pct(y.zeros),
-                      "-" if dz is None else f"{100 * dz:+.1f}", _num(x.sqnr_db, ".1f"), _num(y.sqnr_db, ".1f"))
+    """A and B layer by layer; readable at 100-120 columns (quantizers by name and non-default values)."""
+    table = Table(title=f"A: {escape(_analysis_heading(a))}\nB: {escape(_analysis_heading(b))}", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    headers, rows, total = compare_rows(a, b, spec_short)
+    for col in headers:
+        table.add_column(col.replace("quantizer", "quant"), justify="left" if col.startswith(("layer", "quantizer"))
+                         else "right", no_wrap=col == "layer")
+    for r in rows:
+        table.add_row(*(escape(c) for c in r))
     table.add_section()
-    ta, tb = a.totals, b.totals
-    table.add_row("total", "", "", f"{8 * ta['bytes'] / ta['params']:.3f}", f"{8 * tb['bytes'] / tb['params']:.3f}",
-                  _pct(ta["zeros"]), _pct(tb["zeros"]),
-                  "-" if ta["zeros"] is None or tb["zeros"] is None else f"{100 * (tb['zeros'] - ta['zeros']):+.1f}",
-                  "", "")
-    table.caption = f"A: {fmt_bytes(ta['bytes'])}  B: {fmt_bytes(tb['bytes'])}"
+    table.add_row(*total)
+    table.caption = "bits = stored bits per weight (scales included); zeros = share of zero ternary codes; d zeros = B - A in points"
+    table.caption_justify = "left"
     return table
 
 
-def probe_table(result, full: bool = False) -> Table:
+def probe_table(result, full: bool = False, outputs=()) -> Table:
     fkeys = [f["key"] for f in result.formats]
     table = Table(title=f"Sensitivity: increase in calibration loss (base {result.base_loss:.4f}, "
                   f"{result.calibration['tokens']:,} tokens)", title_justify="left", box=box.SIMPLE_HEAD,
@@ -245,17 +260,20 @@ def probe_table(result, full: bool = False) -> Table:
                                             f"incomplete: {len(result.missing())} measurements left (re-run to continue)")
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     table.caption = f"Spearman(measured, one-pass estimate): {rho}.  {state}; {secs}"
+    if outputs:
+        table.caption += f"\n[bold]outputs:[/] {escape(outputs_text(outputs))}"
     return table
 
 
 _FORMAT_COLORS = {"ternary": "cyan", "int8": "yellow", "fp16": "green", "bf16": "green", "fp32": "red"}
 
 
-def search_renderables(result) -> list:
+def search_renderables(result, extra_outputs=()) -> list:
     out: list = []
     space = result.space
     if result.best is None:
         out.append(Text("no completed trial within the budget yet", style="bold red"))
+        out.append(Text.assemble(("outputs: ", "bold"), outputs_text([*result.outputs(), *extra_outputs])))
         return out
     alloc = result.best["allocation"]
     blocks = sorted({u.block for u in space.units if u.block is not None})
@@ -283,7 +301,7 @@ def search_renderables(result) -> list:
     summary = Table(title="Search summary", title_justify="left", show_header=False)
     summary.add_column(style="bold")
     summary.add_column(justify="right")
-    summary.add_column()
+    summary.add_column(overflow="fold")
     best = result.best
     summary.add_row("budget", f"{result.budget:,} B", fmt_bytes(result.budget))
     summary.add_row("chosen policy", f"{best['bytes']:,} B",
@@ -299,8 +317,9 @@ def search_renderables(result) -> list:
     rho = result.probe.spearman.get("all")
     summary.add_row("probe", "cached" if result.probe.cached else f"{sum(result.probe.seconds.values()):.0f} s",
                     f"Spearman(measured, estimate) {_rho(rho)}")
-    summary.add_row("outputs", "", f"{result.out_dir / 'policy.yaml'}, {result.out_dir / 'search.json'}")
+    summary.add_row("outputs", "", escape(outputs_text([*result.outputs(), *extra_outputs])))
     out.append(summary)
+    out.append(Text.assemble(("browse the trials: ", "bold"), f"optuna-dashboard {result.storage}"))
     if result.interrupted:
         out.append(Text("interrupted: every finished trial is kept in the study; run the same command to continue",
                         style="yellow"))
@@ -316,26 +335,45 @@ def generation_summary(stats, backend) -> Text:
                 style="dim")
 
 
-def bench_table(report) -> Table:
-    """Side-by-side speed and memory of the packed model and its baselines, with packed/baseline ratios."""
+def _rate(x: float) -> str:
+    """Compact tokens/s for the range columns: 883, 8.7k, 114k."""
+    return f"{x:.0f}" if x < 1e3 else f"{x / 1e3:.1f}k" if x < 1e4 else f"{x / 1e3:.0f}k"
+
+
+def bench_table(report, extra_outputs=()) -> Table:
+    """Side-by-side speed and memory of the packed model and its baselines (fits 80 columns): the
+    median round with the slowest and fastest beside it, packed/baseline ratios, adjustments made
+    to the request and a warning when rounds differ widely."""
     first = report.results[0]
-    table = Table(title=f"Inference benchmark: {report.checkpoint}", title_justify="left", box=box.SIMPLE_HEAD)
-    for col, justify in (("model", "left"), ("kernels", "left"), ("weights\nMB", "right"),
-                         ("prefill\ntok/s", "right"), ("decode\ntok/s", "right"), ("decode\nms/tok", "right"),
+    table = Table(title=f"Inference benchmark: {escape(report.checkpoint)}", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    for col, justify in (("model", "left"), ("weights\nMB", "right"), ("prefill\ntok/s", "right"),
+                         ("prefill\nmin-max", "right"), ("decode\ntok/s", "right"), ("decode\nmin-max", "right"),
                          ("peak RSS\nMB", "right")):
         table.add_column(col, justify=justify, no_wrap=True)
     for r in report.results:
-        table.add_row(r.variant, r.backend, f"{r.weight_bytes / 1e6:,.1f}", f"{r.prefill_tok_s:,.0f}",
-                      f"{r.decode_tok_s:,.1f}", f"{r.decode_ms_per_token:.2f}", f"{r.peak_rss_bytes / 1e6:,.0f}")
+        (plo, phi), (dlo, dhi) = r.prefill_tok_s_range, r.decode_tok_s_range
+        table.add_row(r.variant, f"{r.weight_bytes / 1e6:,.1f}", f"{r.prefill_tok_s:,.0f}",
+                      f"[dim]{_rate(plo)}-{_rate(phi)}[/]", f"{r.decode_tok_s:,.1f}", f"[dim]{_rate(dlo)}-{_rate(dhi)}[/]",
+                      f"{r.peak_rss_bytes / 1e6:,.0f}")
     lines = []
     for name, q in report.ratios().items():
         lines.append(f"packed vs {name}: decode {q['decode_speedup']:.2f}x, prefill {q['prefill_speedup']:.2f}x, "
                      f"weights {q['weight_bytes_ratio']:.3f}x, peak RSS {q['peak_rss_ratio']:.3f}x "
                      f"({q['peak_rss_above_torch_ratio']:.3f}x above the torch import)")
     lines.append(f"{first.threads} threads; {first.new_tokens} decode steps after a {first.prompt_len}-token prompt; "
-                 f"median of {len(first.decode_s)} rounds; `import torch` alone: "
+                 f"median of {len(first.decode_s)} rounds, slowest-fastest beside it; `import torch` alone: "
                  f"{first.torch_rss_bytes / 1e6:,.0f} MB resident")
     lines.append(f"packed kernels: {first.backend} ({first.backend_reason})")
+    lines = [escape(x) for x in lines]
+    lines += [f"[yellow]note:[/] {escape(n)}" for n in report.notes]
+    noisy = [r for r in report.results if r.spread() > SPREAD_WARN]
+    if noisy:
+        each = ", ".join(f"{r.variant} {r.spread():.1f}x" for r in noisy)
+        lines.append(f"[yellow]warning:[/] rounds differ widely ({escape(each)}, slowest/fastest): the machine is "
+                     "busy or throttling; compare medians with care, or rerun with more --repeats")
+    if extra_outputs:
+        lines.append(f"[bold]outputs:[/] {escape(outputs_text(extra_outputs))}")
     table.caption = "\n".join(lines)
     table.caption_justify = "left"
     return table

@@ -213,8 +213,9 @@ class Evaluator:
 
     def __init__(self, model: DecoderLM, space: SearchSpace, val_batches: list, train=None,
                  finetune_steps: int = 0, finetune_lr: float = 1e-4, batch_size: int = 8, seq_len: int = 256,
-                 seed: int = 0):
+                 seed: int = 0, device: torch.device | str = "cpu"):
         self.model, self.space, self.val_batches = model, space, val_batches
+        self.device = torch.device(device)
         self.train, self.finetune_steps, self.finetune_lr = train, finetune_steps, finetune_lr
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.tokens = sum(y.numel() for _, y in val_batches)
@@ -240,6 +241,7 @@ class Evaluator:
         opt = torch.optim.AdamW(model.parameters(), lr=self.finetune_lr, weight_decay=0.0)
         for step in range(self.finetune_steps):  # the same batches for every trial
             x, y = self.train.batch(step, self.batch_size, self.seq_len, self.seed + 1)
+            x, y = x.to(self.device), y.to(self.device)
             with torch.enable_grad():
                 loss, _ = loss_fn(model(x), y, 0.0)
                 opt.zero_grad(set_to_none=True)
@@ -316,6 +318,8 @@ class SearchResult:
     interrupted: bool = False
     rejected: int = 0
     elapsed_s: float = 0.0
+    study: Any = field(default=None, repr=False, compare=False)  # the optuna.Study (figures draw from it)
+    pareto: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -330,8 +334,15 @@ class SearchResult:
                       "calibration": self.probe.calibration},
             "references": self.references, "best": self.best, "policy": self.policy,
             "pareto_front": self.pareto_front, "trials": self.trials, "rejected_over_budget": self.rejected,
-            "interrupted": self.interrupted,
+            "interrupted": self.interrupted, "pareto": self.pareto,
         }
+
+    def outputs(self) -> list[Path]:
+        """The files this search writes (the study's SQLite file when the storage is the default)."""
+        files = [self.out_dir / "search.json"] + ([self.out_dir / "policy.yaml"] if self.best else [])
+        if self.storage.startswith("sqlite:///"):
+            files.append(Path(self.storage[len("sqlite:///"):]))
+        return files
 
 
 def _trial_record(t) -> dict[str, Any]:
@@ -418,7 +429,10 @@ def run_search(
     eval_batches: int = 8,
     seeds_k: int = 3,
     progress: Progress = _noop,
+    device: str = "auto",
 ) -> SearchResult:
+    from qtoolkit.device import resolve_device
+
     t_start = time.perf_counter()
     budget = parse_budget(budget)
     check_int(trials, "trials", 1)
@@ -431,6 +445,7 @@ def run_search(
     if not formats:
         raise ConfigError("formats: give at least one candidate format")
     deadline = None if timeout is None else t_start + timeout
+    dev = resolve_device(device)
     ckpt = load_checkpoint(ckpt_path)
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     space = build_space(cfg, formats, granularity)
@@ -446,12 +461,12 @@ def run_search(
     with run_dir_lock(out_dir, "qtool search"):
         return _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
                        study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
-                       progress, t_start)
+                       progress, t_start, device, dev)
 
 
 def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
             study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
-            progress, t_start) -> SearchResult:
+            progress, t_start, device, dev) -> SearchResult:
     import optuna
 
     from qtoolkit.search.probes import checkpoint_fingerprint
@@ -460,10 +475,10 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
 
     probe = run_probe(ckpt_path, formats, granularity, data_path, calib_tokens, seed,
                       timeout=None if deadline is None else max(1.0, deadline - time.perf_counter()),
-                      progress=progress)
+                      progress=progress, device=device)
     sens = probe.sensitivity()
 
-    model = float_model(ckpt)
+    model = float_model(ckpt).to(dev)
     recipe = ckpt.get("recipe") or {}
     train_cfg = recipe.get("train") or {}
     data = prepare_data(checkpoint_data_config(ckpt, data_path), cfg.vocab_size,
@@ -473,9 +488,10 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
     data.val.require_window(sl)
     if data.train is not None:
         data.train.require_window(sl)
-    val_batches = list(data.val.eval_batches(bs, sl, eval_batches))
+    val_batches = [(x.to(dev), y.to(dev)) for x, y in data.val.eval_batches(bs, sl, eval_batches)]
     evaluate = Evaluator(model, space, val_batches, data.train, finetune_steps,
-                         float(train_cfg.get("lr", 1e-3)) * float(train_cfg.get("min_lr_ratio", 0.1)), bs, sl, seed)
+                         float(train_cfg.get("lr", 1e-3)) * float(train_cfg.get("min_lr_ratio", 0.1)), bs, sl, seed,
+                         dev)
 
     storage_url = storage or f"sqlite:///{(out_dir / 'search.db').resolve()}"
     identity = study_identity(checkpoint_fingerprint(ckpt["path"]), space, budget, pareto, finetune_steps,
@@ -587,7 +603,7 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
         out_dir=out_dir, budget=budget, min_bytes=space.min_bytes, max_bytes=space.max_bytes, space=space,
         probe=probe, study_name=name, storage=storage_url, trials=records, best=best, references=references,
         pareto_front=front, policy=policy, interrupted=interrupted, rejected=counts["rejected"],
-        elapsed_s=time.perf_counter() - t_start,
+        elapsed_s=time.perf_counter() - t_start, study=study, pareto=pareto,
     )
     write_outputs(result)
     return result

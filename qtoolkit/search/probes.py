@@ -243,6 +243,7 @@ class ProbeResult:
     seconds: dict[str, float] = field(default_factory=dict)
     complete: bool = False
     cached: bool = False
+    cache_path: str = ""  # the JSON file under $QTOOLKIT_CACHE/probes that holds these results
 
     def missing(self) -> list[tuple[str, str]]:
         return [(u["name"], f["key"]) for u in self.units for f in self.formats
@@ -265,6 +266,7 @@ class ProbeResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("cached")
+        d.pop("cache_path")
         return d
 
 
@@ -376,8 +378,11 @@ def run_probe(
     timeout: float | None = None,
     progress: Progress = _noop,
     use_cache: bool = True,
+    device: str = "auto",
 ) -> ProbeResult:
-    """Sparsity probe, cheap estimate and measured sensitivities (module docstring), cached."""
+    """Sparsity probe, cheap estimate and measured sensitivities (module docstring), cached.
+    `device` (auto, cpu, cuda) runs the forward passes; the cache does not depend on it."""
+    from qtoolkit.device import resolve_device
     from qtoolkit.schema import check_int, check_number, check_seed
     from qtoolkit.training.data import prepare_data, tokenizer_from_json
     from qtoolkit.training.recipe import checkpoint_data_config
@@ -388,15 +393,16 @@ def run_probe(
         check_number(timeout, "timeout", minimum=0)
     if not formats:
         raise ConfigError("formats: give at least one candidate format")
+    dev = resolve_device(device)
     ckpt = load_checkpoint(ckpt_path)
-    model = float_model(ckpt)
+    model = float_model(ckpt).to(dev)
     cfg = model.config
     recipe = ckpt.get("recipe") or {}
     seq_len = int((recipe.get("train") or {}).get("seq_len") or cfg.max_seq_len)
     data = prepare_data(checkpoint_data_config(ckpt, data_path), cfg.vocab_size,
                         tokenizer=tokenizer_from_json(ckpt["tokenizer"]), progress=progress)
     data.train.require_window(seq_len)
-    batches = calibration_batches(data.train, calib_tokens, seq_len, seed)
+    batches = [(x.to(dev), y.to(dev)) for x, y in calibration_batches(data.train, calib_tokens, seq_len, seed)]
     units = search_units(model, granularity)
 
     calibration = {"tokens": sum(y.numel() for _, y in batches), "seq_len": seq_len, "seed": seed,
@@ -409,6 +415,7 @@ def run_probe(
         units=[{"name": u.name, "modules": list(u.modules), "block": u.block,
                 "bytes": {f.key: u.nbytes(f) for f in formats}} for u in units],
         formats=[{"key": f.key, "spec": f.spec} for f in formats], calibration=calibration,
+        cache_path=str(_cache_path(key)),
     )
     cached = _load_cached(key) if use_cache else None
     if cached is not None:

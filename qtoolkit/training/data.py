@@ -473,14 +473,36 @@ class TokenStream:
         chunk = torch.from_numpy(chunk)
         return chunk[:, :-1], chunk[:, 1:]
 
-    def eval_batches(self, batch_size: int, seq_len: int, max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Fixed, consecutive, non-overlapping windows from the start of the split."""
+    def eval_windows(self, batch_size: int, seq_len: int, max_batches: int | None) -> tuple[int, int]:
+        """(batches, tokens scored) of `eval_batches` with the same arguments."""
+        if max_batches is None:
+            full = (len(self.tokens) - 1) // seq_len
+            tail = len(self.tokens) - 1 - full * seq_len
+            return -(-full // batch_size) + (tail > 0), len(self.tokens) - 1
         self.require_window(seq_len)
         n_windows = min(max_batches * batch_size, (len(self.tokens) - 1) // seq_len)
+        return -(-n_windows // batch_size), n_windows * seq_len
+
+    def eval_batches(self, batch_size: int, seq_len: int, max_batches: int | None
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Fixed, consecutive, non-overlapping windows from the start of the split: the first
+        `max_batches` batches of full windows, or with `max_batches=None` the whole split (the tokens
+        after the last full window as one shorter sequence, so every token but the first is scored)."""
+        if max_batches is None:
+            if len(self.tokens) < 2:
+                raise DataError(f"{self.name} split has {len(self.tokens)} tokens; nothing to evaluate")
+            n_windows = (len(self.tokens) - 1) // seq_len
+        else:
+            self.require_window(seq_len)
+            n_windows = min(max_batches * batch_size, (len(self.tokens) - 1) // seq_len)
         for b in range(0, n_windows, batch_size):
             starts = range(b * seq_len, min(b + batch_size, n_windows) * seq_len, seq_len)
             chunk = np.stack([self.tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
             chunk = torch.from_numpy(chunk)
+            yield chunk[:, :-1], chunk[:, 1:]
+        start = n_windows * seq_len
+        if max_batches is None and start < len(self.tokens) - 1:
+            chunk = torch.from_numpy(np.asarray(self.tokens[start:], dtype=np.int64)).unsqueeze(0)
             yield chunk[:, :-1], chunk[:, 1:]
 
 
@@ -491,6 +513,34 @@ class PreparedData:
     val: TokenStream
     description: str
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluation_files(path: str | Path) -> list[Path]:
+    """The text files a user names for evaluation: the file itself; in a directory its validation
+    files (names as in `local_files`), or, if it has none, every .txt file that is not test data."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"--data {path}: no such file or directory")
+    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    if not files:
+        raise DataError(f"--data {path}: no .txt files in this directory")
+    val = [f for f in files if _VAL_NAME.search(f.name.lower())]
+    return val or [f for f in files if not _TEST_NAME.search(f.name.lower())] or files
+
+
+def prepare_eval_data(path: str | Path, tokenizer, progress: Progress = _noop) -> PreparedData:
+    """All the text of `evaluation_files(path)` as one token stream (cached like the splits): the
+    data a user names with `qtool eval --data` is evaluated as it is, not split."""
+    files = evaluation_files(path)
+    fingerprint = f"eval:{_file_digest(files)}"
+    tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+    key = hashlib.sha256(f"{fingerprint}|{tok_hash}".encode()).hexdigest()[:24]
+    tokens = tokenize_to_cache(_iter_local(files), tokenizer, key, None, "tokenizing", progress)
+    description = f"local {path} ({', '.join(f.name for f in files)}; all of it)"
+    return PreparedData(tokenizer, None, TokenStream(tokens, "evaluation"), description,
+                        {"source": fingerprint, "val_tokens": len(tokens)})
 
 
 def _cache_key(source: TextSource, split: str, tokenizer, limit: int | None) -> str:

@@ -31,10 +31,10 @@ Nothing lost (docs/reliability.md):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
-import re
 import signal
 import threading
 import time
@@ -49,12 +49,20 @@ from torch import Tensor, nn
 
 from qtoolkit import schema
 from qtoolkit.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from qtoolkit.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, short_repr
+from qtoolkit.device import resolve_device
+from qtoolkit.errors import CheckpointError, DataError, TrainingDiverged, short_repr
 from qtoolkit.pack import model_from_checkpoint
 from qtoolkit.policy import Coverage, build_model
 from qtoolkit.rundir import run_dir_lock
 from qtoolkit.schema import check_int
-from qtoolkit.training.data import PreparedData, TokenStream, prepare_data, tokenizer_from_json
+from qtoolkit.training.data import (
+    PreparedData,
+    Progress,
+    TokenStream,
+    prepare_data,
+    prepare_eval_data,
+    tokenizer_from_json,
+)
 from qtoolkit.training.recipe import Recipe, TrainConfig, checkpoint_data_config, save_recipe
 from qtoolkit.training.resume import resume_recipe
 
@@ -81,6 +89,16 @@ class TrainResult:
     coverage: Coverage
     interrupted: bool = False
 
+    def outputs(self) -> list[Path]:
+        """Every file the run writes (module docstring)."""
+        return [self.checkpoint, self.out_dir / "metrics.jsonl", self.out_dir / "recipe.yaml"]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "coverage"}
+        return {**d, "out_dir": str(self.out_dir), "checkpoint": str(self.checkpoint),
+                "params_by_quantizer": self.coverage.params_by_quantizer(), "coverage": self.coverage.to_dict(),
+                "outputs": [str(p) for p in self.outputs()]}
+
 
 Callback = Callable[[TrainEvent], None]
 
@@ -90,20 +108,6 @@ def _noop(event: TrainEvent) -> None:
 
 
 # ------------------------------------------------------------------------------ pieces
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto | cpu | cuda | cuda:N -> a torch.device this machine has, or ConfigError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not isinstance(name, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {short_repr(name)}")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name} requested, but CUDA is not available on this machine (use cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def lr_and_wd(step: int, cfg: TrainConfig) -> tuple[float, float]:
@@ -158,21 +162,26 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val: TokenStream, batch_size: int, seq_len: int, max_batches: int,
-             device: torch.device | str = "cpu") -> dict[str, float]:
-    """Mean plain cross-entropy over fixed validation windows, and its perplexity."""
+def evaluate(model: nn.Module, val: TokenStream, batch_size: int, seq_len: int, max_batches: int | None,
+             device: torch.device | str = "cpu", progress: Progress | None = None) -> dict[str, float]:
+    """Mean plain cross-entropy over fixed validation windows, and its perplexity. `max_batches=None`
+    scores the whole stream (`TokenStream.eval_batches`); `progress("evaluating", done, total)` is
+    called after every batch."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    n_batches, _ = val.eval_windows(batch_size, seq_len, max_batches)
     try:
-        for x, y in val.eval_batches(batch_size, seq_len, max_batches):
+        for i, (x, y) in enumerate(val.eval_batches(batch_size, seq_len, max_batches)):
             x, y = x.to(device), y.to(device)
             with autocast(device):
                 logits = model(x)
             _, ce = loss_fn(logits, y, 0.0)
             total += ce.item() * y.numel()
             count += y.numel()
+            if progress is not None:
+                progress("evaluating", i + 1, n_batches)
     finally:
         model.train(was_training)
     loss = total / count
@@ -305,7 +314,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback,
         recipe = recipe.resolved()
     cfg = recipe.train
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "train.device")
     torch.manual_seed(cfg.seed)
     model_config = recipe.model_config()
     model, coverage = build_model(model_config, recipe.policy)
@@ -482,37 +491,52 @@ class EvalResult:
     step: int
     val_loss: float
     val_ppl: float
-    val_tokens: int
+    val_tokens: int  # tokens scored (every target position counts once)
     data: str
     kind: str = "train"
+    whole: bool = False  # True: every token of the named data was scored
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def evaluate_checkpoint(
     path: str | Path,
     data_path: str | None = None,
-    batches: int | None = None,
+    eval_batches: int | None = None,
     device: str = "auto",
-    progress: Callable[[str, int, int | None], None] | None = None,
+    progress: Progress | None = None,
+    *,
+    batches: int | None = None,  # the old name of `eval_batches`, kept for one release
 ) -> EvalResult:
-    """Validation loss/perplexity of a training or packed checkpoint, on its own data config
-    (or on `data_path`)."""
-    if batches is not None:
-        check_int(batches, "--batches", 1)
+    """Validation loss/perplexity of a training or packed checkpoint.
+
+    Without `data_path`: the checkpoint's own validation split, `eval_batches` batches of it (default:
+    the recipe's `train.eval_batches`, so the figure matches the one training reported). With
+    `data_path` (a file or directory the user names for evaluation): that text itself, all of it
+    (`training.data.prepare_eval_data`), or its first `eval_batches` batches."""
+    eval_batches = eval_batches if eval_batches is not None else batches
+    if eval_batches is not None:
+        check_int(eval_batches, "--eval-batches", 1)
     dev = resolve_device(device)
     ckpt = load_checkpoint(path)
-    data_cfg = checkpoint_data_config(ckpt, data_path)
     train_cfg = _checkpoint_train_config(ckpt)
     model, _ = model_from_checkpoint(ckpt)
     model.to(dev)
     tokenizer = tokenizer_from_json(ckpt["tokenizer"])
     kwargs = {"progress": progress} if progress else {}
-    data: PreparedData = prepare_data(data_cfg, model.config.vocab_size, tokenizer=tokenizer, need_train=False, **kwargs)
-    data.val.require_window(train_cfg.seq_len)
-    res = evaluate(model, data.val, train_cfg.batch_size, train_cfg.seq_len,
-                   batches if batches is not None else train_cfg.eval_batches, dev)
+    if data_path is not None:
+        data: PreparedData = prepare_eval_data(data_path, tokenizer, **kwargs)
+        max_batches = eval_batches
+    else:
+        data = prepare_data(checkpoint_data_config(ckpt, None), model.config.vocab_size, tokenizer=tokenizer,
+                            need_train=False, **kwargs)
+        data.val.require_window(train_cfg.seq_len)
+        max_batches = eval_batches or train_cfg.eval_batches
+    res = evaluate(model, data.val, train_cfg.batch_size, train_cfg.seq_len, max_batches, dev, progress)
     step = ckpt.get("step", ckpt.get("source", {}).get("step")) or 0
     return EvalResult(str(ckpt["path"]), step, res["val_loss"], res["val_ppl"], int(res["val_tokens"]),
-                      data.description, ckpt["kind"])
+                      data.description, ckpt["kind"], whole=max_batches is None)
 
 
 __all__ = [

@@ -63,7 +63,8 @@ def test_import_writes_a_checkpoint_the_other_commands_take(hf_llama, tmp_path, 
     model, coverage = model_from_checkpoint(ckpt)
     with torch.no_grad():
         assert_same_logits(model(x), expected)
-    assert [a.quantizer for a in coverage.layers].count("fp32") == 3 * 7 + 1  # block linears and the head
+    # block linears and the head (the policy's fp32), and the embedding (no rule: unquantized, called fp32)
+    assert [a.quantizer for a in coverage.layers].count("fp32") == 3 * 7 + 2
 
     # pack -> the inference runtime (KV cache, GQA) gives the same logits
     packed = pack_checkpoint(result.path, tmp_path / "packed.safetensors")
