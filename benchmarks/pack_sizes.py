@@ -20,7 +20,7 @@ import time
 import torch
 
 from qtoolkit import load_recipe
-from qtoolkit.checkpoint import save_packed
+from qtoolkit.checkpoint import write_packed
 from qtoolkit.pack import memory_plan, pack_model
 from qtoolkit.policy import build_model
 
@@ -51,7 +51,7 @@ def main() -> None:
         tensors, _ = pack_model(model, coverage, packing)
         written = sum(t.numel() * t.element_size() for t in tensors.values())
         path = os.path.join(args.out_dir, f"qtoolkit-bench-{name}-{packing or 'default'}.safetensors")
-        save_packed(tensors, {"model_config": cfg.to_dict(), "policy": recipe.policy, "layers": []}, "", path)
+        write_packed(tensors, {"model_config": cfg.to_dict(), "policy": recipe.policy, "layers": []}, "", path)
         file_bytes = os.path.getsize(path)
         os.remove(path)
         fp32_bytes = fp32_bytes or plan.fp32_bytes

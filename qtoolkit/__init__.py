@@ -2,11 +2,12 @@
 
 The public Python API; every `qtool` command is a thin wrapper over these.
 
-    from qtoolkit import ModelConfig, DecoderLM, apply_policy, load_recipe, train
+    from qtoolkit import ModelConfig, DecoderLM, apply_policy, load_recipe, quantize, train
 
     model = DecoderLM(ModelConfig.from_name("small"))
     coverage = apply_policy(model, {"_default": "ternary", "embed": "int8", "lm_head": "int8"})
     result = train(load_recipe("ternary_all", ["data.path=../shared/data/tinystories"]), "runs/x")
+    quantized = quantize("runs/fp32/ckpt.pt", "search_out/policy.yaml")   # post-training
 
 Names are imported on first use (PEP 562), so e.g. loading a packed checkpoint does not import the
 training loop or the data pipeline.
@@ -34,7 +35,12 @@ _EXPORTS = {
     "save_checkpoint": "qtoolkit.checkpoint",
     "memory_plan": "qtoolkit.pack",
     "pack_checkpoint": "qtoolkit.pack",
+    "save_packed": "qtoolkit.pack",
+    "load_packed": "qtoolkit.pack",
     "model_from_checkpoint": "qtoolkit.pack",
+    "calibrate_model": "qtoolkit.calibration",
+    "quantize": "qtoolkit.training.ptq",
+    "quantize_checkpoint": "qtoolkit.training.ptq",
     "train": "qtoolkit.training.trainer",
     "evaluate_checkpoint": "qtoolkit.training.trainer",
     "GlueConfig": "qtoolkit.evaluate.glue",

@@ -158,11 +158,11 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write a training checkpoint (torch zip, plain data + tensors only)."""
     if state.get("kind") != "train":
-        raise ValueError("save_checkpoint writes training checkpoints; packed ones go through save_packed")
+        raise ValueError("save_checkpoint writes training checkpoints; packed ones go through write_packed")
     return atomic_torch_save({"format": FORMAT, "version": VERSION, **state}, path)
 
 
-def save_packed(tensors: dict[str, torch.Tensor], meta: dict[str, Any], tokenizer: str, path: str | Path) -> Path:
+def write_packed(tensors: dict[str, torch.Tensor], meta: dict[str, Any], tokenizer: str, path: str | Path) -> Path:
     """Write a packed checkpoint: safetensors with the qtoolkit metadata in its header."""
     from safetensors.torch import save_file
 

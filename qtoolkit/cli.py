@@ -220,16 +220,22 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe field (repeatable).",
                                                    show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/ckpt.pt.")] = False,
+    init: Annotated[Path | None, typer.Option(help="Start from this training checkpoint's weights (fp32 or quantized) "
+                                              "under the recipe's policy; fresh optimizer and schedule.  [default: none, "
+                                                   "train from scratch]", show_default=False)] = None,
+    calib_tokens: Annotated[int | None, typer.Option("--calib-tokens", help="With --init: calibration tokens for "
+                                                     "quantizers that fit themselves on data.  [default: 4096]",
+                                                     show_default=False)] = None,
     device: Annotated[str | None, typer.Option(
         "--device", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (sets train.device).  "
                          "[default: the recipe's train.device, auto]", show_default=False)] = None,
     json_: Json = None,
 ) -> None:
-    """Quantization-aware training of a language model from a recipe."""
+    """Quantization-aware training of a language model from a recipe (from scratch or from a checkpoint)."""
     from qtoolkit.training.recipe import load_recipe
     from qtoolkit.training.trainer import train as run_train
 
-    _check_outputs(json_, [data])
+    _check_outputs(json_, [data, init])
     overrides = list(set_ or [])
     if model:
         overrides.append(f"model.preset={model}")
@@ -244,7 +250,8 @@ def train(
     with _human_output(json_):
         try:
             with report.TrainProgress() as progress:
-                result = run_train(r, out, resume=resume, callback=progress)
+                result = run_train(r, out, resume=resume, callback=progress, init=init,
+                                   init_calib_tokens=calib_tokens)
         except KeyboardInterrupt:
             report.error(f"interrupted; the last checkpoint in {out} is intact (resume with --resume)")
             raise typer.Exit(130) from None
@@ -284,6 +291,49 @@ def eval_(
 
 
 @app.command(short_help="Exact stored bytes of a recipe's model, per layer.")
+@user_errors
+def quantize(
+    ckpt: Ckpt,
+    policy: Annotated[str | None, typer.Option(help="A recipe name (its policy), a policy or recipe YAML file (e.g. "
+                                               "search_out/policy.yaml), a quantizer name, or an inline mapping "
+                                               "'{_default: ternary, embed: int8}'.  [default: none: the policy overrides give it]",
+                                               show_default=False)] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Policy override: policy.PATTERN=SPEC or "
+                                                   "policy=FILE (repeatable).", show_default=False)] = None,
+    data: Data = None,
+    calib_tokens: CalibTokens = 4096,
+    seed: Annotated[int, typer.Option("--seed", help="Calibration seed.")] = 0,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output run directory (or a .pt file).  "
+                                             "[default: runs/<source run>-<policy>]", show_default=False)] = None,
+    device: Device = "auto",
+    json_: Json = None,
+) -> None:
+    """Post-training quantization: apply a policy to a checkpoint and write a quantized training checkpoint."""
+    from qtoolkit.training.ptq import policy_source, quantize_checkpoint
+
+    rules = policy_source(policy, list(set_ or []))
+    out = out or Path("runs") / f"{_run_name(ckpt)}-{_policy_label(policy, set_)}"
+    _check_outputs(json_, [ckpt, data])
+    with _human_output(json_):
+        with report.StageProgress() as progress:
+            result = quantize_checkpoint(ckpt, rules, out, data=data, calib_tokens=calib_tokens, seed=seed,
+                                         device=device, progress=progress)
+        written = _write_json(json_, result.to_dict())
+        report.console.print(report.quantize_summary(result))
+        report.print_outputs([result.path, *written])
+
+
+def _run_name(ckpt: Path) -> str:
+    return (ckpt if ckpt.is_dir() else ckpt.parent).resolve().name or "model"
+
+
+def _policy_label(policy: str | None, overrides: list[str] | None) -> str:
+    if policy and not policy.lstrip().startswith("{") and not overrides:
+        return Path(policy).stem
+    return "quantized"
+
+
+@app.command()
 @user_errors
 def plan(
     recipe: Annotated[str, typer.Option(help="Recipe name or YAML path (its model and policy are used).")] = "ternary_all",
@@ -451,6 +501,8 @@ def search(
                                               show_default=False)] = None,
     device: Device = "auto",
     json_: Json = None,
+    apply: Annotated[bool, typer.Option(help="Then write the chosen allocation as a quantized checkpoint "
+                                        "(OUT/quantized; with --finetune-steps also OUT/finetuned).")] = False,
 ) -> None:
     """Find a per-layer mixed-precision allocation that fits a memory budget."""
     from qtoolkit.search.allocate import run_search
@@ -468,7 +520,7 @@ def search(
         with report.StageProgress() as progress:
             result = run_search(ckpt, budget, parse_formats(formats), out, data, trials, timeout, storage, study, units,
                                 finetune_steps, pareto, seed, calib_tokens, eval_batches, progress=progress,
-                                device=device)
+                                device=device, apply=apply)
         written = _write_json(json_, result.to_dict())
         if plot:
             report.save_search_plot(result, plot)

@@ -4,6 +4,16 @@ Each keeps its latent float weight (the parameter the optimizer updates) and a `
 submodule; the forward pass uses the quantizer's fake-quantized weight (and input, for linears
 whose spec quantizes activations). `from_float` reuses the original Parameter object, so weight
 tying and optimizer references survive the swap.
+
+Quantization warmup. `quant_mix` (lambda, default 1) blends the float and the quantized operands:
+
+    W_used = W + lambda * (Q(W) - W)        x_used = x + lambda * (Q_in(x) - x)
+
+so lambda = 0 is the float layer and lambda = 1 the quantized one, exactly (the gradient reaching W
+is (1 - lambda) + lambda * dQ/dW, i.e. 1 under the identity STE). `set_quant_mix(model, lambda)`
+sets it on every quantized layer; the trainer ramps it over `train.quant_warmup_steps` (the
+"warmup quantization" of Hugging Face's BitNet fine-tuning, docs/training.md). It is not state: a
+loaded model always runs at lambda = 1.
 """
 
 from __future__ import annotations
@@ -15,7 +25,14 @@ from torch import Tensor, nn
 from qtoolkit.quantizers import Quantizer
 
 
+def _mix(x: Tensor, x_quantized: Tensor, lam: float) -> Tensor:
+    return x_quantized if lam >= 1.0 else torch.lerp(x, x_quantized, lam)  # x + lam * (xq - x)
+
+
 class QuantLinear(nn.Linear):
+    rule: str | None = None  # the policy rule that quantized it (reporting only)
+    quant_mix: float = 1.0
+
     def __init__(self, in_features: int, out_features: int, quantizer: Quantizer, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias, device="meta")
         self.quantizer = quantizer
@@ -29,14 +46,18 @@ class QuantLinear(nn.Linear):
         return q
 
     def quantized_weight(self) -> Tensor:
-        return self.quantizer(self.weight)
+        return _mix(self.weight, self.quantizer(self.weight), self.quant_mix)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quantizer.quantize_input(x), self.quantized_weight(), self.bias)
+        x = _mix(x, self.quantizer.quantize_input(x), self.quant_mix)
+        return F.linear(x, self.quantized_weight(), self.bias)
 
 
 class QuantEmbedding(nn.Embedding):
     """Looks rows up in the fake-quantized table (activation options do not apply to lookups)."""
+
+    rule: str | None = None
+    quant_mix: float = 1.0
 
     def __init__(self, num_embeddings: int, embedding_dim: int, quantizer: Quantizer):
         # a placeholder weight (from_float puts the real one in): `_weight` skips nn.Embedding's
@@ -52,7 +73,7 @@ class QuantEmbedding(nn.Embedding):
         return q
 
     def quantized_weight(self) -> Tensor:
-        return self.quantizer(self.weight)
+        return _mix(self.weight, self.quantizer(self.weight), self.quant_mix)
 
     def forward(self, idx: Tensor) -> Tensor:
         return F.embedding(idx, self.quantized_weight())
@@ -60,16 +81,20 @@ class QuantEmbedding(nn.Embedding):
 
 class FrozenQuantLinear(nn.Module):
     """Deployed form of a QuantLinear: the weight *is* the dequantized stored codes (never
-    re-quantized); only the input is quantized, exactly as in training."""
+    re-quantized); only the input is quantized, exactly as in training. A bias, when the layer has
+    one, is a plain fp32 parameter."""
 
-    def __init__(self, weight: Tensor, quantizer: Quantizer):
+    def __init__(self, weight: Tensor, quantizer: Quantizer, bias: Tensor | None = None):
         super().__init__()
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.quantizer = quantizer
         self.out_features, self.in_features = weight.shape
+        if bias is not None and not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias, requires_grad=False)
+        self.register_parameter("bias", bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quantizer.quantize_input(x), self.weight)
+        return F.linear(self.quantizer.quantize_input(x), self.weight, self.bias)
 
 
 class FrozenQuantEmbedding(nn.Module):
@@ -87,3 +112,12 @@ class FrozenQuantEmbedding(nn.Module):
 
 QUANT_MODULES = (QuantLinear, QuantEmbedding)
 FROZEN_MODULES = (FrozenQuantLinear, FrozenQuantEmbedding)
+
+
+def set_quant_mix(model: nn.Module, lam: float) -> None:
+    """Set the warmup blend lambda in [0, 1] on every quantized layer of `model` (module docstring)."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"quant_mix must be in [0, 1], got {lam}")
+    for m in model.modules():
+        if isinstance(m, QUANT_MODULES):
+            m.quant_mix = float(lam)

@@ -4,8 +4,15 @@ A model is stored as a list of *entries*, in module order:
 
     a quantizable module (Linear / Embedding)   its quantizer's packed tensors; an unquantized one is
                                                 stored by the `fp32` quantizer (so it counts 4 B/weight)
-    every other parameter (RMSNorm weights)     fp32 values
+    every other parameter (RMSNorm weights,     fp32 values
+      Linear biases)
     a tied lm_head                              no tensors (it is the embedding's entry)
+
+Any `nn.Module` packs this way, not only the decoder: `save_packed(model, path)` writes a module
+quantized with `apply_policy` / `qtoolkit.quantize`, `load_packed(path, model)` rebuilds it into a
+float instance of the same architecture (on the `meta` device or not), and `memory_plan(model)`
+counts a live module. Quantizer state (learned or calibrated scales) is used when packing: codes
+come from each layer's own quantizer.
 
 `model_entries` builds that list from a model and a policy's coverage; `memory_plan` runs it on the
 `meta` device (no memory, no time, any size) and sums each entry's quantizer `layout`;
@@ -43,13 +50,13 @@ import torch
 from torch import Tensor, nn
 
 from qtoolkit import quantizers
-from qtoolkit.checkpoint import load_checkpoint, save_packed
+from qtoolkit.checkpoint import load_checkpoint, write_packed
 from qtoolkit.config import ModelConfig
 from qtoolkit.errors import CheckpointError
-from qtoolkit.layers import QUANT_MODULES, FrozenQuantEmbedding, FrozenQuantLinear
+from qtoolkit.layers import FROZEN_MODULES, QUANT_MODULES, FrozenQuantEmbedding, FrozenQuantLinear
 from qtoolkit.model import DecoderLM, meta_model
 from qtoolkit.outputs import check_outputs
-from qtoolkit.policy import Coverage, Policy, build_model, set_by_name
+from qtoolkit.policy import Coverage, Policy, build_model, live_coverage, set_by_name
 from qtoolkit.quantizers.base import TensorLayout
 
 FP32_SPEC = {"name": "fp32"}
@@ -125,7 +132,8 @@ def model_entries(model: nn.Module, coverage: Coverage, packing: str | None = No
 
     for a in coverage.layers:
         module = model.get_submodule(a.name)
-        covered.update(f"{a.name}.{n}" for n, _ in module.named_parameters(recurse=True))
+        # the weight and its quantizer's parameters are the entry; a bias is a parameter of its own
+        covered.update(f"{a.name}.{n}" for n, _ in module.named_parameters(recurse=True) if n != "bias")
         spec = _with_packing(a.spec, packing) if a.spec is not None else FP32_SPEC
         tied_to = owners.get(id(module.weight))
         owners.setdefault(id(module.weight), a.name)
@@ -138,7 +146,7 @@ def model_entries(model: nn.Module, coverage: Coverage, packing: str | None = No
 
 @dataclass
 class MemoryPlan:
-    model_config: ModelConfig
+    model_config: ModelConfig | None  # None for a module that is not a DecoderLM
     entries: list[Entry]
     warnings: list[tuple[str, str]] = field(default_factory=list)  # policy rules that assign nothing
 
@@ -167,7 +175,7 @@ class MemoryPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "model_config": self.model_config.to_dict(),
+            "model_config": self.model_config.to_dict() if self.model_config is not None else None,
             "total_bytes": self.total_bytes,
             "params": self.params,
             "fp32_bytes": self.fp32_bytes,
@@ -178,12 +186,26 @@ class MemoryPlan:
         }
 
 
-def memory_plan(model_config: ModelConfig, policy: Policy | dict[str, Any] | str | Path,
-                packing: str | None = None) -> MemoryPlan:
-    """Exact stored bytes of `model_config` under `policy`, per entry, without any real weights."""
-    model = meta_model(model_config)
-    coverage = Policy.load(policy).resolve(model)
-    return MemoryPlan(model_config, model_entries(model, coverage, packing), coverage.warnings)
+def memory_plan(model: ModelConfig | nn.Module, policy: Policy | dict[str, Any] | str | Path | None = None,
+                packing: str | None = None, blocks: str | None = None) -> MemoryPlan:
+    """Exact stored bytes, per entry, of a model under a policy.
+
+    `model` is a ModelConfig (the decoder is built on the `meta` device: no weights, any size) or a
+    live nn.Module. For a module, `policy=None` counts it as it is (the quantizers it carries);
+    a policy counts it as if that policy were applied (`blocks` as in `apply_policy`)."""
+    if isinstance(model, nn.Module):
+        coverage = live_coverage(model) if policy is None else Policy.load(policy).resolve(model, blocks)
+        return MemoryPlan(_config_of(model), model_entries(model, coverage, packing), coverage.warnings)
+    if policy is None:
+        raise TypeError("memory_plan(model_config, policy): a model config needs a policy")
+    decoder = meta_model(model)
+    coverage = Policy.load(policy).resolve(decoder, blocks)
+    return MemoryPlan(model, model_entries(decoder, coverage, packing), coverage.warnings)
+
+
+def _config_of(model: nn.Module) -> ModelConfig | None:
+    cfg = getattr(model, "config", None)
+    return cfg if isinstance(cfg, ModelConfig) else None
 
 
 # ------------------------------------------------------------------------------ packing
@@ -207,9 +229,14 @@ def _model_quantizer(model: nn.Module, entry: Entry) -> quantizers.Quantizer:
 
 
 @torch.no_grad()
-def pack_model(model: nn.Module, coverage: Coverage, packing: str | None = None) -> tuple[dict[str, Tensor], list[Entry]]:
-    """Packed tensors {"<entry>.<suffix>": tensor} of a (fake-quantized) model, and its entries."""
-    entries = model_entries(model, coverage, packing)
+def pack_model(model: nn.Module, coverage: Coverage | None = None, packing: str | None = None
+               ) -> tuple[dict[str, Tensor], list[Entry]]:
+    """Packed tensors {"<entry>.<suffix>": tensor} of a (fake-quantized) model, and its entries.
+    `coverage` defaults to what the model carries (`policy.live_coverage`)."""
+    if any(isinstance(m, FROZEN_MODULES) for m in model.modules()):
+        raise CheckpointError("this model holds deployed (frozen) layers, i.e. it was loaded from a packed "
+                              "checkpoint: it is already packed")
+    entries = model_entries(model, coverage if coverage is not None else live_coverage(model), packing)
     tensors: dict[str, Tensor] = {}
     for e in entries:
         if e.tied_to is not None:
@@ -239,6 +266,26 @@ class PackResult:
                 "plan": self.plan.to_dict()}
 
 
+def save_packed(model: nn.Module, path: str | Path, coverage: Coverage | None = None, packing: str | None = None,
+                *, tokenizer: str = "", meta: dict[str, Any] | None = None) -> PackResult:
+    """Write the packed (deployment) form of any quantized module: a safetensors file whose tensors
+    are exactly the bytes `memory_plan(model)` predicts. `coverage` defaults to what the model
+    carries; `meta` adds to (or overrides) the header metadata. Atomic."""
+    coverage = coverage if coverage is not None else live_coverage(model)
+    tensors, entries = pack_model(model, coverage, packing)
+    plan = MemoryPlan(_config_of(model), entries)
+    header = {
+        "model_config": plan.model_config.to_dict() if plan.model_config is not None else None,
+        "policy": {a.name: _with_packing(a.spec, packing) for a in coverage.layers if a.spec is not None},
+        "total_bytes": plan.total_bytes,
+        "layers": [{**e.to_dict(), "tensors": {s: f"{e.name}.{s}" for s in e.layout()}} for e in entries],
+        **(meta or {}),
+    }
+    path = write_packed(tensors, header, tokenizer, path)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return PackResult(path, plan.total_bytes, tensor_bytes, os.path.getsize(path), plan.fp32_bytes, plan)
+
+
 def pack_checkpoint(ckpt_path: str | Path, out: str | Path, packing: str | None = None) -> PackResult:
     """Write the packed (deployment) form of a training checkpoint."""
     check_outputs([("output", out, "packed")], [ckpt_path])
@@ -247,20 +294,16 @@ def pack_checkpoint(ckpt_path: str | Path, out: str | Path, packing: str | None 
         raise CheckpointError(f"{ckpt['path']}: already a packed checkpoint")
     model_config = ModelConfig.from_dict(ckpt["model_config"])
     model, coverage = model_from_checkpoint(ckpt)
-    tensors, entries = pack_model(model, coverage, packing)
-    plan = memory_plan(model_config, ckpt["policy"], packing)
+    plan = memory_plan(model_config, ckpt["policy"], packing)  # predicted on `meta`, independently of the weights
     policy = {k: _with_packing(quantizers.canonical(v), packing) for k, v in ckpt["policy"].items()}
     meta = {
-        "model_config": model_config.to_dict(),
         "policy": policy,
         "recipe": ckpt.get("recipe", {}),
         "source": {"checkpoint": str(ckpt["path"]), "step": ckpt.get("step"), "metrics": ckpt.get("metrics", {})},
-        "total_bytes": plan.total_bytes,
-        "layers": [{**e.to_dict(), "tensors": {s: f"{e.name}.{s}" for s in e.layout()}} for e in entries],
     }
-    path = save_packed(tensors, meta, ckpt["tokenizer"], out)
-    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    return PackResult(path, plan.total_bytes, tensor_bytes, os.path.getsize(path), plan.fp32_bytes, plan)
+    result = save_packed(model, out, coverage, packing, tokenizer=ckpt["tokenizer"], meta=meta)
+    result.predicted_bytes, result.plan = plan.total_bytes, plan
+    return result
 
 
 # ------------------------------------------------------------------------------ loading
@@ -299,11 +342,16 @@ def unpack_layers(ckpt: dict[str, Any]) -> dict[str, tuple[Entry, quantizers.QTe
     return {layer["name"]: unpack_layer(ckpt, layer) for layer in ckpt["layers"] if not layer.get("tied_to")}
 
 
-def model_from_packed(ckpt: dict[str, Any]) -> DecoderLM:
-    """An inference DecoderLM from a packed checkpoint (dequantized weights, frozen quantizers)."""
-    cfg = ModelConfig.from_dict(ckpt["model_config"])
-    with torch.device("meta"):
-        model = DecoderLM(cfg)
+def load_packed(source: str | Path | dict[str, Any], model: nn.Module) -> nn.Module:
+    """Load a packed file into `model`, a float instance of the architecture it was saved from (its
+    weights may live on the `meta` device: they are replaced). Quantized layers become
+    `FrozenQuantLinear`/`FrozenQuantEmbedding` holding the dequantized stored codes; every other
+    stored parameter is set by name. Returns `model` (changed in place)."""
+    ckpt = source if isinstance(source, dict) else load_checkpoint(source)
+    if ckpt["kind"] != "packed":
+        raise CheckpointError(f"{ckpt['path']}: a training checkpoint, not a packed one (load it with "
+                              "qtoolkit.pack.model_from_checkpoint)")
+    _check_fits(ckpt, model)
     for name, (entry, q) in unpack_layers(ckpt).items():
         weight = entry.quantizer.dequantize(q).to(torch.float32)
         if entry.kind == "param":
@@ -317,6 +365,35 @@ def model_from_packed(ckpt: dict[str, Any]) -> DecoderLM:
     for layer in ckpt["layers"]:
         if layer.get("tied_to"):
             set_by_name(model, layer["name"], _tied(model.get_submodule(layer["tied_to"]), layer["kind"]))
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise CheckpointError(f"{ckpt['path']}: holds no weights for {left[0]} of this model "
+                              f"({len(left)} parameters missing); it was saved from another architecture")
+    return model
+
+
+def _check_fits(ckpt: dict[str, Any], model: nn.Module) -> None:
+    """Every stored entry exists in `model` with the same shape (else one error naming the first)."""
+    for layer in ckpt["layers"]:
+        name, shape = layer["name"], tuple(layer["shape"])
+        try:
+            have = (model.get_parameter(name) if layer["kind"] == "param" else model.get_submodule(name).weight).shape
+        except AttributeError:
+            raise CheckpointError(f"{ckpt['path']}: stores {name}, which this model does not have; "
+                                  "it was saved from another architecture") from None
+        if tuple(have) != shape:
+            raise CheckpointError(f"{ckpt['path']}: {name} is {shape} in the file but {tuple(have)} in this model")
+
+
+def model_from_packed(ckpt: dict[str, Any]) -> DecoderLM:
+    """An inference DecoderLM from a packed checkpoint (dequantized weights, frozen quantizers)."""
+    if ckpt.get("model_config") is None:
+        raise CheckpointError(f"{ckpt['path']}: a packed module that is not a qtoolkit DecoderLM; build the "
+                              "model and load it with qtoolkit.pack.load_packed(path, model)")
+    cfg = ModelConfig.from_dict(ckpt["model_config"])
+    with torch.device("meta"):
+        model = DecoderLM(cfg)
+    load_packed(ckpt, model)
     model.rope_cos, model.rope_sin = (t.to("cpu") for t in _rope(cfg))
     model.eval()
     return model
@@ -356,5 +433,6 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[DecoderLM, Coverage | N
     return model, coverage
 
 
-__all__ = ["Entry", "MemoryPlan", "PackResult", "memory_plan", "model_entries", "model_from_checkpoint",
-           "model_from_packed", "pack_checkpoint", "pack_model", "packed_form", "unpack_layer", "unpack_layers"]
+__all__ = ["Entry", "MemoryPlan", "PackResult", "load_packed", "memory_plan", "model_entries", "model_from_checkpoint",
+           "model_from_packed", "pack_checkpoint", "pack_model", "packed_form", "save_packed", "unpack_layer",
+           "unpack_layers"]

@@ -12,7 +12,10 @@ A policy is an ordered mapping, as in a recipe:
 Block selectors make a policy portable across depths: `blocks[SEL]` or `blocks[SEL].REST`, where SEL
 is a comma list of Python indices and slices over the blocks (`0`, `-1`, `2:-2`, `:3`) and REST is
 a glob on the rest of the name (`mlp.*`, `attn.q_proj`); without REST every module of the selected
-blocks matches. They rank with regexes.
+blocks matches. They rank with regexes. `blocks` stands for the model's block list wherever it lives:
+`find_blocks` looks for the common layouts (`blocks` as in `DecoderLM`, `model.layers` as in Llama-style
+Hugging Face models, `transformer.h` as in GPT-2, ...), and `apply_policy(model, policy, blocks="enc.layer")`
+names it for any other model. So `blocks[0].mlp.*` matches `model.layers.0.mlp.up_proj` on a Llama.
 
 Precedence: exact name > `re:` regex or block selector (first in file order) > `_default`. Modules no rule claims stay
 unquantized, stored in fp32 (the coverage report calls them `fp32`, the name of the quantizer that
@@ -23,12 +26,16 @@ selects no block at this depth (`blocks[1:-1]` of a 2-block model), or a `_defau
 module (`ternary_middle` on a 2-block model: its first and last block are every block). With tied embeddings, `embed` and `lm_head` share one weight and therefore one
 quantizer; giving them different specs is an error, and naming only one assigns both.
 
+The policy works on any `nn.Module`: its `nn.Linear` and `nn.Embedding` submodules are the targets,
+named as `named_modules()` names them.
+
 A policy file (e.g. search output) holds the same mapping, optionally under a top-level `policy:` key.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +45,13 @@ from torch import nn
 
 from qtoolkit import quantizers
 from qtoolkit.errors import PolicyError, QToolkitError, short_repr
-from qtoolkit.layers import QUANT_MODULES, QuantEmbedding, QuantLinear
+from qtoolkit.layers import (
+    FROZEN_MODULES,
+    QUANT_MODULES,
+    FrozenQuantEmbedding,
+    QuantEmbedding,
+    QuantLinear,
+)
 from qtoolkit.schema import SchemaError
 from qtoolkit.yamlsafe import read_yaml_file
 
@@ -77,8 +90,35 @@ def _glob(text: str) -> str:
     return re.escape(text).replace(r"\*", ".*").replace(r"\?", ".")
 
 
-def compile_pattern(key: str, n_layers: int | None = None) -> re.Pattern:
-    """The regex a `re:` or `blocks[...]` policy key stands for."""
+# Where common model families keep their list of transformer blocks, most specific first.
+BLOCK_LISTS = ("blocks", "model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers",
+               "transformer.blocks", "encoder.layer", "layers", "h")
+
+
+def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.ModuleList] | None:
+    """(name, block list) of a model: the submodule named `blocks`, or the first of `BLOCK_LISTS`
+    that is an nn.ModuleList / nn.Sequential; None when the model has none (and none was named)."""
+    if blocks is not None:
+        try:
+            found = model.get_submodule(blocks)
+        except AttributeError:
+            raise PolicyError(f"blocks={blocks!r}: the model has no submodule of that name") from None
+        if not isinstance(found, (nn.ModuleList, nn.Sequential)):
+            raise PolicyError(f"blocks={blocks!r} is a {type(found).__name__}, not a list of blocks "
+                              "(nn.ModuleList or nn.Sequential)")
+        return blocks, found
+    for name in BLOCK_LISTS:
+        try:
+            found = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(found, (nn.ModuleList, nn.Sequential)) and len(found) > 0:
+            return name, found
+    return None
+
+
+def compile_pattern(key: str, n_layers: int | None = None, prefix: str = "blocks") -> re.Pattern:
+    """The regex a `re:` or `blocks[...]` policy key stands for (`prefix`: the block list's name)."""
     if key.startswith(REGEX_PREFIX):
         return re.compile(key[len(REGEX_PREFIX):])
     m = SELECTOR.fullmatch(key)
@@ -88,8 +128,8 @@ def compile_pattern(key: str, n_layers: int | None = None) -> re.Pattern:
         _selected_blocks(m.group(1), 10**6)
         n_layers = 0
     indices = _selected_blocks(m.group(1), n_layers) if n_layers else []
-    rest = _glob(m.group(2)) if m.group(2) else ".*"
-    return re.compile(rf"blocks\.({'|'.join(map(str, indices)) or '(?!)'})\.(?:{rest})")
+    rest = rf"\.(?:{_glob(m.group(2))})" if m.group(2) else r"(?:\..*)?"  # no REST: the block and all inside it
+    return re.compile(rf"{re.escape(prefix)}\.({'|'.join(map(str, indices)) or '(?!)'}){rest}")
 
 
 @dataclass
@@ -99,6 +139,7 @@ class LayerAssignment:
     shape: tuple[int, int]  # weight shape (rows, cols)
     spec: dict[str, Any] | None  # canonical quantizer spec; None = no rule: stays unquantized (fp32)
     rule: str | None  # the policy key that assigned it
+    tied_to: str | None = None  # shares its weight with this (earlier) module
 
     @property
     def numel(self) -> int:
@@ -119,12 +160,9 @@ class Coverage:
 
     def params_by_quantizer(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        seen = set()
         for a in self.layers:
-            if self.tied and a.name == "lm_head" and "embed" in seen:
-                continue  # one shared weight
-            seen.add(a.name)
-            out[a.quantizer] = out.get(a.quantizer, 0) + a.numel
+            if a.tied_to is None:  # a shared weight counts once
+                out[a.quantizer] = out.get(a.quantizer, 0) + a.numel
         return out
 
     def unquantized(self) -> list[str]:
@@ -186,18 +224,25 @@ class Policy:
     def to_dict(self) -> dict[str, Any]:
         return dict(self.rules)
 
-    def resolve(self, model: nn.Module) -> Coverage:
-        """Assign a canonical spec to every quantizable module, without changing the model."""
+    def resolve(self, model: nn.Module, blocks: str | None = None) -> Coverage:
+        """Assign a canonical spec to every quantizable module, without changing the model.
+        `blocks` names the block list that `blocks[...]` selectors index (default: `find_blocks`)."""
         targets = _targets(model)
         exact = {p: s for p, s in self.rules.items() if p != DEFAULT and not _is_pattern(p)}
-        n_layers = len(getattr(model, "blocks", ()))
+        selectors = [p for p in self.rules if SELECTOR.fullmatch(p)]
+        found = find_blocks(model, blocks) if selectors or blocks is not None else None
+        prefix, n_layers = (found[0], len(found[1])) if found else ("blocks", 0)
         problems: list[tuple[str, str]] = []  # (policy key, what is wrong)
+        if selectors and found is None:
+            problems += [(p, f"a block selector needs the model's block list, and this {type(model).__name__} has "
+                          f"none of {', '.join(BLOCK_LISTS)}; name it: apply_policy(model, policy, blocks=NAME)")
+                         for p in selectors]
         warnings: list[tuple[str, str]] = []  # (policy key, why it assigns nothing here)
         regexes = []
         for pattern, spec in self.rules.items():
-            if _is_pattern(pattern):
+            if _is_pattern(pattern) and not (SELECTOR.fullmatch(pattern) and found is None):
                 try:
-                    rx = compile_pattern(pattern, n_layers)
+                    rx = compile_pattern(pattern, n_layers, prefix)
                 except PolicyError as e:
                     problems.append((pattern, str(e)))
                     continue
@@ -236,18 +281,23 @@ class Policy:
         if problems:
             raise PolicyFitError(problems)
 
-        tied = _is_tied(model)
-        if tied:  # one weight, one quantizer: an explicit rule for either decides for both
-            e, h = assigned["embed"], assigned["lm_head"]
-            explicit = [x for x in (e, h) if x[1] not in (None, DEFAULT)]
-            if len(explicit) == 2 and quantizers.canonical(e[0]) != quantizers.canonical(h[0]):
+        # one weight, one quantizer: an explicit rule for any module sharing it decides for all of them
+        tied_to: dict[str, str] = {}
+        for names in _shared_weights(targets):
+            explicit = [n for n in names if assigned[n][1] not in (None, DEFAULT)]
+            specs = {json.dumps(quantizers.canonical(assigned[n][0]), sort_keys=True) for n in explicit}
+            if len(specs) > 1:
+                detail = ", ".join(f"{n}={quantizers.canonical(assigned[n][0])}" for n in explicit)
                 raise PolicyFitError([(
-                    "embed",
-                    "embed and lm_head share one weight (tie_embeddings) but the policy gives them "
-                    f"different quantizers: embed={quantizers.canonical(e[0])}, "
-                    f"lm_head={quantizers.canonical(h[0])}",
+                    explicit[0],
+                    f"{' and '.join(names)} share one weight (tied) but the policy gives them different "
+                    f"quantizers: {detail}",
                 )])
-            assigned["embed"] = assigned["lm_head"] = explicit[0] if explicit else h
+            linears = [n for n in names if isinstance(targets[n], nn.Linear)]
+            decider = explicit[0] if explicit else (linears or names)[0]
+            for n in names:
+                assigned[n] = assigned[decider]
+            tied_to.update({n: names[0] for n in names[1:]})
 
         if DEFAULT in self.rules and not any(rule == DEFAULT for _, rule in assigned.values()):
             warnings.append((DEFAULT, "assigns no module: higher-priority rules claim every module of this model"))
@@ -260,8 +310,9 @@ class Policy:
                 shape=tuple(module.weight.shape),
                 spec=quantizers.canonical(spec) if spec is not None else None,
                 rule=rule,
+                tied_to=tied_to.get(name),
             ))
-        return Coverage(layers, tied=tied, warnings=warnings)
+        return Coverage(layers, tied=bool(tied_to), warnings=warnings)
 
 
 class PolicyFitError(PolicyError):
@@ -272,13 +323,37 @@ class PolicyFitError(PolicyError):
         super().__init__("policy does not fit the model:\n" + "\n".join(f"  {k}: {m}" for k, m in problems))
 
 
-def _targets(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+def _targets(model: nn.Module, frozen: bool = False) -> dict[str, nn.Module]:
+    """Quantizable modules by name (with `frozen`, also the deployed forms of quantized ones)."""
+    kinds = (nn.Linear, nn.Embedding, *FROZEN_MODULES) if frozen else (nn.Linear, nn.Embedding)
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
 
 
-def _is_tied(model: nn.Module) -> bool:
-    embed, head = getattr(model, "embed", None), getattr(model, "lm_head", None)
-    return embed is not None and head is not None and embed.weight is head.weight
+def _shared_weights(targets: dict[str, nn.Module]) -> list[list[str]]:
+    """Groups (in model order) of target modules that hold the same weight tensor."""
+    groups: dict[int, list[str]] = {}
+    for name, module in targets.items():
+        groups.setdefault(id(module.weight), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def live_coverage(model: nn.Module) -> Coverage:
+    """The coverage a model carries: what each of its quantizable modules is now (quantized modules
+    report their quantizer's spec and the rule that chose it; plain ones stay float32)."""
+    targets = _targets(model, frozen=True)
+    tied_to = {n: names[0] for names in _shared_weights(targets) for n in names[1:]}
+    layers = []
+    for name, module in targets.items():
+        q = getattr(module, "quantizer", None)
+        layers.append(LayerAssignment(
+            name=name,
+            module_type="embedding" if isinstance(module, (nn.Embedding, FrozenQuantEmbedding)) else "linear",
+            shape=tuple(module.weight.shape),
+            spec=q.spec() if q is not None else None,
+            rule=getattr(module, "rule", None) or ("(model)" if q is not None else None),
+            tied_to=tied_to.get(name),
+        ))
+    return Coverage(layers, tied=bool(tied_to))
 
 
 def set_by_name(model: nn.Module, name: str, value: nn.Module | nn.Parameter) -> None:
@@ -295,11 +370,13 @@ def build_model(model_config, policy: Policy | dict[str, Any] | str | Path):
     return model, apply_policy(model, policy)
 
 
-def apply_policy(model: nn.Module, policy: Policy | dict[str, Any] | str | Path) -> Coverage:
-    """Swap every module the policy assigns for its quantized version, in place."""
-    if any(isinstance(m, QUANT_MODULES) for m in model.modules()):
+def apply_policy(model: nn.Module, policy: Policy | dict[str, Any] | str | Path, blocks: str | None = None
+                 ) -> Coverage:
+    """Swap every module the policy assigns for its quantized version, in place, on any nn.Module.
+    `blocks` names the block list for `blocks[...]` selectors when `find_blocks` does not find it."""
+    if any(isinstance(m, (*QUANT_MODULES, *FROZEN_MODULES)) for m in model.modules()):
         raise PolicyError("model is already quantized; apply a policy to a float model")
-    coverage = Policy.load(policy).resolve(model)
+    coverage = Policy.load(policy).resolve(model, blocks)
     shared: dict[int, quantizers.Quantizer] = {}  # id(weight) -> quantizer (tied weights)
     for a in coverage.layers:
         if a.spec is None:
@@ -309,5 +386,7 @@ def apply_policy(model: nn.Module, policy: Policy | dict[str, Any] | str | Path)
         if key not in shared:
             shared[key] = quantizers.build(a.spec)
         cls = QuantEmbedding if isinstance(module, nn.Embedding) else QuantLinear
-        set_by_name(model, a.name, cls.from_float(module, shared[key]))
+        quantized = cls.from_float(module, shared[key])
+        quantized.rule = a.rule
+        set_by_name(model, a.name, quantized)
     return coverage

@@ -184,9 +184,11 @@ def _record_problems(layer: Any, tensors: dict[str, Tensor]) -> tuple[list[str],
     return problems, numel
 
 
-def check_packed(path: Path | str, obj: dict[str, Any]) -> ModelConfig:
-    """Structure of a packed checkpoint (module docstring); returns its ModelConfig."""
-    cfg = model_config(path, obj["model_config"])
+def check_packed(path: Path | str, obj: dict[str, Any]) -> ModelConfig | None:
+    """Structure of a packed checkpoint (module docstring); returns its ModelConfig. A file of a
+    module that is not a DecoderLM (`pack.save_packed(net, path)`) has no model_config: its layer
+    records are checked against its tensors, and there is no config to check them against."""
+    cfg = None if obj["model_config"] is None else model_config(path, obj["model_config"])
     layers, tensors = obj["layers"], obj["tensors"]
     if not isinstance(obj["policy"], dict):
         raise CheckpointError(f"{path}: the policy entry is not a mapping ({short_repr(obj['policy'])})")
@@ -203,6 +205,9 @@ def check_packed(path: Path | str, obj: dict[str, Any]) -> ModelConfig:
     extra = sorted(set(tensors) - referenced)
     if extra:
         raise _fail(path, "tensors that no layer record uses", extra)
+    if cfg is None:
+        check_finite(path, tensors)
+        return None
     if claimed != cfg.num_params():
         raise CheckpointError(
             f"{path}: model_config describes {cfg.num_params():,} parameters but the layer records hold "

@@ -112,3 +112,64 @@ def trained_tiny(corpus_dir, tmp_path_factory) -> Path:
         mp.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets-cache"))
         train(r, out)
     return out / "ckpt.pt"
+
+
+# ------------------------------------------------------------------------------ a calibrating quantizer
+
+
+def _calib_int8_class():
+    from qtoolkit.quantizers.int8 import Int8Quantizer
+
+    class CalibInt8(Int8Quantizer):
+        """A real, small calibrating quantizer (registered only by the `calib_int8` fixture): int8 codes
+        whose per-row scale is fixed by calibration, the clipping ratio that minimises the layer's
+        output error tr((Q - W) H (Q - W)^T), H = sum x^T x over the calibration inputs. It returns
+        the rounded weight as the new latent weight (as GPTQ will), keeps its scale as a buffer, and
+        keeps what it observed (`last_h`, `observed_batches`) for the tests to inspect."""
+
+        calibration = True
+        RATIOS = torch.linspace(0.5, 1.0, 11)
+
+        def init_from_weight(self, weight):
+            rows = weight.shape[0]
+            absmax = weight.detach().float().abs().amax(dim=1).clamp_min(1e-8)
+            self.register_buffer("scale", (absmax / 127).reshape(rows, 1, 1))
+            self._h, self.observed_batches, self.last_h = None, 0, None
+
+        def scales(self, w):
+            return self.scale
+
+        def observe(self, x):
+            x2 = x.reshape(-1, x.shape[-1]).double()
+            self._h = x2.T @ x2 if self._h is None else self._h + x2.T @ x2
+            self.observed_batches += 1
+
+        def calibrate(self, weight):
+            w = weight.float()
+            h = self._h.float()
+            absmax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
+            best_err, best_s = None, None
+            for r in self.RATIOS:
+                s = absmax * r / 127
+                d = (w / s).round().clamp(-127, 127) * s - w
+                err = ((d @ h) * d).sum(dim=1, keepdim=True)
+                if best_err is None:
+                    best_err, best_s = err, s
+                else:
+                    better = err < best_err
+                    best_err, best_s = torch.where(better, err, best_err), torch.where(better, s, best_s)
+            self.scale.copy_(best_s.reshape(self.scale.shape))
+            self.last_h, self._h = self._h, None  # statistics released (kept only for the test to inspect)
+            return (w / best_s).round().clamp(-127, 127) * best_s
+
+    return CalibInt8
+
+
+@pytest.fixture()
+def calib_int8():
+    """Registers `calib_int8` for one test (the registry's contract tests never see it)."""
+    from qtoolkit import quantizers
+
+    quantizers.register("calib_int8")(_calib_int8_class())
+    yield "calib_int8"
+    quantizers._REGISTRY.pop("calib_int8")

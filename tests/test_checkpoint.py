@@ -88,12 +88,12 @@ def test_newer_version_is_refused(tmp_path):
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
 def test_every_output_follows_the_umask(tmp_path, umask):
     """Text, torch and safetensors (packed) files alike get 0666 & ~umask, as a plain open() would."""
-    from qtoolkit.checkpoint import save_packed
+    from qtoolkit.checkpoint import write_packed
 
     old = os.umask(umask)
     try:
         paths = [atomic_write_text(tmp_path / "a.txt", "x"), save_checkpoint(minimal(), tmp_path / "c.pt"),
-                 save_packed({"w": torch.ones(2)}, {}, "{}", tmp_path / "p.safetensors")]
+                 write_packed({"w": torch.ones(2)}, {}, "{}", tmp_path / "p.safetensors")]
     finally:
         os.umask(old)
     for path in paths:

@@ -212,3 +212,52 @@ def test_probe_and_search_commands(corpus_dir, tmp_path):
 
     searched = json.loads((tmp_path / "s" / "search.json").read_text())["best"]["bytes"]
     assert json.loads(r.stdout)["total_bytes"] == searched
+
+
+# ------------------------------------------------------------------------------ qtool quantize
+
+
+def test_quantize_then_every_command_accepts_the_result(fp32_ckpt, corpus_dir, tmp_path):
+    import json
+
+    out = tmp_path / "q"
+    r = run("quantize", fp32_ckpt, "--policy", "ternary_all", "--set", "policy.lm_head=fp16", "-o", out,
+            "--json", tmp_path / "q.json")
+    assert r.exit_code == 0, r.output
+    assert "Quantized checkpoint" in r.output and (out / "ckpt.pt").is_file()
+    summary = json.loads((tmp_path / "q.json").read_text())
+    assert summary["coverage"]["layers"][-1]["spec"]["name"] == "fp16"
+    for args in (["eval", out, "--eval-batches", 2], ["analyze", out], ["pack", out, "-o", tmp_path / "p.safetensors"],
+                 ["generate", out, "--prompt", "Once", "--max-new-tokens", 4],
+                 ["probe", out, "--calib-tokens", 256, "--formats", "ternary,int8"],
+                 ["bench", out, "--baselines", "", "--threads", 1, "--prompt-len", 8, "--new-tokens", 4, "--repeats", 1],
+                 ["train", "--recipe", "ternary_all", "--model", "tiny", "--data", corpus_dir, "--init", out,
+                  "--max-steps", 2, "--set", "train.eval_batches=2", "--out", tmp_path / "qat"]):
+        r = run(*args)
+        assert r.exit_code == 0, (args[0], r.output)
+    assert int(json.loads(run("quantize", fp32_ckpt, "--policy", "int8", "-o", tmp_path / "j", "--json", "-")
+                          .stdout)["total_bytes"]) > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policy", "{_default: ternary, blocks.5.attn.q_proj: int8}"], "blocks.5.attn.q_proj: matches no quantizable"),
+    (["--policy", "int5"], "--policy 'int5' is not a policy file"),
+    ([], "no policy given"),
+])
+def test_quantize_user_errors(fp32_ckpt, tmp_path, args, message):
+    r = run("quantize", fp32_ckpt, *args, "-o", tmp_path / "q")
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantize_refuses_a_packed_checkpoint(fp32_ckpt, tmp_path):
+    assert run("pack", fp32_ckpt, "-o", tmp_path / "p.safetensors").exit_code == 0
+    r = run("quantize", tmp_path / "p.safetensors", "--policy", "int8", "-o", tmp_path / "q")
+    assert r.exit_code == 1 and "already packed" in r.output and not (tmp_path / "q").exists()
+
+
+def test_train_init_of_another_shape_is_one_message(fp32_ckpt, corpus_dir, tmp_path):
+    r = run("train", "--recipe", "ternary_all", "--data", corpus_dir, "--init", fp32_ckpt, "--out", tmp_path / "r")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "tensor embed.weight is (512, 64) in the checkpoint but (8192, 256) here" in r.output
+    assert "pass --model tiny" in r.output and not (tmp_path / "r").exists()

@@ -366,6 +366,7 @@ def test_trials_of_a_killed_search_process_are_failed_and_retried(fp32_ckpt, tmp
 
     script = textwrap.dedent(f"""
         import os
+        import time
         import qtoolkit.search.allocate as qsearch
         from qtoolkit.search.probes import parse_formats
         qsearch.HEARTBEAT_S = 1
@@ -373,6 +374,7 @@ def test_trials_of_a_killed_search_process_are_failed_and_retried(fp32_ckpt, tmp
         def dies(self, alloc):
             calls["n"] += 1
             if calls["n"] == 4:  # 3 references, then the first seed: the process is killed mid-trial
+                time.sleep(2.5)  # after the trial's first heartbeat (its thread may not have run yet under load)
                 os._exit(9)
             return real(self, alloc)
         qsearch.Evaluator.__call__ = dies

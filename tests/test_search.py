@@ -139,3 +139,42 @@ def test_search_reproducible(fp32_ckpt, tmp_path):
     b = run_search(fp32_ckpt, 100_000, FORMATS, tmp_path / "b", trials=7, calib_tokens=256, eval_batches=2)
     key = [(t["allocation"], t["loss"]) for t in a.trials if t["state"] == "COMPLETE"]
     assert key == [(t["allocation"], t["loss"]) for t in b.trials if t["state"] == "COMPLETE"]
+
+
+# ------------------------------------------------------------------------------ --apply
+
+
+def test_apply_writes_what_the_search_scored(fp32_ckpt, corpus_dir, tmp_path):
+    """PTQ: `qtool eval` of the applied checkpoint gives exactly the trial's loss on the search's
+    batches, and `qtool pack` writes exactly the bytes the search charged."""
+    from qtoolkit.checkpoint import load_checkpoint
+    from qtoolkit.pack import pack_checkpoint
+    from qtoolkit.training.trainer import evaluate_checkpoint
+
+    res = run_search(fp32_ckpt, 100_000, FORMATS, tmp_path / "out", trials=6, calib_tokens=256, eval_batches=2,
+                     apply=True)
+    applied = res.applied["quantized"]
+    path = tmp_path / "out" / "quantized" / "ckpt.pt"
+    assert applied["path"] == str(path) and "finetuned" not in res.applied
+    ev = evaluate_checkpoint(path.parent, data_path=str(corpus_dir), batches=2)
+    assert ev.val_loss == res.best["loss"]  # exactly
+    packed = pack_checkpoint(path, tmp_path / "p.safetensors")
+    assert packed.tensor_bytes == res.best["bytes"] == applied["bytes"]
+    record = load_checkpoint(path)["quantized"]["search"]
+    assert record["trial"] == res.best["number"] and record["bytes"] == res.best["bytes"]
+    assert json.loads((tmp_path / "out" / "search.json").read_text())["applied"]["quantized"]["path"] == str(path)
+    # a second --apply never replaces it: refused before any work
+    with pytest.raises(SearchError, match="already exists"):
+        run_search(fp32_ckpt, 100_000, FORMATS, tmp_path / "out", trials=6, calib_tokens=256, eval_batches=2,
+                   apply=True)
+
+
+def test_apply_with_finetuning_writes_the_finetuned_trial(fp32_ckpt, corpus_dir, tmp_path):
+    from qtoolkit.training.trainer import evaluate_checkpoint
+
+    res = run_search(fp32_ckpt, 100_000, FORMATS, tmp_path / "out", trials=2, calib_tokens=256, eval_batches=2,
+                     finetune_steps=3, apply=True)
+    quantized = evaluate_checkpoint(tmp_path / "out" / "quantized", data_path=str(corpus_dir), batches=2)
+    finetuned = evaluate_checkpoint(tmp_path / "out" / "finetuned", data_path=str(corpus_dir), batches=2)
+    assert finetuned.val_loss == res.best["loss"] == res.applied["finetuned"]["loss"]
+    assert quantized.val_loss == res.applied["quantized"]["loss"] != finetuned.val_loss

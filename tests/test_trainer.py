@@ -145,3 +145,87 @@ def test_trains_on_shared_tinystories(shared_tinystories, tmp_path):
     assert "tinystories_validation_head.txt" in start.data["data"]
     assert start.data["data_info"]["train_tokens"] > 500_000
     assert res.val_loss < 6.0  # from ~ln(512) = 6.24 at init
+
+
+# ------------------------------------------------------------------------------ --init and the quantization warmup
+
+
+def test_init_starts_from_the_checkpoint_under_the_policy(fp32_ckpt, corpus_dir, tmp_path):
+    """The first step's loss is the source checkpoint's loss under the recipe's policy (on that
+    step's batch), i.e. what `qtool quantize` makes of it; the optimizer and schedule are fresh."""
+    import qtoolkit
+    from qtoolkit.training.data import prepare_data, tokenizer_from_json
+    from qtoolkit.training.trainer import loss_fn
+
+    r = tiny_recipe("ternary_all", corpus_dir, "train.steps=2", "train.log_every=1")
+    res = train(r, tmp_path / "run", init=fp32_ckpt)
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1
+
+    src = load_checkpoint(fp32_ckpt)
+    cfg = r.resolved().train
+    data = prepare_data(r.data, 512, tokenizer=tokenizer_from_json(src["tokenizer"]))
+    x, y = data.train.batch(0, cfg.batch_size, cfg.seq_len, cfg.seed)
+    model = qtoolkit.quantize(fp32_ckpt, r.policy)
+    with torch.no_grad():
+        loss, _ = loss_fn(model(x), y, cfg.label_smoothing)
+    assert first["loss"] == loss.item()
+    ckpt = load_checkpoint(res.checkpoint)
+    assert ckpt["init"]["checkpoint"] == str(fp32_ckpt) and ckpt["tokenizer"] == src["tokenizer"]
+    assert ckpt["policy"] == r.policy and ckpt["step"] == 2
+
+
+def test_init_refuses_another_shape_and_packed_files(fp32_ckpt, corpus_dir, tmp_path):
+    from qtoolkit.pack import pack_checkpoint
+
+    r = tiny_recipe("ternary_all", corpus_dir, "train.steps=2", "model.vocab_size=640")
+    with pytest.raises(CheckpointError, match=r"tensor embed.weight is \(512, 64\) in the checkpoint but \(640, 64\)"
+                                              r".*vocab_size 512 vs 640"):
+        train(r, tmp_path / "a", init=fp32_ckpt)
+    assert not (tmp_path / "a").exists()
+    r = tiny_recipe("ternary_all", corpus_dir, "train.steps=2", "model.n_layers=3")
+    with pytest.raises(CheckpointError, match="has no tensor blocks.2.attn_norm.weight"):
+        train(r, tmp_path / "b", init=fp32_ckpt)
+    pack_checkpoint(fp32_ckpt, tmp_path / "p.safetensors")
+    with pytest.raises(CheckpointError, match="already packed"):
+        train(tiny_recipe("ternary_all", corpus_dir), tmp_path / "c", init=tmp_path / "p.safetensors")
+    assert not (tmp_path / "c").exists()
+
+
+def test_quantized_checkpoint_cannot_be_resumed_only_initialised_from(fp32_ckpt, corpus_dir, tmp_path):
+    from qtoolkit.training.ptq import quantize_checkpoint
+
+    quantize_checkpoint(fp32_ckpt, {"_default": "ternary"}, tmp_path / "q")
+    with pytest.raises(CheckpointError, match="no optimizer state.*--init"):
+        train(tiny_recipe("ternary_all", corpus_dir, "train.steps=2"), tmp_path / "q", resume=True)
+
+
+def test_warmup_ramp_ends_are_the_float_and_the_quantized_model(fp32_ckpt):
+    import qtoolkit
+    from qtoolkit.layers import set_quant_mix
+    from qtoolkit.search.probes import float_model
+
+    ckpt = load_checkpoint(fp32_ckpt)
+    x = torch.randint(0, 512, (2, 16))
+    fp32 = float_model(ckpt)
+    model = qtoolkit.quantize(fp32_ckpt, {"_default": "ternary", "embed": "int8"})
+    with torch.no_grad():
+        quantized = model(x)
+        set_quant_mix(model, 0.0)
+        torch.testing.assert_close(model(x), fp32(x), rtol=0, atol=0)
+        set_quant_mix(model, 0.5)
+        half = model(x)
+        set_quant_mix(model, 1.0)
+        torch.testing.assert_close(model(x), quantized, rtol=0, atol=0)
+    assert not torch.allclose(half, quantized) and not torch.allclose(half, fp32(x))
+
+
+def test_quant_warmup_schedule_in_training(corpus_dir, tmp_path, monkeypatch):
+    seen = []
+    real = trainer.set_quant_mix
+    monkeypatch.setattr(trainer, "set_quant_mix", lambda model, lam: (seen.append(lam), real(model, lam)))
+    r = tiny_recipe("ternary_all", corpus_dir, "train.steps=6", "train.quant_warmup_steps=4", "train.eval_every=6")
+    train(r, tmp_path / "run")
+    assert seen[:6] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0] and seen[-1] == 1.0  # the final eval is fully quantized
+    with pytest.raises(Exception, match="quant_warmup_steps"):
+        tiny_recipe("ternary_all", corpus_dir, "train.steps=6", "train.quant_warmup_steps=7")

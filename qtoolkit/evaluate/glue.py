@@ -24,7 +24,7 @@ once per split and only the head is trained on them, standardized (same schedule
 the standardization is folded into the head afterwards, so the classifier reads raw features).
 
 The training pieces are the training stage's: `loss_fn`, `param_groups`, `lr_and_wd`, `autocast`,
-`resolve_device` (qtoolkit.training.trainer). Metrics are in GLUE points (x100) in every output.
+`resolve_device` (qtoolkit.device). Metrics are in GLUE points (x100) in every output.
 Library code: reports through `callback(GlueEvent)` and never prints.
 """
 
@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from qtoolkit.checkpoint import load_checkpoint
+from qtoolkit.device import resolve_device
 from qtoolkit.errors import ConfigError, TrainingDiverged
 from qtoolkit.evaluate.classifier import (
     POOLINGS,
@@ -61,7 +62,7 @@ from qtoolkit.evaluate.glue_data import (
 from qtoolkit.evaluate.metrics import score
 from qtoolkit.training.data import eos_id, tokenizer_from_json
 from qtoolkit.training.recipe import TrainConfig
-from qtoolkit.training.trainer import autocast, loss_fn, lr_and_wd, param_groups, resolve_device
+from qtoolkit.training.trainer import autocast, loss_fn, lr_and_wd, param_groups
 
 # The TernaryLM paper's dev-set figures (arXiv 2602.07374): a 132M ternary decoder pretrained on
 # far more text than qtoolkit's CPU checkpoints see, and its BERT-Base reference. GLUE points.

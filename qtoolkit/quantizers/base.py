@@ -17,6 +17,30 @@ provides:
 `nbytes` is derived from `layout`, and `pack` is checked against `layout`, so the bytes the memory
 model predicts (qtoolkit.pack.memory_plan) are the bytes a packed checkpoint holds.
 
+State. Anything a quantizer learns or fits (a learned scale, scales fixed by calibration, a
+permutation) is a parameter or buffer of the quantizer module, created in `init_from_weight` with
+its final shape. It then lives in the model's state dict (`<layer>.quantizer.<name>`), so a training
+checkpoint carries it, `qtoolkit.pack.model_from_checkpoint` restores it (the policy rebuilds the
+quantizer, `init_from_weight` creates the tensors, `load_state_dict` fills them), and packing uses it
+(`pack_model` quantizes with the layer's own quantizer).
+
+Calibration (optional). A quantizer that needs data sets `calibration = True` and implements
+
+    observe(x)          x: one calibration batch of the layer's input, (..., in_features), float32,
+                        as the layer receives it (before `quantize_input`). Accumulate streaming
+                        statistics (e.g. H += x^T x, a running absmax); never keep x itself.
+    calibrate(weight)   fit state from the statistics and release them. May return a new latent
+                        weight (same shape) that the driver copies into the layer in place, e.g.
+                        GPTQ's rounded weight with its scales kept as buffers, so that re-quantizing
+                        the returned weight with the fitted state reproduces the codes exactly and
+                        quantization-aware training can continue from it. Return None otherwise.
+
+`qtoolkit.calibration.calibrate_model` drives it: block by block, each block's layer inputs computed
+through the already-quantized (and calibrated) blocks before it, as GPTQ does. Only linear layers are
+observed; an embedding's quantizer that sets `calibration` gets `calibrate(weight)` without any
+`observe` call. Quantizers without calibration are never called and need no data. A quantizer used
+without calibration (QAT from scratch) must still work: its uncalibrated state is its default.
+
 Weights are 2-D, (rows, cols) = (out_features, in_features) for linears and (vocab, d_model) for
 embeddings. Scales are fp32 and grouped along a row: one per tensor, per row ("channel"), or per
 `group_size` consecutive columns of a row ("group"; a short last group when cols % group_size != 0).
@@ -154,6 +178,7 @@ class Quantizer(nn.Module):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type]
+    calibration: ClassVar[bool] = False  # True: observe()/calibrate() fit state from data (docstring above)
 
     def __init__(self, config: Any = None):
         super().__init__()
@@ -169,7 +194,17 @@ class Quantizer(nn.Module):
         return {"name": self.name, **{f.name: getattr(self.config, f.name) for f in fields(self.config)}}
 
     def init_from_weight(self, weight: Tensor) -> None:
-        """Create/initialise any learned state from the weight it will quantize."""
+        """Create/initialise any learned or fitted state (parameters, buffers) from the weight it
+        will quantize, with its final shapes, so a state dict can be loaded into it."""
+
+    def observe(self, x: Tensor) -> None:
+        """Accumulate statistics of one calibration batch of the layer input x (..., in_features)."""
+        raise NotImplementedError(f"{self.name} sets calibration = True but does not implement observe()")
+
+    def calibrate(self, weight: Tensor) -> Tensor | None:
+        """Fit state from the observed statistics (then release them); optionally return a new latent
+        weight of the same shape (None: the weight stays as it is)."""
+        raise NotImplementedError(f"{self.name} sets calibration = True but does not implement calibrate()")
 
     def forward(self, w: Tensor) -> Tensor:
         raise NotImplementedError

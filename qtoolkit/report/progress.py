@@ -84,6 +84,7 @@ class TrainProgress:
             f"data: {escape(d['data'])} ({human_count(d['data_info'].get('train_tokens', 0))} train / "
             f"{human_count(d['data_info'].get('val_tokens', 0))} val tokens)"
             + ("; resuming from step " + str(event.step) if d["resumed"] else "")
+            + (f"; weights from {escape(d['init']['checkpoint'])} (step {d['init']['step']})" if d.get("init") else "")
         )
         if d.get("stale_metrics"):
             self._print(f"an earlier run stopped before its first checkpoint: its metrics moved to {escape(d['stale_metrics'])}")

@@ -318,12 +318,40 @@ def search_renderables(result, extra_outputs=()) -> list:
     summary.add_row("probe", "cached" if result.probe.cached else f"{sum(result.probe.seconds.values()):.0f} s",
                     f"Spearman(measured, estimate) {_rho(rho)}")
     summary.add_row("outputs", "", escape(outputs_text([*result.outputs(), *extra_outputs])))
+    for kind, applied in getattr(result, "applied", {}).items():
+        loss = f"{applied['loss']:.4f}" if applied.get("loss") is not None else ""
+        summary.add_row(f"applied: {kind}", loss, f"{escape(applied['path'])} ({fmt_bytes(applied['bytes'])} packed)")
     out.append(summary)
     out.append(Text.assemble(("browse the trials: ", "bold"), f"optuna-dashboard {result.storage}"))
     if result.interrupted:
         out.append(Text("interrupted: every finished trial is kept in the study; run the same command to continue",
                         style="yellow"))
     return out
+
+
+def quantize_summary(result) -> Table:
+    """After `qtool quantize`: where it went, what it costs, what calibration did."""
+    table = Table(title="Quantized checkpoint", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_column()
+    cal = result.calibration
+    if cal.get("layers"):
+        calibration = (f"{len(cal['layers'])} layers", f"{cal.get('tokens', 0):,} tokens, seed {cal.get('seed')}, "
+                       f"{cal['segments']} segments, {cal['seconds']:.1f} s")
+    else:
+        calibration = ("not needed", "no quantizer in this policy fits itself on data")
+    for k, v, note in (
+        ("written", escape(str(result.path)), f"from {escape(result.source)}"),
+        ("packed size", f"{result.total_bytes:,} B", f"{fmt_bytes(result.total_bytes)}, "
+                                                     f"{result.fp32_bytes / result.total_bytes:.2f}x smaller than fp32"),
+        ("calibration", *calibration),
+        ("kept trained state", str(len(result.adopted)), ", ".join(result.adopted[:4]) + (" ..." if len(result.adopted) > 4 else "")),
+        ("time", f"{result.seconds:.1f} s", ""),
+    ):
+        table.add_row(k, v, note)
+    table.caption = f"next: qtool eval {result.path.parent}  |  qtool pack {result.path.parent}  |  qtool train --init {result.path.parent}"
+    return table
 
 
 def generation_summary(stats, backend) -> Text:

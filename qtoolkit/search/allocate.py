@@ -24,8 +24,11 @@ little validation loss as possible.
    command again continues it, Ctrl-C keeps every finished trial, and several processes can work on
    one study through the same storage (docs/search.md).
 
-Outputs: `policy.yaml` (consumable by `qtool train --set policy=...`), `search.json` (every trial),
-and a `SearchResult` that `qtoolkit.report` renders.
+Outputs: `policy.yaml` (consumable by `qtool quantize --policy`, `qtool train --set policy=...`),
+`search.json` (every trial), and a `SearchResult` that `qtoolkit.report` renders. With `apply`:
+`quantized/ckpt.pt`, the chosen allocation written by `qtool quantize`'s code, and with
+`finetune_steps` also `finetuned/ckpt.pt`; `qtool eval` of either reports the trial's loss on the
+search's batches and `qtool pack` writes the bytes the search charged.
 """
 
 from __future__ import annotations
@@ -48,11 +51,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from qtoolkit import quantizers
 from qtoolkit.checkpoint import atomic_write_text, load_checkpoint
 from qtoolkit.config import ModelConfig
 from qtoolkit.errors import ConfigError, QToolkitError, short_repr
 from qtoolkit.model import DecoderLM, meta_model
 from qtoolkit.outputs import check_outputs
+from qtoolkit.pack import model_from_checkpoint
 from qtoolkit.rundir import run_dir_lock
 from qtoolkit.schema import check_int, check_number, check_seed
 from qtoolkit.search.probes import (
@@ -63,6 +68,12 @@ from qtoolkit.search.probes import (
     quantized,
     run_probe,
     search_units,
+)
+from qtoolkit.training.ptq import (
+    checkpoint_calibration,
+    finetune_checkpoint,
+    quantize_checkpoint,
+    source_quantizers,
 )
 
 Progress = Callable[[str, int, int | None], None]
@@ -209,46 +220,44 @@ def milp_allocations(space: SearchSpace, sens: dict[str, dict[str, float]], budg
 
 
 class Evaluator:
-    """Validation loss of the checkpoint's weights under an allocation (optionally QAT-finetuned)."""
+    """Validation loss of the checkpoint's weights under an allocation (optionally QAT-finetuned).
+
+    The trial model is made as `qtool quantize` makes it (same source state, same calibration
+    windows `calib`), the finetuning is `training.trainer.finetune`, and the loss is
+    `training.trainer.evaluate_batches`: so `search --apply` writes exactly the model a trial scored."""
 
     def __init__(self, model: DecoderLM, space: SearchSpace, val_batches: list, train=None,
                  finetune_steps: int = 0, finetune_lr: float = 1e-4, batch_size: int = 8, seq_len: int = 256,
-                 seed: int = 0, device: torch.device | str = "cpu"):
+                 seed: int = 0, calib: list | None = None, sources: dict[str, Any] | None = None,
+                 device: torch.device | str = "cpu"):
         self.model, self.space, self.val_batches = model, space, val_batches
         self.device = torch.device(device)
         self.train, self.finetune_steps, self.finetune_lr = train, finetune_steps, finetune_lr
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.calib, self.sources = calib, sources
         self.tokens = sum(y.numel() for _, y in val_batches)
 
-    @torch.no_grad()
-    def _val_loss(self, model: nn.Module) -> float:
-        from qtoolkit.search.probes import _ce
+    @property
+    def finetune_seed(self) -> int:
+        return self.seed + 1  # the finetuning batches differ from the calibration windows
 
-        model.eval()
-        return sum(_ce(model(x), y).item() for x, y in self.val_batches) / self.tokens
+    def _val_loss(self, model: nn.Module) -> float:
+        from qtoolkit.training.trainer import evaluate_batches
+
+        return evaluate_batches(model, self.val_batches, self.device)["val_loss"]
 
     def __call__(self, alloc: dict[str, str]) -> float:
         assignment = self.space.assignment(alloc)
         if not self.finetune_steps:
-            with quantized(self.model, assignment):
+            with quantized(self.model, assignment, self.calib, self.sources):
                 return self._val_loss(self.model)
-        from qtoolkit.policy import apply_policy
-        from qtoolkit.training.trainer import loss_fn
+        from qtoolkit.training.trainer import finetune
 
         model = copy.deepcopy(self.model)
-        apply_policy(model, assignment)
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=self.finetune_lr, weight_decay=0.0)
-        for step in range(self.finetune_steps):  # the same batches for every trial
-            x, y = self.train.batch(step, self.batch_size, self.seq_len, self.seed + 1)
-            x, y = x.to(self.device), y.to(self.device)
-            with torch.enable_grad():
-                loss, _ = loss_fn(model(x), y, 0.0)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-        return self._val_loss(model)
+        with quantized(model, assignment, self.calib, self.sources):
+            finetune(model, self.train, self.finetune_steps, self.finetune_lr, self.batch_size, self.seq_len,
+                     self.finetune_seed, self.device)
+            return self._val_loss(model)
 
 
 # ------------------------------------------------------------------------------ storage
@@ -318,6 +327,7 @@ class SearchResult:
     interrupted: bool = False
     rejected: int = 0
     elapsed_s: float = 0.0
+    applied: dict[str, Any] = field(default_factory=dict)  # --apply: {"quantized"/"finetuned": {path, bytes, loss}}
     study: Any = field(default=None, repr=False, compare=False)  # the optuna.Study (figures draw from it)
     pareto: bool = False
 
@@ -334,7 +344,7 @@ class SearchResult:
                       "calibration": self.probe.calibration},
             "references": self.references, "best": self.best, "policy": self.policy,
             "pareto_front": self.pareto_front, "trials": self.trials, "rejected_over_budget": self.rejected,
-            "interrupted": self.interrupted, "pareto": self.pareto,
+            "interrupted": self.interrupted, "applied": self.applied, "pareto": self.pareto,
         }
 
     def outputs(self) -> list[Path]:
@@ -430,7 +440,11 @@ def run_search(
     seeds_k: int = 3,
     progress: Progress = _noop,
     device: str = "auto",
+    apply: bool = False,
 ) -> SearchResult:
+    """The search of the module docstring. With `apply`, the chosen allocation is then written as a
+    quantized training checkpoint (`apply_allocation`), and with `finetune_steps` its finetuned
+    version too. `device` (auto, cpu, cuda) runs the probe, the trials and their finetuning."""
     from qtoolkit.device import resolve_device
 
     t_start = time.perf_counter()
@@ -458,15 +472,17 @@ def run_search(
     out_dir = Path(out_dir)
     check_outputs([("--out", out_dir / "search.json", None), ("--out", out_dir / "policy.yaml", None)],
                   [ckpt_path, data_path])
+    if apply:
+        check_apply_outputs(out_dir, finetune_steps)
     with run_dir_lock(out_dir, "qtool search"):
         return _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
                        study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
-                       progress, t_start, device, dev)
+                       progress, t_start, device, dev, apply)
 
 
 def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
             study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
-            progress, t_start, device, dev) -> SearchResult:
+            progress, t_start, device, dev, apply) -> SearchResult:
     import optuna
 
     from qtoolkit.search.probes import checkpoint_fingerprint
@@ -481,17 +497,20 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
     model = float_model(ckpt).to(dev)
     recipe = ckpt.get("recipe") or {}
     train_cfg = recipe.get("train") or {}
+    calibrated = [f.key for f in formats if quantizers.get(f.spec["name"]).calibration]
     data = prepare_data(checkpoint_data_config(ckpt, data_path), cfg.vocab_size,
-                        tokenizer=tokenizer_from_json(ckpt["tokenizer"]), need_train=finetune_steps > 0,
+                        tokenizer=tokenizer_from_json(ckpt["tokenizer"]), need_train=finetune_steps > 0 or bool(calibrated),
                         progress=progress)
     bs, sl = int(train_cfg.get("batch_size") or 8), int(train_cfg.get("seq_len") or cfg.max_seq_len)
     data.val.require_window(sl)
     if data.train is not None:
         data.train.require_window(sl)
     val_batches = [(x.to(dev), y.to(dev)) for x, y in data.val.eval_batches(bs, sl, eval_batches)]
+    # the calibration windows of `qtool quantize` (training.ptq.checkpoint_calibration), when a format needs data
+    calib = checkpoint_calibration(ckpt, calib_tokens=calib_tokens, seed=seed, train=data.train)[0] if calibrated else None
     evaluate = Evaluator(model, space, val_batches, data.train, finetune_steps,
                          float(train_cfg.get("lr", 1e-3)) * float(train_cfg.get("min_lr_ratio", 0.1)), bs, sl, seed,
-                         dev)
+                         calib=calib, sources=source_quantizers(ckpt), device=dev)
 
     storage_url = storage or f"sqlite:///{(out_dir / 'search.db').resolve()}"
     identity = study_identity(checkpoint_fingerprint(ckpt["path"]), space, budget, pareto, finetune_steps,
@@ -606,7 +625,55 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
         elapsed_s=time.perf_counter() - t_start, study=study, pareto=pareto,
     )
     write_outputs(result)
+    if apply:
+        result.applied = apply_allocation(result, ckpt_path, evaluate, data_path, calib_tokens, seed, progress)
+        write_outputs(result)
     return result
+
+
+# ------------------------------------------------------------------------------ --apply
+
+
+def applied_paths(out_dir: Path) -> dict[str, Path]:
+    return {"quantized": out_dir / "quantized" / "ckpt.pt", "finetuned": out_dir / "finetuned" / "ckpt.pt"}
+
+
+def check_apply_outputs(out_dir: Path, finetune_steps: int) -> None:
+    """Before any work: the checkpoints `--apply` writes must not exist yet (nothing is overwritten)."""
+    paths = applied_paths(out_dir)
+    for kind in ("quantized", "finetuned") if finetune_steps else ("quantized",):
+        if paths[kind].exists():
+            raise SearchError(f"{paths[kind]} already exists (an earlier --apply); move it away or pass another "
+                              "--out, since --apply never overwrites a checkpoint")
+
+
+def apply_allocation(result: SearchResult, ckpt_path: str | Path, evaluate: Evaluator, data_path: str | None,
+                     calib_tokens: int, seed: int, progress: Progress = _noop) -> dict[str, Any]:
+    """Write the chosen allocation as a quantized training checkpoint through `qtool quantize`'s code
+    (`training.ptq.quantize_checkpoint`, the same calibration windows as the trials), and with
+    `finetune_steps` its finetuned version (`training.ptq.finetune_checkpoint`, the trials' finetuning).
+    Each checkpoint's `qtool eval` loss on the search's batches equals the trial's loss, and
+    `qtool pack` writes exactly the bytes the search charged."""
+    if not result.best:
+        raise SearchError("--apply: no allocation within the budget was found, so there is nothing to write")
+    best = result.best
+    record = {"search": {"out": str(result.out_dir), "study": result.study_name, "trial": best["number"],
+                        "loss": best["loss"], "bytes": best["bytes"], "budget": result.budget,
+                        "finetune_steps": evaluate.finetune_steps}}
+    paths = applied_paths(result.out_dir)
+    progress("applying the allocation", 0, None)
+    q = quantize_checkpoint(ckpt_path, result.policy, paths["quantized"], data=data_path, calib_tokens=calib_tokens,
+                            seed=seed, progress=progress, record=record)
+    applied: dict[str, Any] = {"quantized": {"path": str(q.path), "bytes": q.total_bytes,
+                                             "loss": None if evaluate.finetune_steps else best["loss"]}}
+    if evaluate.finetune_steps:
+        f = finetune_checkpoint(q.path, paths["finetuned"], evaluate.finetune_steps, lr=evaluate.finetune_lr,
+                                data=data_path, seed=evaluate.finetune_seed, batch_size=evaluate.batch_size,
+                                seq_len=evaluate.seq_len, progress=progress)
+        applied["quantized"]["loss"] = evaluate._val_loss(model_from_checkpoint(load_checkpoint(q.path))[0])
+        applied["finetuned"] = {"path": str(f), "bytes": q.total_bytes, "loss": best["loss"]}
+    progress("applying the allocation", 1, 1)
+    return applied
 
 
 def write_outputs(result: SearchResult) -> None:
@@ -627,5 +694,5 @@ def write_outputs(result: SearchResult) -> None:
     atomic_write_text(result.out_dir / "policy.yaml", header + yaml.safe_dump(result.policy, sort_keys=False))
 
 
-__all__ = ["Evaluator", "SearchError", "SearchResult", "SearchSpace", "build_space", "milp_allocations",
-           "open_storage", "parse_budget", "run_search"]
+__all__ = ["Evaluator", "SearchError", "SearchResult", "SearchSpace", "apply_allocation", "build_space",
+           "milp_allocations", "open_storage", "parse_budget", "run_search"]

@@ -52,14 +52,13 @@ from torch import Tensor, nn
 
 from qtoolkit import quantizers
 from qtoolkit.checkpoint import atomic_write_text, load_checkpoint
-from qtoolkit.config import ModelConfig
 from qtoolkit.errors import CheckpointError, ConfigError, QToolkitError, short_repr
 from qtoolkit.evaluate.analyze import code_stats, latent_stats
 from qtoolkit.model import DecoderLM, layer_position
 from qtoolkit.policy import apply_policy, set_by_name
+from qtoolkit.training.data import CALIBRATION_STEP, calibration_batches  # noqa: F401 (re-exported)
 
 Progress = Callable[[str, int, int | None], None]
-CALIBRATION_STEP = 10**9
 
 
 class ProbeError(QToolkitError, RuntimeError):
@@ -151,27 +150,44 @@ def search_units(model: nn.Module, granularity: str = "layer") -> list[Unit]:
 
 def float_model(ckpt: dict[str, Any]) -> DecoderLM:
     """The checkpoint's latent weights in a plain fp32 DecoderLM (quantizer state dropped)."""
+    from qtoolkit.training.ptq import latent_model
+
     if ckpt["kind"] != "train":
         raise CheckpointError(f"{ckpt['path']}: probes and search need latent weights: pass a training "
                               "checkpoint, not a packed one")
-    model = DecoderLM(ModelConfig.from_dict(ckpt["model_config"]))
-    state = {k: v for k, v in ckpt["model"].items() if ".quantizer." not in k}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt['path']}: weights do not fit the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
-    return model.eval()
+    return latent_model(ckpt)
 
 
 @contextlib.contextmanager
-def quantized(model: nn.Module, assignment: dict[str, dict[str, Any]]) -> Iterator[nn.Module]:
-    """Temporarily fake-quantize the named modules ({module: spec}); originals are restored."""
+def quantized(model: nn.Module, assignment: dict[str, dict[str, Any]], calib: list[Any] | None = None,
+              sources: dict[str, Any] | None = None) -> Iterator[nn.Module]:
+    """Temporarily fake-quantize the named modules ({module: spec}); originals are restored.
+
+    As `qtool quantize` does it: layers whose spec is unchanged from `sources`
+    (`training.ptq.source_quantizers`) take that state, and quantizers that need data are calibrated
+    on `calib` (model inputs). Weights a calibration changes are restored on exit."""
+    from qtoolkit.calibration import calibrate_model, calibration_targets
+    from qtoolkit.training.ptq import adopt_state
+
     originals = {name: model.get_submodule(name) for name in assignment}
+    saved: list[tuple[Tensor, Tensor]] = []
     try:
         if assignment:
             apply_policy(model, assignment)
+            adopted = adopt_state(model, sources) if sources else []
+            targets = [n for n in calibration_targets(model) if n not in adopted]
+            if targets:
+                if calib is None:
+                    raise ConfigError(f"{', '.join(targets)}: these formats calibrate on data, and no "
+                                      "calibration batches were given")
+                saved = [(w, w.detach().clone()) for w in {id(m.weight): m.weight for m in
+                                                           (model.get_submodule(n) for n in targets)}.values()]
+                calibrate_model(model, calib, modules=targets)
         yield model
     finally:
+        with torch.no_grad():
+            for w, value in saved:
+                w.copy_(value)
         for name, module in originals.items():
             set_by_name(model, name, module)
 
@@ -314,14 +330,6 @@ def _load_cached(key: str) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------------ the probes
 
 
-def calibration_batches(train, n_tokens: int, seq_len: int, seed: int, batch_size: int = 8) -> list[tuple[Tensor, Tensor]]:
-    """ceil(n_tokens / seq_len) seeded training windows, in batches of at most `batch_size`.
-    They are drawn like training batch number 10^9 + i (a step no run reaches)."""
-    n_seqs = max(1, -(-n_tokens // seq_len))
-    return [train.batch(CALIBRATION_STEP + i, min(batch_size, n_seqs - start), seq_len, seed)
-            for i, start in enumerate(range(0, n_seqs, batch_size))]
-
-
 def sparsity_probe(model: nn.Module, band: float = 0.05) -> dict[str, dict[str, Any]]:
     """Per linear: what the default ternary quantizer would make of its latent weights."""
     spec = quantizers.canonical("ternary")
@@ -460,7 +468,7 @@ def run_probe(
     for unit, fmt in todo:
         if deadline is not None and time.perf_counter() > deadline:
             break
-        with quantized(model, {name: fmt.spec for name in unit.modules}):
+        with quantized(model, {name: fmt.spec for name in unit.modules}, calib=[x for x, _ in batches]):
             loss = forward.loss(_start_block(unit, cfg.n_layers))
         if not math.isfinite(loss):
             save()

@@ -51,6 +51,7 @@ _VAL_NAME = re.compile(r"(^|[^a-z])(val|valid|validation|dev)([^a-z]|$)")
 _TEST_NAME = re.compile(r"(^|[^a-z])test([^a-z]|$)")
 
 Progress = Callable[[str, int, int | None], None]  # (stage, done, total)
+CALIBRATION_STEP = 10**9  # calibration windows are drawn like training steps no run reaches
 
 
 def _noop(stage: str, done: int, total: int | None) -> None:
@@ -504,6 +505,24 @@ class TokenStream:
         if max_batches is None and start < len(self.tokens) - 1:
             chunk = torch.from_numpy(np.asarray(self.tokens[start:], dtype=np.int64)).unsqueeze(0)
             yield chunk[:, :-1], chunk[:, 1:]
+
+
+def calibration_batches(train: TokenStream, n_tokens: int, seq_len: int, seed: int, batch_size: int = 8
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """ceil(n_tokens / seq_len) seeded training windows, in batches of at most `batch_size`: the
+    calibration data of probes, search and `qtool quantize`. They are drawn like training batch
+    number 10^9 + i (a step no run reaches). The split must hold at least `n_tokens` tokens."""
+    if n_tokens < 1:
+        raise DataError(f"calibration needs at least 1 token, got --calib-tokens {n_tokens}")
+    if len(train) < max(n_tokens, seq_len + 1):
+        raise DataError(
+            f"calibration data too short: the {train.name} split has {len(train):,} tokens, fewer than the "
+            f"{max(n_tokens, seq_len + 1):,} asked for (--calib-tokens {n_tokens:,}, windows of {seq_len}); "
+            "pass more text with --data or a smaller --calib-tokens"
+        )
+    n_seqs = max(1, -(-n_tokens // seq_len))
+    return [train.batch(CALIBRATION_STEP + i, min(batch_size, n_seqs - start), seq_len, seed)
+            for i, start in enumerate(range(0, n_seqs, batch_size))]
 
 
 @dataclass

@@ -48,6 +48,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     label_smoothing: float = 0.1
+    quant_warmup_steps: int = 0  # ramp quantization in: W + lambda (Q(W) - W), lambda 0 -> 1 over these steps
     eval_every: int | None = None
     eval_batches: int = 20
     ckpt_every: int | None = None
@@ -66,6 +67,10 @@ class TrainConfig:
                 errors.append((name, f"must be >= 1, got {getattr(self, name)}"))
         if self.warmup_steps is not None and self.warmup_steps < 0:
             errors.append(("warmup_steps", f"must be >= 0, got {self.warmup_steps}"))
+        if self.quant_warmup_steps < 0:
+            errors.append(("quant_warmup_steps", f"must be >= 0, got {self.quant_warmup_steps}"))
+        if self.steps and self.quant_warmup_steps > self.steps:
+            errors.append(("quant_warmup_steps", f"must be at most steps ({self.steps}), got {self.quant_warmup_steps}"))
         if self.steps and self.warmup_steps and self.warmup_steps >= self.steps:
             errors.append(("warmup_steps", f"must be smaller than steps ({self.steps}), got {self.warmup_steps}"))
         if not self.lr > 0:

@@ -11,6 +11,12 @@ Files in `out_dir`:
                     val_ppl, train_ce, train_val_ratio} at every evaluation
     recipe.yaml     the resolved recipe of the run
 
+Starting point: a fresh model, or with `init=CKPT` the weights of a training checkpoint (fp32 or
+quantized) under the recipe's policy, quantized exactly as `qtool quantize` would (`training.ptq`),
+with a fresh optimizer and this recipe's schedule; the init checkpoint's tokenizer is used.
+`train.quant_warmup_steps = K` ramps quantization in: every quantized layer uses
+W + lambda (Q(W) - W) (and likewise its input), lambda = step / K until it reaches 1 (`layers.py`).
+
 Loss: cross-entropy with label smoothing (the training objective); every reported perplexity is
 exp(plain cross-entropy). Batches are a pure function of (seed, step) and the checkpoint carries
 optimizer and RNG state, so `resume=True` reaches bit-identical weights to an uninterrupted run.
@@ -50,7 +56,8 @@ from torch import Tensor, nn
 from qtoolkit import schema
 from qtoolkit.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from qtoolkit.device import resolve_device
-from qtoolkit.errors import CheckpointError, DataError, TrainingDiverged, short_repr
+from qtoolkit.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, short_repr
+from qtoolkit.layers import set_quant_mix
 from qtoolkit.pack import model_from_checkpoint
 from qtoolkit.policy import Coverage, build_model
 from qtoolkit.rundir import run_dir_lock
@@ -161,31 +168,64 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, val: TokenStream, batch_size: int, seq_len: int, max_batches: int | None,
              device: torch.device | str = "cpu", progress: Progress | None = None) -> dict[str, float]:
     """Mean plain cross-entropy over fixed validation windows, and its perplexity. `max_batches=None`
     scores the whole stream (`TokenStream.eval_batches`); `progress("evaluating", done, total)` is
     called after every batch."""
+    n_batches, _ = val.eval_windows(batch_size, seq_len, max_batches)
+    return evaluate_batches(model, val.eval_batches(batch_size, seq_len, max_batches), device, progress, n_batches)
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, batches, device: torch.device | str = "cpu",
+                     progress: Progress | None = None, total: int | None = None) -> dict[str, float]:
+    """Mean plain cross-entropy (and perplexity) over (x, y) batches: the one loss that `qtool eval`,
+    training evaluations and the search's trials all report."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    n_batches, _ = val.eval_windows(batch_size, seq_len, max_batches)
+    total_loss, count = 0.0, 0
     try:
-        for i, (x, y) in enumerate(val.eval_batches(batch_size, seq_len, max_batches)):
+        for i, (x, y) in enumerate(batches):
             x, y = x.to(device), y.to(device)
             with autocast(device):
                 logits = model(x)
             _, ce = loss_fn(logits, y, 0.0)
-            total += ce.item() * y.numel()
+            total_loss += ce.item() * y.numel()
             count += y.numel()
             if progress is not None:
-                progress("evaluating", i + 1, n_batches)
+                progress("evaluating", i + 1, total)
     finally:
         model.train(was_training)
-    loss = total / count
+    loss = total_loss / count
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
+
+
+def finetune(model: nn.Module, train: TokenStream, steps: int, lr: float, batch_size: int, seq_len: int,
+             seed: int, device: torch.device | str = "cpu") -> list[float]:
+    """A short QAT run in place: AdamW at a constant `lr` without weight decay, plain cross-entropy,
+    gradient norm clipped at 1, batches `train.batch(step, ..., seed)`. The search scores a trial
+    with it (`--finetune-steps`) and `search --apply` writes its result, so both see the same model.
+    Returns the loss of every step."""
+    device = torch.device(device)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for step in range(steps):
+        x, y = train.batch(step, batch_size, seq_len, seed)
+        x, y = x.to(device), y.to(device)
+        with torch.enable_grad(), autocast(device):
+            loss, _ = loss_fn(model(x), y, 0.0)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"finetuning: loss became {loss.item()} at step {step + 1}; try a lower learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
 
 
 class _StopFlag:
@@ -284,15 +324,20 @@ def train(
     resume: bool = False,
     callback: Callback = _noop,
     stop: threading.Event | None = None,
+    init: str | Path | None = None,
+    init_calib_tokens: int | None = None,
 ) -> TrainResult:
-    """Train `recipe` into `out_dir` (module docstring), holding the directory's lock throughout."""
+    """Train `recipe` into `out_dir` (module docstring), holding the directory's lock throughout.
+    `init`: start from this checkpoint's weights (ignored when `resume` continues an existing run);
+    `init_calib_tokens`: calibration tokens for quantizers that need data (default
+    `training.ptq.DEFAULT_CALIB_TOKENS`)."""
     out_dir = Path(out_dir)
     with run_dir_lock(out_dir, f"qtool train, recipe {recipe.name}"):
-        return _train(recipe, out_dir, resume, callback, stop)
+        return _train(recipe, out_dir, resume, callback, stop, init, init_calib_tokens)
 
 
-def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback,
-           stop: threading.Event | None) -> TrainResult:
+def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop: threading.Event | None,
+           init: str | Path | None, init_calib_tokens: int | None) -> TrainResult:
     ckpt_path = out_dir / "ckpt.pt"
     metrics_path = out_dir / "metrics.jsonl"
 
@@ -304,7 +349,8 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback,
         if ckpt["kind"] != "train":
             raise CheckpointError(f"{ckpt_path}: a {ckpt['kind']} checkpoint cannot be resumed")
         if not all(k in ckpt for k in ("optimizer", "step", "rng")):
-            raise CheckpointError(f"{ckpt_path}: holds no optimizer state; it can be evaluated or packed, not resumed")
+            raise CheckpointError(f"{ckpt_path}: holds no optimizer state (written by `qtool quantize`?); it can be "
+                                  "evaluated or packed, not resumed: start training from it with --init instead")
         recipe = resume_recipe(recipe, ckpt.get("recipe"), ckpt["step"], str(ckpt_path))
     elif ckpt_path.exists():
         raise CheckpointError(
@@ -313,18 +359,21 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback,
     else:
         recipe = recipe.resolved()
     cfg = recipe.train
+    if cfg.quant_warmup_steps > cfg.steps:
+        raise ConfigError(f"train.quant_warmup_steps={cfg.quant_warmup_steps} exceeds train.steps={cfg.steps}: "
+                          "the model would never be trained fully quantized")
 
     device = resolve_device(cfg.device, "train.device")
     torch.manual_seed(cfg.seed)
     model_config = recipe.model_config()
-    model, coverage = build_model(model_config, recipe.policy)
-    model.to(device)
+    init_ckpt = _load_init(init, model_config) if init is not None and ckpt is None else None
 
     def data_progress(stage: str, done: int, total: int | None) -> None:
         callback(TrainEvent("data", 0, {"stage": stage, "done": done, "total": total}))
 
     tokens_needed = cfg.steps * cfg.batch_size * cfg.seq_len
-    tokenizer = tokenizer_from_json(ckpt["tokenizer"]) if ckpt else None
+    tokenizer_src = ckpt or init_ckpt
+    tokenizer = tokenizer_from_json(tokenizer_src["tokenizer"]) if tokenizer_src else None
     data = prepare_data(recipe.data, model_config.vocab_size, tokens_needed, tokenizer, progress=data_progress)
     try:  # before any work, not at the first evaluation
         data.train.require_window(cfg.seq_len)
@@ -338,6 +387,13 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback,
             f"{recipe.data.path or recipe.data.dataset} ({short_repr(data.info.get('source'), 60)}); resume on the "
             "run's own data"
         )
+    init_record = None
+    if init_ckpt is not None:
+        model, coverage, init_record = _init_model(init_ckpt, recipe, model_config, data, init_calib_tokens,
+                                                   device, data_progress)
+    else:
+        model, coverage = build_model(model_config, recipe.policy)
+    model.to(device)
 
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps
@@ -376,18 +432,26 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback,
             "data": data.info,
             "metrics": last_eval,
         }
+        init_info = init_record or (ckpt or {}).get("init")
+        if init_info:
+            state["init"] = init_info
         save_checkpoint(state, ckpt_path)
         last_good["step"] = step
         callback(TrainEvent("checkpoint", step, {"path": str(ckpt_path)}))
 
+    def quant_mix(at_step: int) -> None:  # the quantization warmup's lambda before step `at_step` (0-based)
+        if cfg.quant_warmup_steps:
+            set_quant_mix(model, min(1.0, at_step / cfg.quant_warmup_steps))
+
     def run_eval() -> dict[str, float]:
+        quant_mix(step)  # the model as the next step would use it (lambda = 1 once the warmup is over)
         return evaluate(model, data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device)
 
     n_params = sum(p.numel() for p in model.parameters())
     callback(TrainEvent("start", step, {
         "total_steps": cfg.steps, "params": n_params, "coverage": coverage, "device": str(device),
         "data": data.description, "data_info": data.info, "recipe": recipe.name,
-        "tokens_per_step": cfg.batch_size * cfg.seq_len, "resumed": ckpt is not None,
+        "tokens_per_step": cfg.batch_size * cfg.seq_len, "resumed": ckpt is not None, "init": init_record,
         "stale_metrics": str(stale) if stale else None,
     }))
 
@@ -410,6 +474,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback,
                 break
             t_step = time.perf_counter()
             lr, wd = lr_and_wd(step, cfg)
+            quant_mix(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
                 group["weight_decay"] = wd if group["decays"] else 0.0
@@ -470,6 +535,35 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback,
         tokens_per_s=tok_per_s, elapsed_s=elapsed, params=n_params, coverage=coverage,
         interrupted=interrupted,
     )
+
+
+def _load_init(init: str | Path, model_config) -> dict[str, Any]:
+    """The --init checkpoint, checked to fit the recipe's model before any data is prepared."""
+    from qtoolkit.training.ptq import check_fits, load_source
+
+    src = load_source(init, what="--init")
+    check_fits(src, model_config, what="--init")
+    return src
+
+
+def _init_model(src: dict[str, Any], recipe: Recipe, model_config, data: PreparedData, calib_tokens: int | None,
+                device: torch.device, progress) -> tuple[nn.Module, Coverage, dict[str, Any]]:
+    """The --init checkpoint's weights under the recipe's policy (training.ptq.quantize_source),
+    calibrated on this run's training data when a quantizer needs it."""
+    from qtoolkit.training.data import calibration_batches
+    from qtoolkit.training.ptq import DEFAULT_CALIB_TOKENS, quantize_source
+
+    tokens = calib_tokens or DEFAULT_CALIB_TOKENS
+    cfg = recipe.train
+
+    def calib() -> list[Tensor]:
+        return [x for x, _ in calibration_batches(data.train, tokens, cfg.seq_len, cfg.seed)]
+
+    q = quantize_source(src, recipe.policy, calib, calib_tokens=tokens, seed=cfg.seed, device=device,
+                        model_config=model_config, progress=progress)
+    record = {"checkpoint": str(src["path"]), "step": src.get("step"), "metrics": src.get("metrics", {}),
+              "adopted": q.adopted, "calibration": q.calibration.to_dict()}
+    return q.model, q.coverage, record
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -540,6 +634,6 @@ def evaluate_checkpoint(
 
 
 __all__ = [
-    "EvalResult", "TrainEvent", "TrainResult", "autocast", "evaluate", "evaluate_checkpoint", "loss_fn", "lr_and_wd",
-    "param_groups", "resolve_device", "train",
+    "EvalResult", "TrainEvent", "TrainResult", "autocast", "evaluate", "evaluate_batches", "evaluate_checkpoint",
+    "finetune", "loss_fn", "lr_and_wd", "param_groups", "train",
 ]
