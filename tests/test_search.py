@@ -149,7 +149,9 @@ def test_search_with_issue_13_formats_finishes_within_budget(fp32_ckpt, tmp_path
     budget = 80_000
     res = run_search(fp32_ckpt, budget, formats, tmp_path / "out", trials=6, calib_tokens=256, eval_batches=2)
     assert res.best is not None and res.best["bytes"] <= budget
-    assert set(res.probe.measured["blocks.0.mlp.up_proj"]) == {"sherry", "tequila", "binary", "int8"}
+    unit = "blocks.0.mlp.up_proj"  # measured, or (int8) at the noise floor and estimated (issue 19)
+    seen = set(res.probe.measured[unit]) | {f for f, us in res.probe.pruned.items() if unit in us}
+    assert seen == {"sherry", "tequila", "binary", "int8"} and not res.probe.missing()
     policy_file = tmp_path / "out" / "policy.yaml"
     assert memory_plan(ModelConfig.from_name("tiny"), str(policy_file)).total_bytes == res.best["bytes"]
 
