@@ -10,7 +10,8 @@ applied once to one unit and removed again (timed: the module swap and any calib
 the measurement of S(u, f) costs about  t_q(f) * |u| + B * ((L - start(u)) * t_block + t_head)
 (B calibration batches; a unit in block b reruns blocks b..L-1; the embedding all of them), the
 one-pass Fisher estimate about 3 full passes (forward and backward), and one search trial about
-one full pass over its validation tokens plus applying every unit's format. The estimate counts
+one full pass over its validation tokens plus applying every unit's format and the sampler's and
+storage's bookkeeping (`TRIAL_OVERHEAD_S`). The estimate counts
 the probe's pairs as measured except for formats predicted to sit at the noise floor (their
 largest one-pass estimate below `FLOOR_RATIO` of the most sensitive format's), which the probe
 stops measuring after a few units (`probes.FLOOR_RUN`).
@@ -26,6 +27,10 @@ import torch
 from torch import Tensor
 
 FLOOR_RATIO = 1e-2
+# a trial's bookkeeping besides its evaluation: the sampler's proposal (TPE, multivariate) and the
+# storage round trips; about 0.3-1 s per trial on this workplace's 2-core machine (SQLite), which
+# dominates on toy models and vanishes on real ones
+TRIAL_OVERHEAD_S = 0.5
 
 
 @dataclass
@@ -126,7 +131,7 @@ def trial_seconds(timing: Timing, units, formats, val_tokens: int, finetune_step
     per_token = timing.full / max(1, timing.tokens_per_batch)
     q = sum(timing.quantize.values()) / max(1, len(timing.quantize))
     apply = q * sum(_numel(u) for u in units)
-    return apply + per_token * val_tokens + 3.0 * per_token * finetune_tokens * finetune_steps
+    return TRIAL_OVERHEAD_S + apply + per_token * val_tokens + 3.0 * per_token * finetune_tokens * finetune_steps
 
 
-__all__ = ["FLOOR_RATIO", "Timing", "floor_formats", "probe_estimate", "quick_timing", "trial_seconds"]
+__all__ = ["FLOOR_RATIO", "TRIAL_OVERHEAD_S", "Timing", "floor_formats", "probe_estimate", "quick_timing", "trial_seconds"]
