@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,6 +79,7 @@ def big_probe(ckpt: Path, data: str | None, tokens: int, compare_tokens: int | N
            "estimate_ratio_measured_over_announced": round(res.seconds["measured"] / plans[-1]["seconds"], 2) if plans else None,
            "pairs_measured": {f.key: sum(f.key in fs for fs in res.measured.values()) for f in formats},
            "target_seconds": 300, "target_met": total < 300}
+    print(json.dumps({"partial": out}), file=sys.stderr, flush=True)  # the headline figure, before the comparison
     if compare_tokens:
         t = time.perf_counter()
         new = run_probe(ckpt, formats, "layer", data, calib_tokens=compare_tokens, use_cache=False)
