@@ -98,6 +98,18 @@ def build(spec: Any, path: str = "") -> Quantizer:
     return Corrected(quantizer, config)
 
 
+def catalog(shape: tuple[int, int] = (768, 768)) -> list[dict[str, Any]]:
+    """What `qtool quantizers` lists: every registered quantizer with its default options, then every
+    alias with the spec it stands for ("alias_of"), each with its exact bits per weight on `shape`."""
+    rows = []
+    for name in [*available(), *sorted(_ALIASES)]:
+        q = build(name)
+        rows.append({"name": name, "alias_of": _ALIASES[name]["name"] if name in _ALIASES else None,
+                     "spec": q.spec(), "bits_per_weight_768x768" if shape == (768, 768) else "bits_per_weight":
+                     float(q.bits_per_weight(shape)), "calibration": bool(q.calibration)})
+    return rows
+
+
 _CANONICAL: dict[Any, dict[str, Any]] = {}
 
 
@@ -119,4 +131,4 @@ from qtoolkit.quantizers import binary, floats, int8, intn, ptqtp, sherry, tequi
 from qtoolkit.quantizers.correction import Corrected, CorrectionConfig  # noqa: E402
 
 __all__ = ["Corrected", "CorrectionConfig", "QTensor", "Quantizer", "alias_of", "aliases", "available", "build", "canonical",
-           "get", "register", "register_alias", "split_spec"]
+           "catalog", "get", "register", "register_alias", "split_spec"]
