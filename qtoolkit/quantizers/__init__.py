@@ -64,8 +64,9 @@ def alias_of(spec: dict[str, Any]) -> str | None:
 
 
 def get(name: str) -> type[Quantizer]:
+    """The class of a registered name or of an alias's quantizer."""
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[_ALIASES[name]["name"] if isinstance(name, str) and name in _ALIASES else name]
     except (KeyError, TypeError):
         names = ", ".join(available() + sorted(_ALIASES))
         raise UnknownNameError(f"unknown quantizer {short_repr(name)}; available: {names}") from None
