@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.25,0.5,0.75")
     ap.add_argument("--skip-search", action="store_true")
     ap.add_argument("--markdown", action="store_true", help="also print the tables as markdown (stderr)")
+    ap.add_argument("--partial", help="rewrite this JSON file after every format and search (a long run "
+                                      "interrupted keeps what it measured)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="qtoolkit-bench-formats-"))
@@ -80,7 +82,15 @@ def main() -> None:
                  "threads": torch.get_num_threads(), "calibration": calib_info,
                  "eval": {"batches": len(val), "tokens": sum(int(y.numel()) for _, y in val)}}
 
+    import sys
+
+    def step(what: str) -> None:  # progress on stderr; partial results on disk
+        print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
+        if args.partial:
+            Path(args.partial).write_text(json.dumps(out, indent=2))
+
     rows = []
+    out["formats"] = rows
     for name in ["fp32", *args.formats.split(",")]:
         spec = quantizers.canonical(name)
         policy = {"_default": spec, "embed": "int8", "lm_head": "int8"} if name != "fp32" else {"_default": "fp32"}
@@ -101,13 +111,14 @@ def main() -> None:
                                           "max": round(max(times), 2)},
                      "calibrated": bool(quantizers.build(spec).calibration)})
         del q
-    out["formats"] = rows
+        step(f"{name}: loss {loss:.4f}, {min(times):.1f} s")
 
     if not args.skip_search:
         old, new = parse_formats(args.old_formats), parse_formats(args.new_formats)
         space = build_space(cfg, old)
         lo, hi = space.bytes_of(space.uniform("ternary")), space.bytes_of(space.uniform("int8"))
         searches = []
+        out["search"] = {"all_ternary_bytes": lo, "all_int8_bytes": hi, "trials": args.trials, "budgets": searches}
         for frac in (float(f) for f in args.budgets.split(",")):
             budget = int(lo + frac * (hi - lo))
             row = {"fraction": frac, "budget": budget}
@@ -121,12 +132,10 @@ def main() -> None:
                 row[label] = {"formats": [f.key for f in fmts], "loss": round(res.best["loss"], 4),
                               "bytes": res.best["bytes"], "source": res.best["source"], "units_per_format": chosen,
                               "seconds": round(time.perf_counter() - t, 1)}
+                step(f"search {label} at {frac}: loss {res.best['loss']:.4f}")
             searches.append(row)
-        out["search"] = {"all_ternary_bytes": lo, "all_int8_bytes": hi, "trials": args.trials, "budgets": searches}
     print(json.dumps(out, indent=2))
     if args.markdown:
-        import sys
-
         print(markdown(out), file=sys.stderr)
 
 
