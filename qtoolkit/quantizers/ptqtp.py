@@ -13,7 +13,8 @@ adaptive regularisation schedule is replaced here by a fixed small ridge term:
        plane 2 the absmean ternary of the residual R = W - a1 T1.
     2. alternate until the stopping rule:
          scales given planes: per group, the 2x2 ridge least squares
-             [T1.T1 + lam, T1.T2; T1.T2, T2.T2 + lam] [a1; a2] = [T1.W; T2.W],  lam = 1e-8 * |G|
+             [T1.T1 + lam, T1.T2; T1.T2, T2.T2 + lam] [a1; a2] = [T1.W; T2.W],
+             lam = 1e-6 (T1.T1 + T2.T2) / 2   (float64; keeps the system regular when T2 = +-T1)
          planes given scales: per weight, the pair (t1, t2) of the 9 in {-1, 0, 1}^2 that minimises
              (W_i - a1 t1 - a2 t2)^2 (exact: for each t1, t2 = clamp(round((W_i - a1 t1) / a2))).
        Each half step is an exact minimisation, so the error never grows (up to the ridge term).
@@ -63,6 +64,7 @@ from qtoolkit.quantizers.base import (
 
 FP16_MIN, FP16_MAX = 2.0**-14, 65504.0
 EPS = 1e-8
+RIDGE = 1e-6  # relative to the planes' mean squared norm
 
 
 @dataclass(frozen=True)
@@ -104,14 +106,17 @@ def _best_planes(g: Tensor, a1: Tensor, a2: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _scales(g: Tensor, t1: Tensor, t2: Tensor) -> tuple[Tensor, Tensor]:
-    """Ridge least squares (a1, a2) per group given the planes, each (..., 1)."""
-    lam = 1e-8 * g.shape[-1]
-    s11 = (t1 * t1).sum(-1, keepdim=True) + lam
-    s22 = (t2 * t2).sum(-1, keepdim=True) + lam
+    """Ridge least squares (a1, a2) per group given the planes, each (..., 1). In float64 with a
+    relative ridge: when the planes are (nearly) collinear (T2 = +-T1 on a group) the 2x2 system is
+    singular, and in float32 its determinant cancels to 0."""
+    g, t1, t2 = g.double(), t1.double(), t2.double()
+    s11, s22 = (t1 * t1).sum(-1, keepdim=True), (t2 * t2).sum(-1, keepdim=True)
     s12 = (t1 * t2).sum(-1, keepdim=True)
+    lam = RIDGE * (s11 + s22) / 2 + 1e-12
+    s11, s22 = s11 + lam, s22 + lam
     b1, b2 = (t1 * g).sum(-1, keepdim=True), (t2 * g).sum(-1, keepdim=True)
-    det = s11 * s22 - s12 * s12
-    return (s22 * b1 - s12 * b2) / det, (s11 * b2 - s12 * b1) / det
+    det = s11 * s22 - s12 * s12  # >= lam (s11 + s22) > 0 by Cauchy-Schwarz
+    return ((s22 * b1 - s12 * b2) / det).float(), ((s11 * b2 - s12 * b1) / det).float()
 
 
 def fit(g: Tensor, counts: Tensor | float, max_iters: int, tol: float, scale_dtype: str
@@ -147,6 +152,7 @@ def fit(g: Tensor, counts: Tensor | float, max_iters: int, tol: float, scale_dty
 
 def _positive(a: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """A negative scale flips its plane; a zero one becomes EPS (its plane is then refitted)."""
+    a = torch.where(torch.isfinite(a), a, EPS)
     sign = torch.where(a < 0, -1.0, 1.0)
     return (a * sign).clamp_min(EPS), t * sign
 

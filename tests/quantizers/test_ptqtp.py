@@ -65,3 +65,24 @@ def test_bits_per_weight_defaults():
     assert float(q.bits_per_weight((128, 1280))) == pytest.approx(2 * 8 / 5 + 2 * 16 / 128)
     q2 = quantizers.build({"name": "ptqtp", "packing": "2bit"})
     assert float(q2.bits_per_weight((128, 1280))) == 4 + 2 * 16 / 128
+
+
+def test_collinear_planes_keep_finite_scales():
+    """T2 = +-T1 on a group makes the 2x2 system singular (in float32 its determinant cancels to 0;
+    this gave NaN scales on a real layer): the relative ridge in float64 keeps it regular."""
+    from qtoolkit.quantizers.ptqtp import _scales
+
+    torch.manual_seed(4)
+    t = torch.randint(-1, 2, (8, 3, 16)).float()
+    g = 0.7 * t + 0.01 * torch.randn(8, 3, 16)
+    for t2 in (t, -t):
+        a1, a2 = _scales(g, t, t2)
+        assert torch.isfinite(a1).all() and torch.isfinite(a2).all()
+        fit_ = a1 * t + a2 * t2  # the fitted combination is the one-plane least squares
+        torch.testing.assert_close(fit_, (g * t).sum(-1, keepdim=True) / (t * t).sum(-1, keepdim=True) * t,
+                                   rtol=1e-3, atol=1e-4)
+    w = torch.tensor([[1.0, -1.0, 1.0, 0.0] * 4, [0.0] * 16, [2.0] * 16])  # two-level, all-zero, constant rows
+    q = quantizers.build({"name": "ptqtp", "group_size": 8})
+    qt = q.quantize(w)
+    assert torch.isfinite(qt.scales).all() and (qt.scales > 0).all()
+    assert torch.allclose(q.dequantize(qt), w, atol=1e-2)
