@@ -169,7 +169,8 @@ def progress_quantizers(model: nn.Module) -> list[Quantizer]:
     return [m for m in model.modules() if isinstance(m, Quantizer) and m.needs_progress]
 
 
-def _autocast(device: torch.device):
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision on the CPU (where bf16 matmuls are slower, not faster)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -196,7 +197,7 @@ def evaluate_batches(model: nn.Module, batches, device: torch.device | str = "cp
     try:
         for i, (x, y) in enumerate(batches):
             x, y = x.to(device), y.to(device)
-            with _autocast(device):
+            with autocast(device):
                 logits = model(x)
             _, ce = loss_fn(logits, y, 0.0)
             total_loss += ce.item() * y.numel()
@@ -222,7 +223,7 @@ def finetune(model: nn.Module, train: TokenStream, steps: int, lr: float, batch_
     for step in range(steps):
         x, y = train.batch(step, batch_size, seq_len, seed)
         x, y = x.to(device), y.to(device)
-        with torch.enable_grad(), _autocast(device):
+        with torch.enable_grad(), autocast(device):
             loss, _ = loss_fn(model(x), y, 0.0)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"finetuning: loss became {loss.item()} at step {step + 1}; try a lower learning rate")
@@ -490,7 +491,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
                 q.set_progress((step + 1) / cfg.steps)
             x, y = data.train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
             x, y = x.to(device), y.to(device)
-            with _autocast(device):
+            with autocast(device):
                 logits = model(x)
             loss, ce = loss_fn(logits, y, cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -644,6 +645,6 @@ def evaluate_checkpoint(
 
 
 __all__ = [
-    "EvalResult", "TrainEvent", "TrainResult", "evaluate", "evaluate_batches", "evaluate_checkpoint", "finetune",
-    "loss_fn", "lr_and_wd", "train",
+    "EvalResult", "TrainEvent", "TrainResult", "autocast", "evaluate", "evaluate_batches", "evaluate_checkpoint",
+    "finetune", "loss_fn", "lr_and_wd", "param_groups", "train",
 ]
