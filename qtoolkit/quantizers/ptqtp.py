@@ -26,9 +26,10 @@ adaptive regularisation schedule is replaced here by a fixed small ridge term:
 The layer is multiplication-free like ternary: y = a1 (x . T1) + a2 (x . T2), two ternary dot
 products per group.
 
-backward: dL/dW = dL/dWhat (identity STE). The fit runs in every forward (about `max_iters` passes
-over the weight), so quantization-aware training works but is slower than with `ternary`; the
-method is meant for post-training use.
+backward: dL/dW = dL/dWhat (identity STE). The fit runs whenever the weight has changed (about
+`max_iters` passes over it; it is reused while the weight tensor is unmodified, e.g. across
+evaluation batches), so quantization-aware training works but every step refits: slower than
+`ternary`; the method is meant for post-training use.
 
 Codes. `QTensor.codes` holds both planes in one int8 per weight, c = 3 T1 + T2 in [-4, 4]
 (T1 = round(c / 3), T2 = c - 3 T1); `QTensor.scales` is fp32 (rows, 2n): a1 of group j in column
@@ -43,6 +44,7 @@ Default (base3, group 128, fp16): 2 * 1.6 + 2 * 16 / 128 = 3.45 bits per weight.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -168,10 +170,17 @@ class PTQTPQuantizer(Quantizer):
         return self.config.group_size if self.config.granularity == "group" else 0
 
     def _fit(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The fit of `w`, reused while `w` is the same tensor, unmodified: evaluating a model calls
+        the forward once per batch on an unchanged weight, and the fit is ~20 passes over it. Any
+        in-place update (an optimizer step, `copy_`) bumps the tensor's version and refits."""
+        cache = getattr(self, "_cache", None)
+        if cache is not None and cache[0]() is w and cache[1] == w._version:
+            return cache[2]
         cfg = self.config
         g = grouped(w.detach().float(), cfg.granularity, self.group_size)
         counts = group_counts(tuple(w.shape), cfg.granularity, self.group_size, device=w.device)
         t1, t2, a1, a2, _ = fit(g, counts, cfg.max_iters, cfg.tol, cfg.scale_dtype)
+        self._cache = (weakref.ref(w), w._version, (t1, t2, a1, a2))  # the same tensor object, same version
         return t1, t2, a1, a2
 
     def forward(self, w: Tensor) -> Tensor:

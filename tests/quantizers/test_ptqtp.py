@@ -86,3 +86,16 @@ def test_collinear_planes_keep_finite_scales():
     qt = q.quantize(w)
     assert torch.isfinite(qt.scales).all() and (qt.scales > 0).all()
     assert torch.allclose(q.dequantize(qt), w, atol=1e-2)
+
+
+def test_the_fit_is_reused_until_the_weight_changes():
+    torch.manual_seed(5)
+    w = torch.randn(6, 40)
+    q = quantizers.build({"name": "ptqtp", "group_size": 16})
+    first = q(w)
+    assert q._fit(w)[0] is q._cache[2][0]  # same tensor, unmodified: the cached fit
+    with torch.no_grad():
+        w.mul_(2)  # in place: a new version, refitted
+    second = q(w)
+    assert torch.equal(second, quantizers.build({"name": "ptqtp", "group_size": 16})(w.clone()))
+    assert not torch.equal(first, second)
