@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 OLD = "ternary,int8,fp16"
-NEW = "ternary,ptqtp,gptq3,gptq4,int8,fp16"
+NEW = "ternary,ptqtp,int4,int8,fp16"
 FORMATS = "fp16,int8,gptq8,int6,gptq6,int4,gptq4,int3,gptq3,int2,gptq2,ptqtp,ternary,binary"
 
 
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="quantize each format this many times (timing)")
     ap.add_argument("--budgets", default="0.25,0.5,0.75")
     ap.add_argument("--skip-search", action="store_true")
+    ap.add_argument("--skip-formats", action="store_true", help="only the search part")
     ap.add_argument("--markdown", action="store_true", help="also print the tables as markdown (stderr)")
     ap.add_argument("--partial", help="rewrite this JSON file after every format and search (a long run "
                                       "interrupted keeps what it measured)")
@@ -91,7 +92,7 @@ def main() -> None:
 
     rows = []
     out["formats"] = rows
-    for name in ["fp32", *args.formats.split(",")]:
+    for name in [] if args.skip_formats else ["fp32", *args.formats.split(",")]:
         spec = quantizers.canonical(name)
         policy = {"_default": spec, "embed": "int8", "lm_head": "int8"} if name != "fp32" else {"_default": "fp32"}
         plan = memory_plan(cfg, policy)
@@ -140,8 +141,8 @@ def main() -> None:
 
 
 def markdown(out: dict) -> str:
-    lines = ["| format | stored bytes | bits/weight (block linears) | val loss | quantize s |", "|---|---:|---:|---:|---:|"]
-    for r in out["formats"]:
+    lines = [] if not out.get("formats") else ["| format | stored bytes | bits/weight (block linears) | val loss | quantize s |", "|---|---:|---:|---:|---:|"]
+    for r in out.get("formats", []):
         lines.append(f"| {r['format']} | {r['bytes']:,} | {r['block_bits_per_weight']:.3f} | {r['val_loss']:.4f} | "
                      f"{r['quantize_seconds']['median']:.1f} |")
     if "search" in out:
