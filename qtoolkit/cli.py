@@ -150,7 +150,7 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 CalibTokens = Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens (fixed, seeded training windows).")]
 Data = Annotated[str | None, typer.Option(help="Local text file or directory of .txt files.  "
                                                "[default: the checkpoint's data]", show_default=False)]
-Formats = Annotated[str, typer.Option(help="Candidate formats: ternary,int8,fp16 or a YAML list of specs.")]
+Formats = Annotated[str, typer.Option(help="Candidate formats: names or aliases (ternary,ptqtp,int4,gptq3,int8,fp16; `qtool quantizers` lists them) or a YAML list of specs.")]
 Units = Annotated[str, typer.Option(help="layer (each linear) or group (a block's attn / mlp).")]
 
 
@@ -290,7 +290,7 @@ def eval_(
         report.console.print(report.eval_summary(result, written))
 
 
-@app.command(short_help="Exact stored bytes of a recipe's model, per layer.")
+@app.command(short_help="Post-training quantization of a checkpoint under a policy.")
 @user_errors
 def quantize(
     ckpt: Ckpt,
@@ -333,7 +333,7 @@ def _policy_label(policy: str | None, overrides: list[str] | None) -> str:
     return "quantized"
 
 
-@app.command()
+@app.command(short_help="Exact stored bytes of a recipe's model, per layer.")
 @user_errors
 def plan(
     recipe: Annotated[str, typer.Option(help="Recipe name or YAML path (its model and policy are used).")] = "ternary_all",
@@ -566,12 +566,10 @@ def recipes(json_: Json = None) -> None:
 @app.command("quantizers")
 @user_errors
 def list_quantizers(json_: Json = None) -> None:
-    """List the registered quantizers and their default options."""
+    """List the registered quantizers and their aliases (int4, gptq4, ...): default options, bits per
+    weight on a 768x768 weight (codes, scales and zero points counted exactly), whether they calibrate."""
     _json_target(json_)
-    rows = []
-    for name in quantizers.available():
-        q = quantizers.build(name)
-        rows.append({"name": name, "spec": q.spec(), "bits_per_weight_768x768": float(q.bits_per_weight((768, 768)))})
+    rows = quantizers.catalog()
     with _human_output(json_):
         written = _write_json(json_, rows)
         report.console.print(report.quantizers_table(rows))
@@ -639,7 +637,7 @@ def bench(
         report.console.print(report.bench_table(result, written))
 
 
-@app.command()
+@app.command(short_help="Finetune and score on GLUE (MRPC, SST-2, CoLA).")
 @user_errors
 def glue(
     ckpt: Ckpt,
@@ -694,7 +692,7 @@ def glue(
         report.print_outputs([*outputs.values(), *written])
 
 
-@app.command("import")
+@app.command("import", short_help="Import a Hugging Face Llama model as a checkpoint.")
 @user_errors
 def import_(
     hf_dir: Annotated[Path, typer.Argument(help="Local Hugging Face model directory (config.json, safetensors, "
@@ -716,7 +714,7 @@ def import_(
         report.print_outputs([result.path, *written])
 
 
-@app.command()
+@app.command(short_help="Export to GGUF (llama.cpp) or a transformers directory.")
 @user_errors
 def export(
     ckpt: Ckpt,
