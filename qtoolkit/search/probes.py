@@ -586,8 +586,9 @@ def run_probe(
         # typical uncertainty of the formats measured before it (so it cannot reorder what they decide)
         noise_floor = max(Z * se, _resolution(result.noise, fmt_order, fmt)) if se is not None else None
         at_floor[fmt.key] = at_floor[fmt.key] + 1 if noise_floor is not None and abs(s) <= noise_floor else 0
-        # the most damaging format is measured in full: it is what the allocation trades bytes against
-        if at_floor[fmt.key] >= FLOOR_RUN and prune and fmt is not fmt_order[0]:
+        # only a format the one-pass estimate puts orders below the most damaging one (`floor`) may
+        # stop, and only once measurements confirm it: the most damaging format is measured in full
+        if at_floor[fmt.key] >= FLOOR_RUN and prune and fmt.key in floor and fmt is not fmt_order[0]:
             rest = [u.name for u, f in todo if f.key == fmt.key and f.key not in result.measured.get(u.name, {})]
             result.pruned[fmt.key] = sorted(set(result.pruned.get(fmt.key, [])) | set(rest))
             done += len(rest)
