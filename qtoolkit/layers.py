@@ -48,9 +48,13 @@ class QuantLinear(nn.Linear):
     def quantized_weight(self) -> Tensor:
         return _mix(self.weight, self.quantizer(self.weight), self.quant_mix)
 
+    def linear_operands(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(input, weight, bias) of the `F.linear` this layer computes for x (the chunked loss of
+        `training.loss` multiplies them chunk by chunk)."""
+        return _mix(x, self.quantizer.quantize_input(x), self.quant_mix), self.quantized_weight(), self.bias
+
     def forward(self, x: Tensor) -> Tensor:
-        x = _mix(x, self.quantizer.quantize_input(x), self.quant_mix)
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return F.linear(*self.linear_operands(x))
 
 
 class QuantEmbedding(nn.Embedding):

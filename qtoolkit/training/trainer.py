@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qtoolkit import schema
@@ -70,6 +69,7 @@ from qtoolkit.training.data import (
     prepare_eval_data,
     tokenizer_from_json,
 )
+from qtoolkit.training.loss import chunked_loss, loss_fn
 from qtoolkit.training.recipe import Recipe, TrainConfig, checkpoint_data_config, save_recipe
 from qtoolkit.training.resume import resume_recipe
 
@@ -135,17 +135,6 @@ def lr_and_wd(step: int, cfg: TrainConfig) -> tuple[float, float]:
     if cfg.schedule == "two_stage" and step >= total // 2:
         lr, wd = lr * cfg.stage2_lr_scale, 0.0
     return lr, wd
-
-
-def loss_fn(logits: Tensor, targets: Tensor, label_smoothing: float) -> tuple[Tensor, Tensor]:
-    """(training loss with label smoothing, plain cross-entropy), both means over tokens."""
-    logp = F.log_softmax(logits.float().flatten(0, -2), dim=-1)
-    nll = -logp.gather(-1, targets.reshape(-1, 1)).squeeze(-1)
-    ce = nll.mean()
-    if label_smoothing == 0:
-        return ce, ce
-    smooth = -logp.mean(dim=-1)
-    return (1 - label_smoothing) * ce + label_smoothing * smooth.mean(), ce
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -361,6 +350,9 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
     if cfg.quant_warmup_steps > cfg.steps:
         raise ConfigError(f"train.quant_warmup_steps={cfg.quant_warmup_steps} exceeds train.steps={cfg.steps}: "
                           "the model would never be trained fully quantized")
+    if cfg.micro_batch_size is not None and cfg.batch_size % cfg.micro_batch_size:
+        raise ConfigError(f"train.micro_batch_size={cfg.micro_batch_size} does not divide train.batch_size="
+                          f"{cfg.batch_size}: choose a divisor of the batch size")
 
     device = resolve_device(cfg.device, "train.device")
     torch.manual_seed(cfg.seed)
@@ -460,6 +452,35 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
     tok_per_s = live_rate = 0.0
     interrupted = False
     params = [p for p in model.parameters() if p.requires_grad]
+    micro = cfg.micro_batch_size or cfg.batch_size
+
+    def forward_loss(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x, y = x.to(device), y.to(device)
+        if cfg.ce_chunk:  # the loss without the full logits (training.loss)
+            with _autocast(device):
+                return chunked_loss(model.hidden(x), model.lm_head, y, cfg.label_smoothing, cfg.ce_chunk)
+        with _autocast(device):
+            logits = model(x)
+        return loss_fn(logits, y, cfg.label_smoothing)
+
+    def accumulate_gradients(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Backward of the batch's mean loss, `micro` sequences at a time; returns (loss, ce) of the
+        whole batch. Every micro-batch holds micro * seq_len tokens, so the batch mean is the mean of
+        the micro-batch means: each backward is scaled by micro / batch_size and the gradients add up
+        to the whole batch's (up to float rounding; one micro-batch is the unscaled loss itself)."""
+        if micro == x.shape[0]:
+            loss, ce = forward_loss(x, y)
+            loss.backward()
+            return loss.detach(), ce.detach()
+        weight = micro / x.shape[0]
+        total = torch.zeros(2, device=device)
+        for xm, ym in zip(x.split(micro), y.split(micro), strict=True):
+            loss, ce = forward_loss(xm, ym)
+            (loss * weight).backward()
+            total += torch.stack([loss.detach(), ce.detach()]).float() * weight
+        return total[0], total[1]
+
+    model.activation_checkpointing = cfg.activation_checkpointing
     model.train()
     with _StopFlag(stop) as stop_flag, open(metrics_path, "a") as log:
 
@@ -478,12 +499,8 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
                 group["lr"] = lr
                 group["weight_decay"] = wd if group["decays"] else 0.0
             x, y = data.train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
-            x, y = x.to(device), y.to(device)
-            with _autocast(device):
-                logits = model(x)
-            loss, ce = loss_fn(logits, y, cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, ce = accumulate_gradients(x, y)
             # The global gradient norm (clipped to grad_clip when set): a non-finite one means the
             # update would write NaN/inf into the weights. One host sync reads it with the losses.
             grad_norm_t = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
