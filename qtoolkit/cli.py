@@ -344,15 +344,32 @@ def plan(
     packing: Annotated[str | None, typer.Option(help="Ternary packing for every ternary layer: 2bit or base3.  "
                                                      "[default: each layer's own, 2bit]", show_default=False)] = None,
     full: Annotated[bool, typer.Option(help="List every parameter (norms too) in the table.")] = False,
+    train: Annotated[bool, typer.Option("--train", help="Also estimate peak training memory on --device (weights, "
+                                                        "gradients, optimizer, activations, logits) and the "
+                                                        "micro-batch `qtool train` would run.")] = False,
+    device: Device = "auto",
     json_: Json = None,
 ) -> None:
-    """Exact stored bytes of a recipe's model, layer by layer, without training anything."""
+    """Exact stored bytes of a recipe's model, layer by layer, without training anything (with --train:
+    the peak memory training it needs, and the micro-batch that fits)."""
+    from qtoolkit.device import resolve_device
     from qtoolkit.pack import memory_plan
     from qtoolkit.training.recipe import load_recipe
 
     _json_target(json_)
     r = load_recipe(recipe, list(set_ or []) + ([f"model.preset={model}"] if model else []))
     p = memory_plan(r.model_config(), r.policy, _packing(packing))
+    if train:
+        from qtoolkit.training.memory import plan_training_memory
+
+        t = plan_training_memory(r, resolve_device(device))
+        with _human_output(json_):
+            written = _write_json(json_, {"recipe": r.name, "preset": r.preset, "packing": packing, **p.to_dict(),
+                                          "training": t.to_dict()})
+            report.console.print(report.plan_table(p, f"{r.name} on {r.preset}", full=full))
+            report.console.print(report.train_memory_table(t.to_dict(), f"training memory: {r.name} on {r.preset}"))
+            report.print_outputs(written)
+        return
     with _human_output(json_):
         written = _write_json(json_, {"recipe": r.name, "preset": r.preset, "packing": packing, **p.to_dict()})
         report.console.print(report.plan_table(p, f"{r.name} on {r.preset}", full=full))

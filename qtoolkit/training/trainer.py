@@ -70,13 +70,14 @@ from qtoolkit.training.data import (
     tokenizer_from_json,
 )
 from qtoolkit.training.loss import chunked_loss, loss_fn
+from qtoolkit.training.memory import fit_recipe
 from qtoolkit.training.recipe import Recipe, TrainConfig, checkpoint_data_config, save_recipe
 from qtoolkit.training.resume import resume_recipe
 
 
 @dataclass
 class TrainEvent:
-    kind: str  # "data" | "start" | "step" | "eval" | "checkpoint" | "stop"
+    kind: str  # "memory" | "data" | "start" | "step" | "eval" | "checkpoint" | "stop"
     step: int = 0
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -355,6 +356,12 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
                           f"{cfg.batch_size}: choose a divisor of the batch size")
 
     device = resolve_device(cfg.device, "train.device")
+    # Before any data is read: the peak memory of a step, and the micro-batch that fits (or a refusal).
+    fitted, memory = fit_recipe(recipe, device)
+    callback(TrainEvent("memory", 0, {**memory.to_dict(), "micro_batch_size": fitted.train.micro_batch_size,
+                                      "changed": fitted.train.micro_batch_size != cfg.micro_batch_size,
+                                      "fit_memory": cfg.fit_memory}))
+    recipe, cfg = fitted, fitted.train
     torch.manual_seed(cfg.seed)
     model_config = recipe.model_config()
     init_ckpt = _load_init(init, model_config) if init is not None and ckpt is None else None
