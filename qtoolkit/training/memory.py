@@ -92,6 +92,7 @@ class TrainingMemoryPlan:
     available_source: str
     fitted: MemoryEstimate | None = None  # at the largest micro-batch that fits (None: nothing fits)
     tried: list[int] = field(default_factory=list)
+    profile: _Profile | None = field(default=None, repr=False)  # the measurements, to plan again cheaply
 
     @property
     def fits(self) -> bool:
@@ -292,10 +293,12 @@ def estimate_training_memory(recipe: Recipe, device: torch.device | str = "cpu",
 
 
 def plan_training_memory(recipe: Recipe, device: torch.device | str = "cpu",
-                         available: tuple[int, str] | None = None) -> TrainingMemoryPlan:
+                         available: tuple[int, str] | None = None,
+                         profile: _Profile | None = None) -> TrainingMemoryPlan:
     """The recipe's estimate against the memory available on `device` (`available_memory`, or the
     given (bytes, source)), and the largest micro-batch (a divisor of batch_size, at most the
-    recipe's micro-batch) that fits."""
+    recipe's micro-batch) that fits. `profile`: an earlier plan's measurements of the same model
+    (the process's resident set is read again)."""
     device = torch.device(device)
     recipe = recipe.resolved()
     cfg = recipe.train
@@ -303,9 +306,11 @@ def plan_training_memory(recipe: Recipe, device: torch.device | str = "cpu",
         raise ConfigError(f"train.micro_batch_size={cfg.micro_batch_size} does not divide train.batch_size="
                           f"{cfg.batch_size}: choose a divisor of the batch size")
     room, source = available or available_memory(device, cfg.memory_gib)
-    profile = _Profile.measure(recipe, device)
+    if profile is None or profile.recipe.model_config() != recipe.model_config() or profile.device != device:
+        profile = _Profile.measure(recipe, device)
+    profile = dataclasses.replace(profile, recipe=recipe)
     estimate = profile.estimate(cfg.micro_batch_size or cfg.batch_size)
-    plan = TrainingMemoryPlan(estimate, room, source)
+    plan = TrainingMemoryPlan(estimate, room, source, profile=profile)
     if plan.fits:
         plan.fitted = estimate
         return plan
@@ -318,20 +323,23 @@ def plan_training_memory(recipe: Recipe, device: torch.device | str = "cpu",
     return plan
 
 
-def fit_recipe(recipe: Recipe, device: torch.device | str) -> tuple[Recipe, TrainingMemoryPlan]:
+def fit_recipe(recipe: Recipe, device: torch.device | str,
+               earlier: TrainingMemoryPlan | None = None) -> tuple[Recipe, TrainingMemoryPlan]:
     """The recipe to train on `device` and its memory plan: with `train.fit_memory` (the default), a
     recipe whose micro-batch does not fit gets the largest one that does (`train.micro_batch_size`),
     and a recipe that fits at no micro-batch is refused with `InsufficientMemory` naming the options
-    to change. Without it the recipe is returned as it is."""
+    to change. Without it the recipe is returned as it is. `earlier`: a plan of the same recipe whose
+    measurements are reused (the trainer plans before reading data, and again once the data and
+    tokenizer are in memory)."""
     recipe = recipe.resolved()
     cfg = recipe.train
-    plan = plan_training_memory(recipe, device)
+    plan = plan_training_memory(recipe, device, profile=earlier.profile if earlier is not None else None)
     if plan.fits or not cfg.fit_memory:
         return recipe, plan
     if plan.fitted is not None:
         train = dataclasses.replace(cfg, micro_batch_size=plan.fitted_micro_batch)
         return dataclasses.replace(recipe, train=train), plan
-    one = _Profile.measure(recipe, torch.device(device)).estimate(1) if plan.tried else plan.estimate
+    one = plan.profile.estimate(1)
     parts = one.parts
     fixes = [fix for fix, off in (("train.ce_chunk=4096", not cfg.ce_chunk),
                                   ("train.activation_checkpointing=true", not cfg.activation_checkpointing)) if off]

@@ -362,12 +362,11 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
                           f"{cfg.batch_size}: choose a divisor of the batch size")
 
     device = resolve_device(cfg.device, "train.device")
-    # Before any data is read: the peak memory of a step, and the micro-batch that fits (or a refusal).
-    fitted, memory = fit_recipe(recipe, device)
-    callback(TrainEvent("memory", 0, {**memory.to_dict(), "micro_batch_size": fitted.train.micro_batch_size,
-                                      "changed": fitted.train.micro_batch_size != cfg.micro_batch_size,
-                                      "fit_memory": cfg.fit_memory}))
-    recipe, cfg = fitted, fitted.train
+    # The peak memory of a step and the micro-batch that fits, or a refusal: before any data is read,
+    # and again once the data and tokenizer are in memory (below).
+    asked_micro = cfg.micro_batch_size
+    recipe, memory = fit_recipe(recipe, device)
+    cfg = recipe.train
     torch.manual_seed(cfg.seed)
     model_config = recipe.model_config()
     init_ckpt = _load_init(init, model_config) if init is not None and ckpt is None else None
@@ -391,6 +390,10 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
             f"{recipe.data.path or recipe.data.dataset} ({short_repr(data.info.get('source'), 60)}); resume on the "
             "run's own data"
         )
+    recipe, memory = fit_recipe(recipe, device, memory)
+    cfg = recipe.train
+    callback(TrainEvent("memory", 0, {**memory.to_dict(), "micro_batch_size": cfg.micro_batch_size,
+                                      "changed": cfg.micro_batch_size != asked_micro, "fit_memory": cfg.fit_memory}))
     init_record = None
     if init_ckpt is not None:
         model, coverage, init_record = _init_model(init_ckpt, recipe, model_config, data, init_calib_tokens,
