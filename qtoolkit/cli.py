@@ -232,6 +232,7 @@ def train(
     json_: Json = None,
 ) -> None:
     """Quantization-aware training of a language model from a recipe (from scratch or from a checkpoint)."""
+    from qtoolkit.training.distributed import is_main_process
     from qtoolkit.training.recipe import load_recipe
     from qtoolkit.training.trainer import train as run_train
 
@@ -247,6 +248,9 @@ def train(
         overrides.append(f"train.device={device}")
     r = load_recipe(recipe, overrides)
     out = out or Path("runs") / f"{r.name}-{r.preset}"
+    if not is_main_process():  # under torchrun: rank 0 reports and writes (training.distributed)
+        result = run_train(r, out, resume=resume, init=init, init_calib_tokens=calib_tokens)
+        raise typer.Exit(130 if result.interrupted else 0)
     with _human_output(json_):
         try:
             with report.TrainProgress() as progress:
@@ -706,3 +710,7 @@ def export(
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
+
+
+if __name__ == "__main__":  # `python -m qtoolkit.cli`, which torchrun launches: `torchrun ... -m qtoolkit.cli train`
+    main()

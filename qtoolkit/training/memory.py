@@ -323,17 +323,23 @@ def plan_training_memory(recipe: Recipe, device: torch.device | str = "cpu",
     return plan
 
 
-def fit_recipe(recipe: Recipe, device: torch.device | str,
-               earlier: TrainingMemoryPlan | None = None) -> tuple[Recipe, TrainingMemoryPlan]:
+def fit_recipe(recipe: Recipe, device: torch.device | str, earlier: TrainingMemoryPlan | None = None,
+               processes: int = 1, processes_here: int = 1) -> tuple[Recipe, TrainingMemoryPlan]:
     """The recipe to train on `device` and its memory plan: with `train.fit_memory` (the default), a
     recipe whose micro-batch does not fit gets the largest one that does (`train.micro_batch_size`),
     and a recipe that fits at no micro-batch is refused with `InsufficientMemory` naming the options
     to change. Without it the recipe is returned as it is. `earlier`: a plan of the same recipe whose
     measurements are reused (the trainer plans before reading data, and again once the data and
-    tokenizer are in memory)."""
+    tokenizer are in memory). `processes` (data parallelism, `training.distributed`): each process
+    runs batch_size / processes sequences per step, and the `processes_here` processes on this machine
+    share its memory."""
     recipe = recipe.resolved()
     cfg = recipe.train
-    plan = plan_training_memory(recipe, device, profile=earlier.profile if earlier is not None else None)
+    share = dataclasses.replace(recipe, train=dataclasses.replace(cfg, batch_size=cfg.batch_size // processes))
+    room, source = available_memory(device, cfg.memory_gib)
+    if processes_here > 1:
+        room, source = room // processes_here, f"{source}, shared by {processes_here} processes"
+    plan = plan_training_memory(share, device, (room, source), earlier.profile if earlier is not None else None)
     if plan.fits or not cfg.fit_memory:
         return recipe, plan
     if plan.fitted is not None:

@@ -69,6 +69,13 @@ from qtoolkit.training.data import (
     prepare_eval_data,
     tokenizer_from_json,
 )
+from qtoolkit.training.distributed import (
+    World,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    process_group,
+)
 from qtoolkit.training.loss import chunked_loss, loss_fn
 from qtoolkit.training.memory import fit_recipe
 from qtoolkit.training.recipe import Recipe, TrainConfig, checkpoint_data_config, save_recipe
@@ -327,12 +334,25 @@ def train(
     `init_calib_tokens`: calibration tokens for quantizers that need data (default
     `training.ptq.DEFAULT_CALIB_TOKENS`)."""
     out_dir = Path(out_dir)
+    world = World.from_env()  # several processes under torchrun (training.distributed); rank 0 writes
+    if not world.main:
+        return _train(recipe, out_dir, resume, _noop, stop, init, init_calib_tokens, world)
     with run_dir_lock(out_dir, f"qtool train, recipe {recipe.name}"):
-        return _train(recipe, out_dir, resume, callback, stop, init, init_calib_tokens)
+        return _train(recipe, out_dir, resume, callback, stop, init, init_calib_tokens, world)
 
 
 def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop: threading.Event | None,
-           init: str | Path | None, init_calib_tokens: int | None) -> TrainResult:
+           init: str | Path | None, init_calib_tokens: int | None, world: World) -> TrainResult:
+    device = resolve_device(recipe.train.device, "train.device")
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    with process_group(world, device):
+        return _train_in_group(recipe, out_dir, resume, callback, stop, init, init_calib_tokens, world, device)
+
+
+def _train_in_group(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop: threading.Event | None,
+                    init: str | Path | None, init_calib_tokens: int | None, world: World,
+                    device: torch.device) -> TrainResult:
     ckpt_path = out_dir / "ckpt.pt"
     metrics_path = out_dir / "metrics.jsonl"
 
@@ -357,15 +377,22 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
     if cfg.quant_warmup_steps > cfg.steps:
         raise ConfigError(f"train.quant_warmup_steps={cfg.quant_warmup_steps} exceeds train.steps={cfg.steps}: "
                           "the model would never be trained fully quantized")
-    if cfg.micro_batch_size is not None and cfg.batch_size % cfg.micro_batch_size:
+    if cfg.batch_size % world.size:
+        raise ConfigError(f"train.batch_size={cfg.batch_size} is not divisible by the {world.size} processes: each "
+                          "takes an equal share of the batch")
+    local_batch = cfg.batch_size // world.size
+    if cfg.micro_batch_size is not None and local_batch % cfg.micro_batch_size:
+        per = f" / {world.size} processes = {local_batch}" if world.distributed else ""
         raise ConfigError(f"train.micro_batch_size={cfg.micro_batch_size} does not divide train.batch_size="
-                          f"{cfg.batch_size}: choose a divisor of the batch size")
+                          f"{cfg.batch_size}{per}: choose a divisor of the batch size")
 
-    device = resolve_device(cfg.device, "train.device")
     # The peak memory of a step and the micro-batch that fits, or a refusal: before any data is read,
-    # and again once the data and tokenizer are in memory (below).
+    # and again once the data and tokenizer are in memory (below). Rank 0 decides for every process.
     asked_micro = cfg.micro_batch_size
-    recipe, memory = fit_recipe(recipe, device)
+    memory = None
+    if world.main:
+        recipe, memory = fit_recipe(recipe, device, None, world.size, world.local_size)
+    recipe = broadcast_object(recipe, world)
     cfg = recipe.train
     torch.manual_seed(cfg.seed)
     model_config = recipe.model_config()
@@ -377,7 +404,11 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
     tokens_needed = cfg.steps * cfg.batch_size * cfg.seq_len
     tokenizer_src = ckpt or init_ckpt
     tokenizer = tokenizer_from_json(tokenizer_src["tokenizer"]) if tokenizer_src else None
+    if not world.main:  # rank 0 prepares the data (tokenizer, token cache) first; the others read its cache
+        barrier(world)
     data = prepare_data(recipe.data, model_config.vocab_size, tokens_needed, tokenizer, progress=data_progress)
+    if world.main:
+        barrier(world)
     try:  # before any work, not at the first evaluation
         data.train.require_window(cfg.seq_len)
         data.val.require_window(cfg.seq_len)
@@ -390,10 +421,13 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
             f"{recipe.data.path or recipe.data.dataset} ({short_repr(data.info.get('source'), 60)}); resume on the "
             "run's own data"
         )
-    recipe, memory = fit_recipe(recipe, device, memory)
+    if world.main:
+        recipe, memory = fit_recipe(recipe, device, memory, world.size, world.local_size)
+        callback(TrainEvent("memory", 0, {**memory.to_dict(), "micro_batch_size": recipe.train.micro_batch_size,
+                                          "changed": recipe.train.micro_batch_size != asked_micro,
+                                          "fit_memory": cfg.fit_memory, "processes": world.size}))
+    recipe = broadcast_object(recipe, world)
     cfg = recipe.train
-    callback(TrainEvent("memory", 0, {**memory.to_dict(), "micro_batch_size": cfg.micro_batch_size,
-                                      "changed": cfg.micro_batch_size != asked_micro, "fit_memory": cfg.fit_memory}))
     init_record = None
     if init_ckpt is not None:
         model, coverage, init_record = _init_model(init_ckpt, recipe, model_config, data, init_calib_tokens,
@@ -411,9 +445,12 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
         _load_resume_state(ckpt, model, optimizer)
         step = ckpt["step"]
         last_eval = dict(ckpt.get("metrics") or {})
-        _rewrite_metrics(metrics_path, step)
-    stale = None if ckpt is not None else _set_aside(metrics_path)  # a run that crashed before its first checkpoint
-    save_recipe(recipe, out_dir / "recipe.yaml")
+        if world.main:
+            _rewrite_metrics(metrics_path, step)
+    stale = None
+    if world.main:
+        stale = None if ckpt is not None else _set_aside(metrics_path)  # a run that crashed before its first checkpoint
+        save_recipe(recipe, out_dir / "recipe.yaml")
     last_good = {"step": step if ckpt is not None else None}
 
     def diverged(what: str) -> TrainingDiverged:
@@ -442,7 +479,8 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
         init_info = init_record or (ckpt or {}).get("init")
         if init_info:
             state["init"] = init_info
-        save_checkpoint(state, ckpt_path)
+        if world.main:  # the state is the same on every rank
+            save_checkpoint(state, ckpt_path)
         last_good["step"] = step
         callback(TrainEvent("checkpoint", step, {"path": str(ckpt_path)}))
 
@@ -460,7 +498,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
         "total_steps": cfg.steps, "params": n_params, "coverage": coverage, "device": str(device),
         "data": data.description, "data_info": data.info, "recipe": recipe.name,
         "tokens_per_step": cfg.batch_size * cfg.seq_len, "resumed": ckpt is not None, "init": init_record,
-        "stale_metrics": str(stale) if stale else None,
+        "stale_metrics": str(stale) if stale else None, "processes": world.size,
     }))
 
     t_start = time.perf_counter()
@@ -469,7 +507,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
     tok_per_s = live_rate = 0.0
     interrupted = False
     params = [p for p in model.parameters() if p.requires_grad]
-    micro = cfg.micro_batch_size or cfg.batch_size
+    micro = cfg.micro_batch_size or local_batch
 
     def forward_loss(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         x, y = x.to(device), y.to(device)
@@ -499,14 +537,16 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
 
     model.activation_checkpointing = cfg.activation_checkpointing
     model.train()
-    with _StopFlag(stop) as stop_flag, open(metrics_path, "a") as log:
+    stop_all = False  # under torchrun: a stop any rank saw, agreed on in the step's all-reduce
+    with _StopFlag(stop) as stop_flag, (open(metrics_path, "a") if world.main else contextlib.nullcontext()) as log:
 
         def log_line(record: dict[str, Any]) -> None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
 
         while step < cfg.steps:
-            if stop_flag.is_set():
+            if stop_all or (not world.distributed and stop_flag.is_set()):
                 interrupted = True
                 break
             t_step = time.perf_counter()
@@ -516,8 +556,17 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
                 group["lr"] = lr
                 group["weight_decay"] = wd if group["decays"] else 0.0
             x, y = data.train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
+            x, y = world.share(x), world.share(y)  # this process's rows of the global batch (all of it alone)
             optimizer.zero_grad(set_to_none=True)
             loss, ce = accumulate_gradients(x, y)
+            if world.distributed:  # average gradients, losses and the stop flag over the processes
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                flag = torch.tensor(float(stop_flag.is_set()), device=device)
+                loss, ce, stop_any = all_reduce_mean([p.grad for p in params],
+                                                     torch.stack([loss.float(), ce.float(), flag]), world)
+                stop_all = bool(stop_any > 0)
             # The global gradient norm (clipped to grad_clip when set): a non-finite one means the
             # update would write NaN/inf into the weights. One host sync reads it with the losses.
             grad_norm_t = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -532,7 +581,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
             window["loss"] += loss_v
             window["ce"] += ce_v
             window["n"] += 1
-            window["tokens"] += y.numel()
+            window["tokens"] += y.numel() * world.size
             now = time.perf_counter()
             if step % cfg.log_every == 0 or step == cfg.steps:
                 tok_per_s = window["tokens"] / max(now - window["t"], 1e-9)
@@ -540,7 +589,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
                 log_line({"type": "train", "step": step, "loss": window["loss"] / window["n"], "ce": recent_ce,
                           "lr": lr, "tokens_per_s": tok_per_s, "grad_norm": grad_norm, "elapsed": now - t_start})
                 window = {"loss": 0.0, "ce": 0.0, "n": 0, "t": now, "tokens": 0}
-            rate = y.numel() / max(now - t_step, 1e-9)
+            rate = y.numel() * world.size / max(now - t_step, 1e-9)
             live_rate = rate if live_rate == 0 else 0.9 * live_rate + 0.1 * rate  # smoothed for display
             callback(TrainEvent("step", step, {"loss": loss_v, "ce": ce_v, "lr": lr,
                                                "tokens_per_s": live_rate, "total_steps": cfg.steps}))
