@@ -496,10 +496,12 @@ def memory_summary(plan: dict) -> str:
     micro-batch chosen (`plan` is `TrainingMemoryPlan.to_dict()` plus the trainer's fields)."""
     est, fitted = plan["estimate"], plan.get("fitted") or plan["estimate"]
     batch, micro = est["batch_size"], plan.get("micro_batch_size") or fitted["micro_batch_size"]
-    line = (f"memory: ~{_gib(fitted['total'])} estimated peak at micro-batch {micro} of {batch} "
+    processes = plan.get("processes", 1)
+    of = f"{batch * processes} ({batch} per process)" if processes > 1 else f"{batch}"
+    line = (f"memory: ~{_gib(fitted['total'])} estimated peak at micro-batch {micro} of {of} "
             f"({_gib(plan['available'])} available: {plan['available_source']})")
     if plan.get("changed"):
-        line += (f"\n[yellow]the batch of {batch} at once needs ~{_gib(est['total'])}: running {batch // micro} "
+        line += (f"\n[yellow]the batch of {of} at once needs ~{_gib(est['total'])}: running {batch // micro} "
                  f"micro-batches of {micro} per step (train.micro_batch_size={micro}); same global batch and schedule")
     elif not plan["fits"]:
         line += (f"\n[yellow]the estimate exceeds {plan['safety']:.0%} of the available memory and "
