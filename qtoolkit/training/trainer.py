@@ -17,8 +17,14 @@ with a fresh optimizer and this recipe's schedule; the init checkpoint's tokeniz
 `train.quant_warmup_steps = K` ramps quantization in: every quantized layer uses
 W + lambda (Q(W) - W) (and likewise its input), lambda = step / K until it reaches 1 (`layers.py`).
 
-Loss: cross-entropy with label smoothing (the training objective); every reported perplexity is
-exp(plain cross-entropy). Batches are a pure function of (seed, step) and the checkpoint carries
+Loss: cross-entropy with label smoothing (the training objective, `training.loss`); every reported
+perplexity is exp(plain cross-entropy).
+
+Memory: before reading data `training.memory.fit_recipe` estimates the step's peak memory and, when
+it does not fit, picks the largest micro-batch that does (or refuses with `InsufficientMemory`); a
+step runs `batch_size / micro_batch_size` micro-batches whose scaled gradients add up to the whole
+batch's. `train.ce_chunk` and `train.activation_checkpointing` trade compute for memory.
+Under torchrun each process trains on its share of every batch (`training.distributed`). Batches are a pure function of (seed, step) and the checkpoint carries
 optimizer and RNG state, so `resume=True` reaches bit-identical weights to an uninterrupted run.
 Nothing lost (docs/reliability.md):
   * the run holds `out_dir`'s lock (`qtoolkit.rundir`) from start to end: a second run into the
