@@ -133,3 +133,15 @@ def test_activation_checkpointing_keeps_only_block_inputs():
     model.activation_checkpointing = True
     recomputed = saved_bytes()
     assert recomputed < full / 3, (recomputed, full)
+
+
+def test_evaluation_with_micro_batches_and_chunks_scores_the_same():
+    from qtoolkit.training.trainer import evaluate_batches
+
+    torch.manual_seed(0)
+    model, _ = build_model(ModelConfig.from_name("tiny"), TERNARY_HEAD)
+    batches = [(torch.randint(0, 512, (4, 32)), torch.randint(0, 512, (4, 32))) for _ in range(3)]
+    plain = evaluate_batches(model, batches)
+    saved = evaluate_batches(model, batches, micro_batch_size=2, ce_chunk=24)
+    assert saved["val_tokens"] == plain["val_tokens"] == 3 * 4 * 32
+    assert saved["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)

@@ -172,20 +172,21 @@ def _autocast(device: torch.device):
 
 def evaluate(model: nn.Module, val: TokenStream, batch_size: int, seq_len: int, max_batches: int | None,
              device: torch.device | str = "cpu", progress: Progress | None = None,
-             micro_batch_size: int | None = None) -> dict[str, float]:
+             micro_batch_size: int | None = None, ce_chunk: int = 0) -> dict[str, float]:
     """Mean plain cross-entropy over fixed validation windows, and its perplexity. `max_batches=None`
     scores the whole stream (`TokenStream.eval_batches`); `progress("evaluating", done, total)` is
     called after every batch. `micro_batch_size`: run each batch that many sequences at a time (the
-    same windows and the same mean; the logits of one micro-batch in memory, as in training)."""
+    same windows and the same mean; the logits of one micro-batch in memory, as in training);
+    `ce_chunk`: the loss `ce_chunk` tokens at a time (`training.loss.chunked_loss`)."""
     n_batches, _ = val.eval_windows(batch_size, seq_len, max_batches)
     return evaluate_batches(model, val.eval_batches(batch_size, seq_len, max_batches), device, progress, n_batches,
-                            micro_batch_size)
+                            micro_batch_size, ce_chunk)
 
 
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, batches, device: torch.device | str = "cpu",
                      progress: Progress | None = None, total: int | None = None,
-                     micro_batch_size: int | None = None) -> dict[str, float]:
+                     micro_batch_size: int | None = None, ce_chunk: int = 0) -> dict[str, float]:
     """Mean plain cross-entropy (and perplexity) over (x, y) batches: the one loss that `qtool eval`,
     training evaluations and the search's trials all report."""
     device = torch.device(device)
@@ -196,12 +197,16 @@ def evaluate_batches(model: nn.Module, batches, device: torch.device | str = "cp
         for i, (xb, yb) in enumerate(batches):
             for x, y in zip(xb.split(micro_batch_size or len(xb)), yb.split(micro_batch_size or len(yb)), strict=True):
                 x, y = x.to(device), y.to(device)
-                with _autocast(device):
-                    logits = model(x)
-                _, ce = loss_fn(logits, y, 0.0)
+                if ce_chunk:
+                    with _autocast(device):
+                        _, ce = chunked_loss(model.hidden(x), model.lm_head, y, 0.0, ce_chunk)
+                else:
+                    with _autocast(device):
+                        logits = model(x)
+                    _, ce = loss_fn(logits, y, 0.0)
+                    del logits
                 total_loss += ce.item() * y.numel()
                 count += y.numel()
-                del logits
             if progress is not None:
                 progress("evaluating", i + 1, total)
     finally:
@@ -497,7 +502,7 @@ def _train_in_group(recipe: Recipe, out_dir: Path, resume: bool, callback: Callb
     def run_eval() -> dict[str, float]:
         quant_mix(step)  # the model as the next step would use it (lambda = 1 once the warmup is over)
         return evaluate(model, data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device,
-                        micro_batch_size=cfg.micro_batch_size)
+                        micro_batch_size=cfg.micro_batch_size, ce_chunk=cfg.ce_chunk)
 
     n_params = sum(p.numel() for p in model.parameters())
     callback(TrainEvent("start", step, {
