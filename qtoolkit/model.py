@@ -127,7 +127,7 @@ class Block(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    activation_checkpointing: bool = False  # recompute each block in the backward (`hidden`); not state
+    activation_checkpointing: bool = False  # recompute each block in the backward (`hidden_states`); not state
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -161,8 +161,10 @@ class DecoderLM(nn.Module):
                 is_resid = name.endswith(("o_proj", "down_proj"))
                 nn.init.normal_(module.weight, mean=0.0, std=resid_std if is_resid else std)
 
-    def hidden(self, idx: Tensor) -> Tensor:
-        """idx (B, T) token ids -> the final normed hidden states (B, T, d_model), the lm_head's input.
+    def hidden_states(self, idx: Tensor) -> Tensor:
+        """idx (B, T) token ids -> final normalized hidden states (B, T, d_model): lm_head's input
+        (what a classification head reads, see qtoolkit.evaluate.classifier; the chunked loss of
+        training.loss reads them too).
 
         With `activation_checkpointing` set (the trainer's `train.activation_checkpointing`), each
         block keeps only its input for the backward and recomputes its activations there
@@ -180,7 +182,7 @@ class DecoderLM(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab_size)."""
-        return self.lm_head(self.hidden(idx))
+        return self.lm_head(self.hidden_states(idx))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared (tied) parameters counted once

@@ -1,5 +1,5 @@
 """The memory savers give the loss and gradients of the plain path: the chunked cross-entropy
-(training/loss.py) and per-block activation checkpointing (DecoderLM.hidden)."""
+(training/loss.py) and per-block activation checkpointing (DecoderLM.hidden_states)."""
 
 from __future__ import annotations
 
@@ -43,19 +43,27 @@ def test_chunked_loss_equals_the_plain_one_values_and_gradients(ls, chunk):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
+HEADS = {
+    "ternary": TERNARY_HEAD,
+    "tequila": {**TERNARY_HEAD, "lm_head": {"name": "tequila", "lam": 1.0e-3}},  # dead-zone bias output term
+    "hgf": {**TERNARY_HEAD, "lm_head": {"name": "ternary", "correction": {"rank": 3, "gate_init": 0.5}}},  # low-rank output term
+}
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
 @pytest.mark.parametrize("mix", [1.0, 0.5])
-def test_chunked_loss_with_a_quantized_head(mix):
-    """A quantized head (ternary weight, int8 per-token input, inside a warmup blend) through the
-    whole tiny model: same loss and same gradient on every parameter."""
+def test_chunked_loss_with_a_quantized_head(mix, head):
+    """A quantized head (ternary weight, int8 per-token input, inside a warmup blend; with an output
+    term) through the whole tiny model: same loss and same gradient on every parameter."""
     torch.manual_seed(0)
-    model, _ = build_model(ModelConfig.from_name("tiny"), TERNARY_HEAD)
+    model, _ = build_model(ModelConfig.from_name("tiny"), HEADS[head])
     set_quant_mix(model, mix)
     x, y = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
     loss, ce = loss_fn(model(x), y, 0.1)
     loss.backward()
     plain = _grads(model.parameters())
     model.zero_grad()
-    loss_c, ce_c = chunked_loss(model.hidden(x), model.lm_head, y, 0.1, 10)
+    loss_c, ce_c = chunked_loss(model.hidden_states(x), model.lm_head, y, 0.1, 10)
     loss_c.backward()
     assert loss_c.item() == pytest.approx(loss.item(), rel=1e-6) and ce_c.item() == pytest.approx(ce.item(), rel=1e-6)
     for (name, p), g in zip(model.named_parameters(), plain, strict=True):
@@ -124,7 +132,7 @@ def test_activation_checkpointing_keeps_only_block_inputs():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.hidden(x)
+            model.hidden_states(x)
         return total
 
     model.train()

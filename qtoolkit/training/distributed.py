@@ -18,7 +18,7 @@ averages gradients, loss figures and the stop flag in one collective over one fl
 so every rank applies the same update to the same weights, and a W-process run matches a
 1-process run to float rounding (tests/test_distributed.py). This is PyTorch DDP's gradient
 averaging without its bucketed overlap of communication with the backward: the trainer calls parts
-of the model directly (the chunked loss runs `hidden` and `lm_head` apart), which DDP's forward hook
+of the model directly (the chunked loss runs `hidden_states` and `lm_head` apart), which DDP's forward hook
 does not see, and one reduction per optimizer step is what DDP's `no_sync` does for accumulated
 micro-batches anyway.
 

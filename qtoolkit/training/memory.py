@@ -186,7 +186,7 @@ def _saved_bytes(fn, exclude: set[int]) -> int:
     return sum(seen.values())
 
 
-def _autocast(device: torch.device):
+def _autocast(device: torch.device):  # trainer.autocast (not imported: the trainer imports this module)
     import contextlib
 
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()

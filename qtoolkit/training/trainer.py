@@ -16,6 +16,8 @@ quantized) under the recipe's policy, quantized exactly as `qtool quantize` woul
 with a fresh optimizer and this recipe's schedule; the init checkpoint's tokenizer is used.
 `train.quant_warmup_steps = K` ramps quantization in: every quantized layer uses
 W + lambda (Q(W) - W) (and likewise its input), lambda = step / K until it reaches 1 (`layers.py`).
+Quantizers that declare `needs_progress` (Sherry's annealed residual) get `set_progress((step + 1) /
+steps)` before every step, so their schedules follow the run (and a resumed run) exactly.
 
 Loss: cross-entropy with label smoothing (the training objective, `training.loss`); every reported
 perplexity is exp(plain cross-entropy).
@@ -65,6 +67,7 @@ from qtoolkit.errors import CheckpointError, ConfigError, DataError, TrainingDiv
 from qtoolkit.layers import set_quant_mix
 from qtoolkit.pack import model_from_checkpoint
 from qtoolkit.policy import Coverage, build_model
+from qtoolkit.quantizers import Quantizer
 from qtoolkit.rundir import run_dir_lock
 from qtoolkit.schema import check_int
 from qtoolkit.training.data import (
@@ -164,7 +167,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def _autocast(device: torch.device):
+def progress_quantizers(model: nn.Module) -> list[Quantizer]:
+    """The quantizers whose forward depends on training progress (`Quantizer.needs_progress`)."""
+    return [m for m in model.modules() if isinstance(m, Quantizer) and m.needs_progress]
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision on the CPU (where bf16 matmuls are slower, not faster)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -198,10 +207,10 @@ def evaluate_batches(model: nn.Module, batches, device: torch.device | str = "cp
             for x, y in zip(xb.split(micro_batch_size or len(xb)), yb.split(micro_batch_size or len(yb)), strict=True):
                 x, y = x.to(device), y.to(device)
                 if ce_chunk:
-                    with _autocast(device):
-                        _, ce = chunked_loss(model.hidden(x), model.lm_head, y, 0.0, ce_chunk)
+                    with autocast(device):
+                        _, ce = chunked_loss(model.hidden_states(x), model.lm_head, y, 0.0, ce_chunk)
                 else:
-                    with _autocast(device):
+                    with autocast(device):
                         logits = model(x)
                     _, ce = loss_fn(logits, y, 0.0)
                     del logits
@@ -228,7 +237,7 @@ def finetune(model: nn.Module, train: TokenStream, steps: int, lr: float, batch_
     for step in range(steps):
         x, y = train.batch(step, batch_size, seq_len, seed)
         x, y = x.to(device), y.to(device)
-        with torch.enable_grad(), _autocast(device):
+        with torch.enable_grad(), autocast(device):
             loss, _ = loss_fn(model(x), y, 0.0)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"finetuning: loss became {loss.item()} at step {step + 1}; try a lower learning rate")
@@ -446,6 +455,7 @@ def _train_in_group(recipe: Recipe, out_dir: Path, resume: bool, callback: Callb
     else:
         model, coverage = build_model(model_config, recipe.policy)
     model.to(device)
+    scheduled = progress_quantizers(model)
 
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps
@@ -523,9 +533,9 @@ def _train_in_group(recipe: Recipe, out_dir: Path, resume: bool, callback: Callb
     def forward_loss(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         x, y = x.to(device), y.to(device)
         if cfg.ce_chunk:  # the loss without the full logits (training.loss)
-            with _autocast(device):
-                return chunked_loss(model.hidden(x), model.lm_head, y, cfg.label_smoothing, cfg.ce_chunk)
-        with _autocast(device):
+            with autocast(device):
+                return chunked_loss(model.hidden_states(x), model.lm_head, y, cfg.label_smoothing, cfg.ce_chunk)
+        with autocast(device):
             logits = model(x)
         return loss_fn(logits, y, cfg.label_smoothing)
 
@@ -566,6 +576,8 @@ def _train_in_group(recipe: Recipe, out_dir: Path, resume: bool, callback: Callb
             for group in optimizer.param_groups:
                 group["lr"] = lr
                 group["weight_decay"] = wd if group["decays"] else 0.0
+            for q in scheduled:  # e.g. Sherry's annealed residual: p = 1 on the last step
+                q.set_progress((step + 1) / cfg.steps)
             x, y = data.train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
             x, y = world.share(x), world.share(y)  # this process's rows of the global batch (all of it alone)
             optimizer.zero_grad(set_to_none=True)
@@ -727,6 +739,6 @@ def evaluate_checkpoint(
 
 
 __all__ = [
-    "EvalResult", "TrainEvent", "TrainResult", "evaluate", "evaluate_batches", "evaluate_checkpoint", "finetune",
-    "loss_fn", "lr_and_wd", "train",
+    "EvalResult", "TrainEvent", "TrainResult", "autocast", "evaluate", "evaluate_batches", "evaluate_checkpoint",
+    "finetune", "loss_fn", "lr_and_wd", "param_groups", "train",
 ]
