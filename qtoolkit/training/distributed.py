@@ -80,6 +80,8 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
 
     created = False
     if world.distributed and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's collectives run on the current device
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         created = True
     try:
