@@ -5,7 +5,8 @@ at its peak (the start of the last micro-batch's backward, with the earlier micr
 gradients already accumulated):
 
     weights        latent parameters (fp32) and quantizer parameters, plus buffers (RoPE tables)
-    gradients      one per trainable parameter (fp32)
+    gradients      one per trainable parameter (fp32); twice that under data parallelism (the
+                   flat buffer of the all-reduce, training.distributed)
     optimizer      AdamW's exp_avg and exp_avg_sq (2 x fp32 per trainable parameter)
     activations    what the forward of one micro-batch saves for the backward: per block, measured
                    (below); the residual stream into the head; fake-quantized weight copies
@@ -243,6 +244,7 @@ class _Profile:
     grads: int
     blocks: list[tuple[int, int]]  # per block: (bytes per step, bytes per sequence)
     head: tuple[int, int]  # (bytes per step, bytes per token)
+    processes: int = 1  # data parallelism: the gradients' all-reduce takes one more flat copy of them
 
     @classmethod
     def measure(cls, recipe: Recipe, device: torch.device) -> _Profile:
@@ -275,7 +277,8 @@ class _Profile:
         activations = blocks + head_step + head_token * tokens + 2 * stream  # + the final norm's input, output
         rows = min(cfg.ce_chunk, tokens) if cfg.ce_chunk else tokens
         logit_bytes = 4 + (2 if self.device.type == "cuda" else 0)  # fp32 (CUDA: + bf16 logits before .float())
-        parts = {"weights": self.weights, "gradients": self.grads, "optimizer": 2 * self.grads,
+        grads = self.grads * (2 if self.processes > 1 else 1)
+        parts = {"weights": self.weights, "gradients": grads, "optimizer": 2 * self.grads,
                  "activations": activations, "logits": LOGIT_BUFFERS * rows * model_config.vocab_size * logit_bytes,
                  "runtime": _rss() if self.device.type == "cpu" else 0}
         return MemoryEstimate(str(self.device), cfg.batch_size, micro, cfg.seq_len, cfg.ce_chunk,
@@ -294,11 +297,11 @@ def estimate_training_memory(recipe: Recipe, device: torch.device | str = "cpu",
 
 def plan_training_memory(recipe: Recipe, device: torch.device | str = "cpu",
                          available: tuple[int, str] | None = None,
-                         profile: _Profile | None = None) -> TrainingMemoryPlan:
+                         profile: _Profile | None = None, processes: int = 1) -> TrainingMemoryPlan:
     """The recipe's estimate against the memory available on `device` (`available_memory`, or the
     given (bytes, source)), and the largest micro-batch (a divisor of batch_size, at most the
     recipe's micro-batch) that fits. `profile`: an earlier plan's measurements of the same model
-    (the process's resident set is read again)."""
+    (the process's resident set is read again); `processes`: data-parallel processes."""
     device = torch.device(device)
     recipe = recipe.resolved()
     cfg = recipe.train
@@ -308,7 +311,7 @@ def plan_training_memory(recipe: Recipe, device: torch.device | str = "cpu",
     room, source = available or available_memory(device, cfg.memory_gib)
     if profile is None or profile.recipe.model_config() != recipe.model_config() or profile.device != device:
         profile = _Profile.measure(recipe, device)
-    profile = dataclasses.replace(profile, recipe=recipe)
+    profile = dataclasses.replace(profile, recipe=recipe, processes=processes)
     estimate = profile.estimate(cfg.micro_batch_size or cfg.batch_size)
     plan = TrainingMemoryPlan(estimate, room, source, profile=profile)
     if plan.fits:
@@ -339,7 +342,8 @@ def fit_recipe(recipe: Recipe, device: torch.device | str, earlier: TrainingMemo
     room, source = available_memory(device, cfg.memory_gib)
     if processes_here > 1:
         room, source = room // processes_here, f"{source}, shared by {processes_here} processes"
-    plan = plan_training_memory(share, device, (room, source), earlier.profile if earlier is not None else None)
+    plan = plan_training_memory(share, device, (room, source), earlier.profile if earlier is not None else None,
+                                processes)
     if plan.fits or not cfg.fit_memory:
         return recipe, plan
     if plan.fitted is not None:
