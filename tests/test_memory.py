@@ -76,6 +76,7 @@ def test_train_runs_the_micro_batch_that_fits(fixed_rss, corpus_dir, tmp_path):
     assert res.steps == 2
     mem = next(e for e in events if e.kind == "memory").data
     assert mem["changed"] and mem["micro_batch_size"] == 2 and mem["available_source"] == "train.memory_gib"
+    assert mem["estimate"]["micro_batch_size"] == 8 and mem["fitted"]["micro_batch_size"] == 2  # asked, chosen
     saved = load_recipe(str(tmp_path / "run" / "recipe.yaml"))
     assert saved.train.micro_batch_size == 2 and saved.train.batch_size == 8  # the global batch is unchanged
 

@@ -441,8 +441,9 @@ def _train_in_group(recipe: Recipe, out_dir: Path, resume: bool, callback: Callb
             f"{recipe.data.path or recipe.data.dataset} ({short_repr(data.info.get('source'), 60)}); resume on the "
             "run's own data"
         )
-    if world.main:
-        recipe, memory = fit_recipe(recipe, device, memory, world.size, world.local_size)
+    if world.main:  # from the micro-batch asked for, so that the plan states what that one needs
+        asked = dataclasses.replace(recipe, train=dataclasses.replace(cfg, micro_batch_size=asked_micro))
+        recipe, memory = fit_recipe(asked, device, memory, world.size, world.local_size)
         callback(TrainEvent("memory", 0, {**memory.to_dict(), "micro_batch_size": recipe.train.micro_batch_size,
                                           "changed": recipe.train.micro_batch_size != asked_micro,
                                           "fit_memory": cfg.fit_memory, "processes": world.size}))
