@@ -15,7 +15,7 @@ from qtoolkit.cli import app
 from qtoolkit.config import ModelConfig
 from qtoolkit.errors import InsufficientMemory
 from qtoolkit.training import memory
-from qtoolkit.training.memory import GIB, SAFETY, estimate_training_memory, plan_training_memory
+from qtoolkit.training.memory import GIB, estimate_training_memory, plan_training_memory, safety
 from qtoolkit.training.recipe import load_recipe
 from qtoolkit.training.trainer import train
 
@@ -57,7 +57,7 @@ def test_the_plan_picks_the_largest_micro_batch_that_fits(fixed_rss):
     r = recipe("train.batch_size=16")
     sizes = {m: estimate_training_memory(r, "cpu", m).total for m in (16, 8, 4, 2, 1)}
     assert sizes[16] > sizes[8] > sizes[4] > sizes[2] > sizes[1]
-    room = int((sizes[4] + sizes[8]) / 2 / SAFETY)  # 4 fits, 8 does not
+    room = int((sizes[4] + sizes[8]) / 2 / safety("cpu"))  # 4 fits, 8 does not
     plan = plan_training_memory(r, "cpu", available=(room, "test"))
     assert not plan.fits and plan.fitted_micro_batch == 4 and plan.tried == [8, 4]
     assert plan_training_memory(r, "cpu", available=(10 * sizes[16], "test")).fitted_micro_batch == 16
@@ -69,7 +69,7 @@ def test_the_plan_picks_the_largest_micro_batch_that_fits(fixed_rss):
 def test_train_runs_the_micro_batch_that_fits(fixed_rss, corpus_dir, tmp_path):
     r = recipe(f"data.path={corpus_dir}", "train.steps=2", "train.eval_batches=1")
     sizes = {m: estimate_training_memory(r, "cpu", m).total for m in (8, 4, 2)}
-    gib = (sizes[2] + sizes[4]) / 2 / SAFETY / GIB  # 2 fits, 4 does not
+    gib = (sizes[2] + sizes[4]) / 2 / safety("cpu") / GIB  # 2 fits, 4 does not
     events = []
     res = train(recipe(f"data.path={corpus_dir}", "train.steps=2", "train.eval_batches=1", f"train.memory_gib={gib}"),
                 tmp_path / "run", callback=events.append)
