@@ -337,7 +337,7 @@ def _policy_label(policy: str | None, overrides: list[str] | None) -> str:
     return "quantized"
 
 
-@app.command(short_help="Exact stored bytes of a recipe's model, per layer.")
+@app.command(short_help="Exact stored bytes of a recipe's model per layer; --train: peak training memory.")
 @user_errors
 def plan(
     recipe: Annotated[str, typer.Option(help="Recipe name or YAML path (its model and policy are used).")] = "ternary_all",
