@@ -150,7 +150,7 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 CalibTokens = Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens (fixed, seeded training windows).")]
 Data = Annotated[str | None, typer.Option(help="Local text file or directory of .txt files.  "
                                                "[default: the checkpoint's data]", show_default=False)]
-Formats = Annotated[str, typer.Option(help="Candidate formats: ternary,int8,fp16 or a YAML list of specs.")]
+Formats = Annotated[str, typer.Option(help="Candidate formats: names or aliases (ternary,ptqtp,int4,gptq3,int8,fp16; `qtool quantizers` lists them) or a YAML list of specs.")]
 Units = Annotated[str, typer.Option(help="layer (each linear) or group (a block's attn / mlp).")]
 
 
@@ -571,12 +571,10 @@ def recipes(json_: Json = None) -> None:
 @app.command("quantizers")
 @user_errors
 def list_quantizers(json_: Json = None) -> None:
-    """List the registered quantizers and their default options."""
+    """List the registered quantizers and their aliases (int4, gptq4, ...): default options, bits per
+    weight on a 768x768 weight (codes, scales and zero points counted exactly), whether they calibrate."""
     _json_target(json_)
-    rows = []
-    for name in quantizers.available():
-        q = quantizers.build(name)
-        rows.append({"name": name, "spec": q.spec(), "bits_per_weight_768x768": float(q.bits_per_weight((768, 768)))})
+    rows = quantizers.catalog()
     with _human_output(json_):
         written = _write_json(json_, rows)
         report.console.print(report.quantizers_table(rows))

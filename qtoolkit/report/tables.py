@@ -111,13 +111,21 @@ def recipes_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def quantizers_table(rows: list[dict[str, Any]]) -> Table:
-    """Rows: {"name", "spec" (default options), "bits_per_weight_768x768"}."""
+    """Rows: {"name", "spec" (default options), "bits_per_weight_768x768", optional "alias_of" and
+    "calibration"}; an alias shows the options that differ from its quantizer's defaults."""
     table = Table(title="Quantizers", title_justify="left")
-    for col in ("name", "default options", "bits/weight (768x768)"):
+    for col in ("name", "default options", "bits/weight (768x768)", "data"):
         table.add_column(col, overflow="fold", justify="right" if col.startswith("bits") else "left")
+    defaults = {r["name"]: r["spec"] for r in rows if not r.get("alias_of")}
     for r in rows:
-        opts = ", ".join(f"{k}={v}" for k, v in r["spec"].items() if k != "name") or "-"
-        table.add_row(r["name"], escape(opts), f"{r['bits_per_weight_768x768']:.4f}")
+        if r.get("alias_of"):
+            base = defaults.get(r["alias_of"], {})
+            opts = f"= {r['alias_of']} " + (", ".join(f"{k}={v}" for k, v in r["spec"].items()
+                                                       if k != "name" and base.get(k) != v) or "(defaults)")
+        else:
+            opts = ", ".join(f"{k}={v}" for k, v in r["spec"].items() if k != "name") or "-"
+        table.add_row(r["name"], escape(opts), f"{r['bits_per_weight_768x768']:.4f}",
+                      "calibrates" if r.get("calibration") else "")
     return table
 
 
