@@ -232,6 +232,7 @@ def train(
     json_: Json = None,
 ) -> None:
     """Quantization-aware training of a language model from a recipe (from scratch or from a checkpoint)."""
+    from qtoolkit.training.distributed import is_main_process
     from qtoolkit.training.recipe import load_recipe
     from qtoolkit.training.trainer import train as run_train
 
@@ -247,6 +248,9 @@ def train(
         overrides.append(f"train.device={device}")
     r = load_recipe(recipe, overrides)
     out = out or Path("runs") / f"{r.name}-{r.preset}"
+    if not is_main_process():  # under torchrun: rank 0 reports and writes (training.distributed)
+        result = run_train(r, out, resume=resume, init=init, init_calib_tokens=calib_tokens)
+        raise typer.Exit(130 if result.interrupted else 0)
     with _human_output(json_):
         try:
             with report.TrainProgress() as progress:
@@ -333,7 +337,7 @@ def _policy_label(policy: str | None, overrides: list[str] | None) -> str:
     return "quantized"
 
 
-@app.command(short_help="Exact stored bytes of a recipe's model, per layer.")
+@app.command(short_help="Exact stored bytes of a recipe's model per layer; --train: peak training memory.")
 @user_errors
 def plan(
     recipe: Annotated[str, typer.Option(help="Recipe name or YAML path (its model and policy are used).")] = "ternary_all",
@@ -344,15 +348,32 @@ def plan(
     packing: Annotated[str | None, typer.Option(help="Ternary packing for every ternary layer: 2bit or base3.  "
                                                      "[default: each layer's own, 2bit]", show_default=False)] = None,
     full: Annotated[bool, typer.Option(help="List every parameter (norms too) in the table.")] = False,
+    train: Annotated[bool, typer.Option("--train", help="Also estimate peak training memory on --device (weights, "
+                                                        "gradients, optimizer, activations, logits) and the "
+                                                        "micro-batch `qtool train` would run.")] = False,
+    device: Device = "auto",
     json_: Json = None,
 ) -> None:
-    """Exact stored bytes of a recipe's model, layer by layer, without training anything."""
+    """Exact stored bytes of a recipe's model, layer by layer, without training anything (with --train:
+    the peak memory training it needs, and the micro-batch that fits)."""
+    from qtoolkit.device import resolve_device
     from qtoolkit.pack import memory_plan
     from qtoolkit.training.recipe import load_recipe
 
     _json_target(json_)
     r = load_recipe(recipe, list(set_ or []) + ([f"model.preset={model}"] if model else []))
     p = memory_plan(r.model_config(), r.policy, _packing(packing))
+    if train:
+        from qtoolkit.training.memory import plan_training_memory
+
+        t = plan_training_memory(r, resolve_device(device))
+        with _human_output(json_):
+            written = _write_json(json_, {"recipe": r.name, "preset": r.preset, "packing": packing, **p.to_dict(),
+                                          "training": t.to_dict()})
+            report.console.print(report.plan_table(p, f"{r.name} on {r.preset}", full=full))
+            report.console.print(report.train_memory_table(t.to_dict(), f"training memory: {r.name} on {r.preset}"))
+            report.print_outputs(written)
+        return
     with _human_output(json_):
         written = _write_json(json_, {"recipe": r.name, "preset": r.preset, "packing": packing, **p.to_dict()})
         report.console.print(report.plan_table(p, f"{r.name} on {r.preset}", full=full))
@@ -758,3 +779,7 @@ def export(
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
+
+
+if __name__ == "__main__":  # `python -m qtoolkit.cli`, which torchrun launches: `torchrun ... -m qtoolkit.cli train`
+    main()
