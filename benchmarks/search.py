@@ -11,7 +11,10 @@ On the given (trained, `small`) checkpoint:
   * rank stability of the measured sensitivities: Spearman between two calibration sets (seeds 0
     and 1) at 512 to 4096 tokens, per format (int8/fp16 effects sit at the noise floor, so their
     ranks are noise and do not matter to the allocation; ternary ranks are what the search uses).
-With --big: the per-layer probe time of ternarylm-132m (random init, --big-tokens calibration tokens).
+With --big (or only that: --big-only): the per-layer probe of ternarylm-132m (an untrained fp32 checkpoint
+made at --big-ckpt; --big-tokens calibration tokens, default 4096): its time, the estimate it announced
+before measuring, and at --big-compare-tokens its rank agreement (Spearman per format) with the full
+probe that measures every (unit, format) pair, and both times.
 Prints JSON.
 """
 
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,27 +40,61 @@ def spearman(a: dict, b: dict, fmt: str | None = None) -> float:
     return round(float(spearmanr(x, y).statistic), 4)
 
 
-def big_probe_time(ckpt: Path, data: str | None, tmp: Path, tokens: int) -> dict:
+def big_checkpoint(small_ckpt: Path, data: str | None, path: Path) -> Path:
+    """An untrained fp32 ternarylm-132m training checkpoint (seed 0, the preset's seq_len), made once."""
     from qtoolkit import load_recipe
     from qtoolkit.checkpoint import load_checkpoint, save_checkpoint
     from qtoolkit.policy import build_model
-    from qtoolkit.search.probes import parse_formats, run_probe
 
-    small = load_checkpoint(ckpt)
-    r = load_recipe("fp32_baseline", ["model.preset=ternarylm-132m", f"data.path={data or small['recipe']['data']['path']}",
-                                      "train.seq_len=256"]).resolved()
+    if path.is_file():
+        return path
+    small = load_checkpoint(small_ckpt)
+    r = load_recipe("fp32_baseline", ["model.preset=ternarylm-132m",
+                                      f"data.path={data or small['recipe']['data']['path']}"]).resolved()
     torch.manual_seed(0)
     model, _ = build_model(r.model_config(), r.policy)
-    path = tmp / "big.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint({"kind": "train", "model_config": r.model_config().to_dict(), "recipe": r.to_dict(),
                      "policy": r.policy, "tokenizer": small["tokenizer"], "model": model.state_dict(), "step": 0}, path)
-    del model
+    return path
+
+
+def big_probe(ckpt: Path, data: str | None, tokens: int, compare_tokens: int | None) -> dict:
+    """The per-layer probe of ternarylm-132m (ternary, int8, fp16) at `tokens` calibration tokens: time,
+    the estimate announced before measuring, pairs measured; and at `compare_tokens` the rank agreement
+    (Spearman per format) of the probe's sensitivities with the probe before issue 19 (fp32, every
+    pair measured), and both times."""
+    from qtoolkit.search.probes import parse_formats, run_probe
+
+    formats = parse_formats("ternary,int8,fp16")
+    plans: list = []
     t = time.perf_counter()
-    res = run_probe(path, parse_formats("ternary,int8,fp16"), "layer", calib_tokens=tokens, use_cache=False)
+    res = run_probe(ckpt, formats, "layer", data, calib_tokens=tokens, use_cache=False, announce=plans.append)
     total = time.perf_counter() - t
-    return {"preset": "ternarylm-132m", "units": len(res.units), "formats": 3, "calib_tokens": tokens,
-            "probe_seconds_total": round(total, 1), "seconds": {k: round(v, 1) for k, v in res.seconds.items()},
-            "target_seconds": 300, "target_met": total < 300}
+    out = {"preset": "ternarylm-132m", "units": len(res.units), "formats": 3, "calib_tokens": tokens,
+           "precision": res.calibration.get("precision", "fp32"),
+           "seq_len": res.calibration["seq_len"], "probe_seconds_total": round(total, 1),
+           "seconds": {k: round(v, 1) for k, v in res.seconds.items()},
+           "announced_estimate_s": round(plans[-1]["seconds"], 1) if plans else None,
+           "estimate_ratio_measured_over_announced": round(res.seconds["measured"] / plans[-1]["seconds"], 2) if plans else None,
+           "pairs_measured": {f.key: sum(f.key in fs for fs in res.measured.values()) for f in formats},
+           "target_seconds": 300, "target_met": total < 300}
+    print(json.dumps({"partial": out}), file=sys.stderr, flush=True)  # the headline figure, before the comparison
+    if compare_tokens:
+        t = time.perf_counter()
+        new = run_probe(ckpt, formats, "layer", data, calib_tokens=compare_tokens, use_cache=False)
+        new_s = time.perf_counter() - t
+        t = time.perf_counter()
+        old = run_probe(ckpt, formats, "layer", data, calib_tokens=compare_tokens, use_cache=False, prune=False,
+                        precision="fp32")
+        old_s = time.perf_counter() - t
+        a, b = new.sensitivity(), old.measured
+        out["versus_full_probe"] = {
+            "calib_tokens": compare_tokens, "seconds_new": round(new_s, 1), "seconds_full": round(old_s, 1),
+            "speedup": round(old_s / new_s, 2),
+            "spearman_per_format": {f.key: spearman(a, b, f.key) for f in formats}, "spearman_all": spearman(a, b),
+            "pairs_measured_new": {f.key: sum(f.key in fs for fs in new.measured.values()) for f in formats}}
+    return out
 
 
 def main() -> None:
@@ -66,7 +104,11 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--random", type=int, default=5, help="random allocations evaluated for the comparison")
     ap.add_argument("--big", action="store_true")
-    ap.add_argument("--big-tokens", type=int, default=1024)
+    ap.add_argument("--big-tokens", type=int, default=4096, help="calibration tokens of the 132M probe (the default)")
+    ap.add_argument("--big-compare-tokens", type=int, default=1024,
+                    help="calibration tokens of the 132M comparison with the full probe (0: skip)")
+    ap.add_argument("--big-ckpt", default="runs/ternarylm-132m-init/ckpt.pt", help="made here if missing")
+    ap.add_argument("--big-only", action="store_true", help="only the 132M figures")
     ap.add_argument("--skip-stability", action="store_true")
     args = ap.parse_args()
 
@@ -79,6 +121,11 @@ def main() -> None:
 
     formats = parse_formats("ternary,int8,fp16")
     out: dict = {"benchmark": "search", "checkpoint": args.ckpt, "threads": torch.get_num_threads()}
+    if args.big_only:
+        big = big_checkpoint(Path(args.ckpt), args.data, Path(args.big_ckpt))
+        out["big"] = big_probe(big, args.data, args.big_tokens, args.big_compare_tokens or None)
+        print(json.dumps(out, indent=2))
+        return
 
     t = time.perf_counter()
     probe = run_probe(args.ckpt, formats, "layer", args.data, calib_tokens=4096)
@@ -139,7 +186,8 @@ def main() -> None:
             stab[str(tokens)] = {"all": spearman(a, b), **{f.key: spearman(a, b, f.key) for f in formats}}
         out["rank_stability_spearman_seed0_vs_seed1"] = stab
     if args.big:
-        out["big"] = big_probe_time(Path(args.ckpt), args.data, tmp, args.big_tokens)
+        big = big_checkpoint(Path(args.ckpt), args.data, Path(args.big_ckpt))
+        out["big"] = big_probe(big, args.data, args.big_tokens, args.big_compare_tokens or None)
     print(json.dumps(out, indent=2))
 
 

@@ -467,6 +467,16 @@ def _range(text: str | None) -> tuple[int, int] | None:
     return lo, hi
 
 
+def _announce(plan: dict) -> None:
+    """What a probe or search is about to do and how long it should take, printed before it does it."""
+    report.console.print(report.plan_text(plan), highlight=False, style="bold", soft_wrap=True)
+
+
+ProbePrecision = Annotated[str, typer.Option(
+    "--probe-precision", help="Arithmetic of the probe's forward passes: auto (bf16 where the hardware multiplies "
+    "bf16 natively: AMX/AVX512-BF16 CPUs, CUDA), fp32 or bf16.")]
+
+
 @app.command(short_help="Per-layer sensitivity and sparsity probes.")
 @user_errors
 def probe(
@@ -481,6 +491,7 @@ def probe(
     full: Annotated[bool, typer.Option(help="Also show the one-pass estimates.")] = False,
     device: Device = "auto",
     json_: Json = None,
+    probe_precision: ProbePrecision = "auto",
 ) -> None:
     """Sparsity and sensitivity probes: loss increase per layer and format, and a one-pass estimate."""
     from qtoolkit.search.probes import parse_formats, run_probe
@@ -489,7 +500,7 @@ def probe(
     with _human_output(json_):
         with report.StageProgress() as progress:
             result = run_probe(ckpt, parse_formats(formats), units, data, calib_tokens, seed, timeout, progress,
-                               device=device)
+                               device=device, announce=_announce, precision=probe_precision)
         written = _write_json(json_, result.to_dict())
         report.console.print(report.probe_table(result, full=full, outputs=[Path(result.cache_path), *written]))
 
@@ -504,7 +515,9 @@ def search(
     ckpt_opt: Annotated[Path | None, typer.Option("--ckpt", hidden=True, help="Deprecated: the positional CKPT.")] = None,
     data: Data = None,
     formats: Formats = "ternary,int8,fp16",
-    trials: Annotated[int, typer.Option(help="Completed trials to reach (over-budget ones do not count).")] = 30,
+    trials: Annotated[int | None, typer.Option(help="Completed trials to reach.  [default: adapts to the space: "
+                                                     "4 x sqrt(units x (formats - 1)), 10 to 100]",
+                                                show_default=False)] = None,
     timeout: Annotated[float | None, typer.Option(help="Wall-clock limit in seconds (probe included).  "
                                                        "[default: no limit]", show_default=False)] = None,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL.  [default: sqlite:///OUT/search.db]",
@@ -524,6 +537,7 @@ def search(
     json_: Json = None,
     apply: Annotated[bool, typer.Option(help="Then write the chosen allocation as a quantized checkpoint "
                                         "(OUT/quantized; with --finetune-steps also OUT/finetuned).")] = False,
+    probe_precision: ProbePrecision = "auto",
 ) -> None:
     """Find a per-layer mixed-precision allocation that fits a memory budget."""
     from qtoolkit.search.allocate import run_search
@@ -541,12 +555,14 @@ def search(
         with report.StageProgress() as progress:
             result = run_search(ckpt, budget, parse_formats(formats), out, data, trials, timeout, storage, study, units,
                                 finetune_steps, pareto, seed, calib_tokens, eval_batches, progress=progress,
-                                device=device, apply=apply)
+                                device=device, apply=apply, announce=_announce, probe_precision=probe_precision)
         written = _write_json(json_, result.to_dict())
-        if plot:
+        if plot and result.no_search is None:  # a budget answered without search has no trials to draw
             report.save_search_plot(result, plot)
             written.append(plot)
         report.print_renderables(report.search_renderables(result, written))
+        if plot and result.no_search is not None:
+            report.console.print(f"no plot written to {plot}: nothing was searched", highlight=False)
     if result.interrupted:
         raise typer.Exit(130)
 

@@ -64,8 +64,8 @@ def test_quantized_context_restores_the_model():
 
 def test_probe_measures_caches_and_ranks(fp32_ckpt, tmp_path, monkeypatch):
     monkeypatch.setenv("QTOOLKIT_CACHE", str(tmp_path / "cache"))
-    r = run_probe(fp32_ckpt, parse_formats(FORMATS), "group", calib_tokens=512)
-    assert r.complete and not r.cached and not r.missing()
+    r = run_probe(fp32_ckpt, parse_formats(FORMATS), "group", calib_tokens=512, prune=False)
+    assert r.complete and not r.cached and not r.missing() and not r.pruned
     assert r.calibration["tokens"] == 512 and math.isfinite(r.base_loss)
     mean = {f: sum(r.measured[u][f] for u in r.measured) / len(r.measured) for f in ("ternary", "int8", "fp16")}
     assert mean["ternary"] > 10 * abs(mean["int8"]) and mean["ternary"] > 10 * abs(mean["fp16"])
@@ -78,10 +78,49 @@ def test_probe_measures_caches_and_ranks(fp32_ckpt, tmp_path, monkeypatch):
     assert again.cached and again.measured == r.measured
 
 
+def test_formats_at_the_noise_floor_stop_early(fp32_ckpt, tmp_path, monkeypatch):
+    """int8 and fp16 change the loss by less than twice the paired SE: after FLOOR_RUN such units in
+    one-pass-estimate order the format is no longer measured; ternary is measured in full."""
+    monkeypatch.setenv("QTOOLKIT_CACHE", str(tmp_path / "cache"))
+    plans = []
+    fast = run_probe(fp32_ckpt, parse_formats(FORMATS), "layer", calib_tokens=512, announce=plans.append)
+    assert fast.complete and not fast.missing()
+    assert set(fast.pruned) == {"int8", "fp16"} and "ternary" not in fast.pruned
+    n = len(fast.units)
+    for f in ("int8", "fp16"):  # measured until FLOOR_RUN in a row sat at the floor, the rest pruned
+        measured = sum(f in fs for fs in fast.measured.values())
+        assert probes.FLOOR_RUN <= measured < n / 2 and measured + len(fast.pruned[f]) == n, (f, measured)
+    assert all(f == "ternary" or u not in fast.pruned.get(f, ()) for u, fs in fast.measured.items() for f in fs)
+    ternary_se = sorted(fast.noise[u]["ternary"] for u in fast.noise)
+    resolution = ternary_se[len(ternary_se) // 2]  # how well the probe knows the ternary effects
+    for f in ("int8", "fp16"):  # what stopped them: FLOOR_RUN measurements within the noise
+        floor = [u for u, fs in fast.measured.items() if f in fs and abs(fs[f]) <= max(2 * fast.noise[u][f], resolution)]
+        assert len(floor) >= probes.FLOOR_RUN
+        assert all(abs(fs[f]) < 0.05 * abs(fs["ternary"]) for fs in fast.measured.values() if f in fs)
+    sens = fast.sensitivity()
+    assert all(math.isfinite(v) for fs in sens.values() for v in fs.values())
+    # the measured ternary sensitivities are those of the full probe; the plan came first
+    monkeypatch.setenv("QTOOLKIT_CACHE", str(tmp_path / "cache2"))
+    full = run_probe(fp32_ckpt, parse_formats(FORMATS), "layer", calib_tokens=512, prune=False)
+    assert {u: fs["ternary"] for u, fs in fast.measured.items()} == {u: fs["ternary"] for u, fs in full.measured.items()}
+    assert len(plans) == 1 and plans[0]["stage"] == "probe" and plans[0]["pairs"] == 3 * n
+    assert plans[0]["floor_formats"] == ["int8", "fp16"] and plans[0]["seconds"] > 0
+
+
+@pytest.mark.parametrize("units", ["layer", "group"])
+def test_the_announced_time_is_within_2x_of_the_probe(fp32_ckpt, tmp_path, monkeypatch, units):
+    monkeypatch.setenv("QTOOLKIT_CACHE", str(tmp_path / "cache"))
+    plans = []
+    r = run_probe(fp32_ckpt, parse_formats(FORMATS), units, calib_tokens=4096, announce=plans.append)
+    measured_s = r.seconds["measured"]
+    estimate = plans[0]["seconds"]
+    assert estimate / 2 <= measured_s <= 2 * estimate, (estimate, measured_s, plans[0]["timing"])
+
+
 def test_measured_matches_a_direct_evaluation(fp32_ckpt, tmp_path, monkeypatch):
     """The block-input cache must not change the numbers."""
     monkeypatch.setenv("QTOOLKIT_CACHE", str(tmp_path / "cache"))
-    r = run_probe(fp32_ckpt, parse_formats("ternary"), "group", calib_tokens=256)
+    r = run_probe(fp32_ckpt, parse_formats("ternary"), "group", calib_tokens=256, precision="fp32")
     model = float_model(load_checkpoint(fp32_ckpt))
     from qtoolkit.training.data import prepare_data, tokenizer_from_json
     from qtoolkit.training.recipe import DataConfig
@@ -130,3 +169,21 @@ def test_packed_checkpoint_is_refused(fp32_ckpt, tmp_path):
     packed = pack_checkpoint(fp32_ckpt, tmp_path / "p.safetensors").path
     with pytest.raises(CheckpointError, match="latent weights"):
         run_probe(packed, parse_formats("ternary"))
+
+
+def test_bf16_probe_ranks_like_the_fp32_probe(fp32_ckpt, tmp_path, monkeypatch):
+    """The bf16 arithmetic (the default where the hardware has it) keeps the ternary ranking; int8 and
+    fp16 effects are below its resolution, as they are below the calibration noise in fp32."""
+    from scipy.stats import spearmanr
+
+    monkeypatch.setenv("QTOOLKIT_CACHE", str(tmp_path / "cache"))
+    a = run_probe(fp32_ckpt, parse_formats(FORMATS), "layer", calib_tokens=2048, prune=False, precision="fp32")
+    b = run_probe(fp32_ckpt, parse_formats(FORMATS), "layer", calib_tokens=2048, prune=False, precision="bf16")
+    assert a.key != b.key and b.calibration["precision"] == "bf16" and "precision" not in a.calibration
+    units = list(a.measured)
+    rho = spearmanr([a.measured[u]["ternary"] for u in units], [b.measured[u]["ternary"] for u in units]).statistic
+    assert rho > 0.95
+    assert all(abs(a.measured[u]["ternary"] - b.measured[u]["ternary"]) < 0.02 for u in units)
+    assert probes.probe_precision("fp32", torch.device("cpu")) == "fp32"
+    with pytest.raises(ConfigError, match="--probe-precision"):
+        probes.probe_precision("fp8", torch.device("cpu"))

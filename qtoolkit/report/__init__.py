@@ -51,6 +51,7 @@ from qtoolkit.report.text import (
     fmt_bytes,
     human_count,
     outputs_text,
+    plan_text,
     print_outputs,
     print_renderables,
     spec_text,
@@ -59,7 +60,7 @@ from qtoolkit.report.text import (
 )
 
 __all__ = [
-    "BenchProgress", "StageProgress", "TrainProgress", "analysis_figure", "analysis_html", "analysis_markdown",
+    "plan_text", "BenchProgress", "StageProgress", "TrainProgress", "analysis_figure", "analysis_html", "analysis_markdown",
     "KernelBuildNotice", "analysis_renderables", "bench_table", "compare_table", "console", "coverage_table",
     "display_path", "err_console", "error", "eval_summary", "memory_summary", "train_memory_table", "fmt_bytes", "generation_summary", "gguf_export_table",
     "hf_export_table", "human_count", "import_summary", "outputs_text", "pack_summary", "plan_table",

@@ -186,8 +186,8 @@ def search_figure(result):
     optimization history.
 
     Left: evaluated trials (dots), the best loss reachable at each size (a staircase), MILP seeds
-    (hollow squares), uniform references (stars; faint when over budget), trials the sampler
-    proposed over the budget and which were never evaluated (a faint rug at their sizes), the budget
+    (hollow squares), uniform references (stars; faint when over budget), the sizes of the sampler's
+    proposals over the budget, which were repaired into it (a faint rug), the budget
     and the chosen trial. With --pareto the trial scatter and its front are optuna's
     `plot_pareto_front`. Right: the chosen allocation per block and layer. Bottom (single objective):
     optuna's `plot_optimization_history`. Sizes share one unit."""
@@ -248,12 +248,15 @@ def search_figure(result):
         seeds = [t for t in done if t["source"].startswith("milp")]
         ax.scatter([t["bytes"] / div for t in seeds], [t["loss"] for t in seeds], s=70, marker="s",
                    facecolors="none", edgecolors="C1", linewidths=1.5, label="MILP seeds", zorder=3)
-    rejected = [t["bytes"] / div for t in trials if t["state"] == "PRUNED" and t["bytes"] is not None]
+    # proposals over budget: repaired ones at their proposed size; thrown-away ones (studies of earlier versions)
+    rejected = [(t.get("proposed_bytes") or t["bytes"]) / div for t in trials
+                if (t.get("proposed_bytes") or (t["state"] == "PRUNED" and t["bytes"] is not None
+                                                and t["bytes"] > result.budget))]
     if rejected:  # a rug on the x axis: where the sampler proposed allocations that do not fit
         ax.plot(rejected, [0.0] * len(rejected), "|", color="C3", alpha=0.25, markersize=14,
                 transform=ax.get_xaxis_transform())
         ax.plot([], [], "|", color="C3", alpha=0.6, markersize=10, linestyle="none",
-                label=f"proposed over budget, not evaluated ({len(rejected)})")
+                label=f"proposed over budget, repaired into it ({len(rejected)})")
     for i, (key, ref) in enumerate(result.references.items()):
         fits_budget = ref["bytes"] <= result.budget
         ax.scatter([ref["bytes"] / div], [ref["loss"]], marker="*", s=160, color=f"C{i + 2}",

@@ -128,6 +128,7 @@ class StageProgress:
                                  TimeRemainingColumn(compact=True), console=console)
         self.tasks: dict[str, TaskID] = {}
         self._last: dict[str, int] = {}
+        self._first: dict[str, tuple[float, int]] = {}  # stage -> (time, done) when first seen: the ETA's base
 
     def __enter__(self) -> StageProgress:
         return self
@@ -138,10 +139,15 @@ class StageProgress:
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         if not self.live:
+            now = time.perf_counter()
+            t0, done0 = self._first.setdefault(stage, (now, done))
             step = max(1, (total or 10) // 10)
             if stage not in self._last or done == total or done - self._last[stage] >= step:
                 self._last[stage] = done
-                self.console.print(f"{stage}: {done}" + (f"/{total}" if total else ""), highlight=False)
+                eta = ""
+                if total and done > done0 and done < total:
+                    eta = f"  elapsed {now - t0:.0f}s  eta {(now - t0) / (done - done0) * (total - done):.0f}s"
+                self.console.print(f"{stage}: {done}" + (f"/{total}" if total else "") + eta, highlight=False)
             return
         if not self.progress.live.is_started:
             self.progress.start()

@@ -317,16 +317,28 @@ def search_renderables(result, extra_outputs=()) -> list:
     summary.add_column(overflow="fold")
     best = result.best
     summary.add_row("budget", f"{result.budget:,} B", fmt_bytes(result.budget))
+    if result.no_search is not None:
+        return [*out, *_no_search_rows(result, summary, extra_outputs)]
     summary.add_row("chosen policy", f"{best['bytes']:,} B",
                     f"{100 * best['bytes'] / result.budget:.1f}% of budget; smallest reachable {fmt_bytes(result.min_bytes)}")
+    noise = getattr(result, "noise", {}) or {}
+    se = f"+- {noise['se']:.4f} (SE over {noise['batches']} batches); " if noise.get("se") is not None else ""
     summary.add_row("validation loss", f"{best['loss']:.4f}",
-                    f"trial {best['number']} ({best['source']})" if best["number"] is not None
-                    else f"{best['source']} (no searched allocation that fits did better)")
+                    se + (f"trial {best['number']} ({best['source']})" if best["number"] is not None
+                          else f"{best['source']} (no searched allocation that fits did better)"))
     for key, ref in result.references.items():
         fits = "fits" if ref["bytes"] <= result.budget else "over budget"
-        summary.add_row(f"all-{key}", f"{ref['loss']:.4f}", f"{fmt_bytes(ref['bytes'])}, {fits}")
+        summary.add_row(f"all-{key}", f"{ref['loss']:.4f}",
+                        f"{fmt_bytes(ref['bytes'])}, {fits}" + _versus(noise.get("versus", {}).get(key)))
+    ties = [f"all-{f}" for f, c in noise.get("versus", {}).items() if c["fits"] and c["verdict"] == "tied"]
+    if ties:
+        summary.add_row("[yellow]tied[/]", "", f"[yellow]the chosen policy is statistically tied with {', '.join(ties)}: "
+                        "its lower loss is within the noise of the validation batches (more --eval-batches "
+                        "would tell)[/]")
     n_done = sum(t["state"] == "COMPLETE" for t in result.trials)
-    summary.add_row("trials", str(n_done), f"{result.rejected} rejected over budget this run; study {result.study_name}")
+    over = (f"{result.repaired} proposals over budget repaired into it, {result.repeats} repeats not re-evaluated"
+            if result.repaired or result.repeats or not result.rejected else f"{result.rejected} rejected over budget")
+    summary.add_row("trials", str(n_done), f"target {result.trials_target}; {over} this run; study {result.study_name}")
     rho = result.probe.spearman.get("all")
     summary.add_row("probe", "cached" if result.probe.cached else f"{sum(result.probe.seconds.values()):.0f} s",
                     f"Spearman(measured, estimate) {_rho(rho)}")
@@ -339,6 +351,39 @@ def search_renderables(result, extra_outputs=()) -> list:
     if result.interrupted:
         out.append(Text("interrupted: every finished trial is kept in the study; run the same command to continue",
                         style="yellow"))
+    return out
+
+
+def _versus(c) -> str:
+    """The chosen policy against one uniform reference (`search.noise.compare`), in words."""
+    if not c:
+        return ""
+    if c["verdict"] == "untested":
+        return f"; chosen lower by {c['diff']:.4f} (no noise estimate: one batch)"
+    margin = f"{abs(c['diff']):.4f} vs noise {c['threshold']:.4f}"
+    return {"better": f"; chosen better by {margin}", "worse": f"; chosen worse by {margin}",
+            "tied": f"; statistically tied ({margin})"}[c["verdict"]]
+
+
+def _no_search_rows(result, summary: Table, extra_outputs) -> list:
+    """The budget held the most accurate allocation: what was chosen, why, and what would use the room."""
+    best = result.best
+    summary.add_row("chosen policy", f"{best['bytes']:,} B",
+                    f"{100 * best['bytes'] / result.budget:.1f}% of budget; {escape(result.no_search['reason'])}")
+    for kind, applied in getattr(result, "applied", {}).items():
+        loss = f"{applied['loss']:.4f}" if applied.get("loss") is not None else ""
+        summary.add_row(f"applied: {kind}", loss, f"{escape(applied['path'])} ({fmt_bytes(applied['bytes'])} packed)")
+    summary.add_row("outputs", "", escape(outputs_text([*result.outputs(), *extra_outputs])))
+    out: list = [summary]
+    larger = result.no_search.get("larger") or []
+    if larger:
+        keys = result.space.keys
+        parts = [f"all-{x['format']} is {fmt_bytes(x['bytes'])} ({'fits' if x['fits'] else 'over budget'})" for x in larger]
+        out.append(Text.assemble(
+            ("room left: ", "bold"),
+            f"{fmt_bytes(result.budget - best['bytes'])} of the budget is unused. Larger formats would use it: "
+            + "; ".join(parts) + ". To let the search use the room, add them as candidates: --formats "
+            + ",".join([*keys, *(x["format"] for x in larger)])))
     return out
 
 

@@ -265,3 +265,30 @@ def compare_rows(a, b, spec_fmt=spec_text) -> tuple[list[str], list[list[str]], 
              f"{8 * tb['bytes'] / tb['params']:.3f}", _pct(ta["zeros"]), _pct(tb["zeros"]),
              "-" if ta["zeros"] is None or tb["zeros"] is None else f"{100 * (tb['zeros'] - ta['zeros']):+.1f}", "", ""]
     return headers, rows, total
+
+
+def fmt_seconds(s: float) -> str:
+    s = max(0.0, float(s))
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def plan_text(plan: dict[str, Any]) -> str:
+    """What a probe or a search is about to do and its estimated time (`qtoolkit.search.estimate`)."""
+    if plan["stage"] == "probe":
+        floor = plan.get("floor_formats") or []
+        stop = (f"; {', '.join(floor)} expected at the noise floor: measured until {plan['floor_run']} units in a row "
+                "are, then estimated" if floor else "")
+        return (f"probe: {plan['units']} units x {len(plan['formats'])} formats ({', '.join(plan['formats'])}) on "
+                f"{plan['tokens']:,} calibration tokens, {plan['pairs_left']} of {plan['pairs']} measurements to do"
+                f"{stop}; estimated {fmt_seconds(plan['seconds'])} (scaled to the first measurements)")
+    probe = ("probe cached" if plan["probe"] is None else
+             f"probe {fmt_seconds(plan['probe_seconds'])} ({plan['probe']['units']} units x "
+             f"{len(plan['probe']['formats'])} formats, {plan['probe']['tokens']:,} tokens)")
+    ft = f" after {plan['finetune_steps']} finetuning steps" if plan["finetune_steps"] else ""
+    return (f"search: {probe}, then up to {plan['trials']} trials and {plan['references']} uniform references, each "
+            f"{plan['eval_tokens']:,} validation tokens{ft} (~{fmt_seconds(plan['trial_seconds'])} each); "
+            f"estimated {fmt_seconds(plan['seconds'])} in all")

@@ -16,7 +16,8 @@ little validation loss as possible.
    solved with scipy's `milp` (HiGHS). Its k best solutions (no-good cuts), and the solutions for
    the Fisher estimate, are enqueued as the first Optuna trials.
 4. Refinement with the true objective: each Optuna trial picks a format per unit; an allocation
-   over budget is rejected (pruned) before any evaluation; otherwise the checkpoint's weights are
+   over budget is repaired into it (`repair`: the smaller formats that cost the least sensitivity
+   per byte) and one already scored is not scored again (pruned); the checkpoint's weights are
    fake-quantized with it (optionally QAT-finetuned for `finetune_steps`) and the objective is the
    mean validation cross-entropy on fixed batches. TPE (single objective) or NSGA-II (`pareto`:
    bytes and loss, over budgets from the smallest reachable size up to the budget), seeded.
@@ -60,6 +61,7 @@ from qtoolkit.outputs import check_outputs
 from qtoolkit.pack import model_from_checkpoint
 from qtoolkit.rundir import run_dir_lock
 from qtoolkit.schema import check_int, check_number, check_seed
+from qtoolkit.search.noise import compare, standard_error
 from qtoolkit.search.probes import (
     Format,
     ProbeResult,
@@ -160,6 +162,48 @@ class SearchSpace:
         return policy
 
 
+# Between formats of equal size, the one with more mantissa bits is the more accurate (fp16 over bf16).
+_MANTISSA_BITS = {"fp32": 23, "fp16": 10, "bf16": 7}
+# Formats beyond the candidates that a budget with room to spare could use (the hint names them).
+LARGER_FORMATS = ("bf16", "fp16", "fp32")
+
+
+def most_accurate_allocation(space: SearchSpace) -> dict[str, str] | None:
+    """Per unit, the candidate format that loses least: the largest (more stored bits per weight;
+    fp32 is exact), between equal sizes the one with more mantissa bits. None when two candidates
+    of one unit cannot be ordered that way (same size, neither a float cast): then only measuring
+    tells, and the search runs."""
+    alloc = {}
+    for u in space.units:
+        ranked = sorted(space.keys, key=lambda f: (space.cost[u.name][f], _MANTISSA_BITS.get(space.spec(f)["name"], -1)),
+                        reverse=True)
+        top = ranked[0]
+        if len(ranked) > 1:
+            second = ranked[1]
+            same = space.cost[u.name][top] == space.cost[u.name][second]
+            if same and _MANTISSA_BITS.get(space.spec(top)["name"], -1) == _MANTISSA_BITS.get(space.spec(second)["name"], -1):
+                return None
+        alloc[u.name] = top
+    return alloc
+
+
+def larger_formats(space: SearchSpace, budget: int) -> list[dict[str, Any]]:
+    """Float formats outside the candidates that store more than every candidate (bf16, fp16, fp32):
+    each with its all-units size and whether that fits the budget. Named when the budget leaves room."""
+    from qtoolkit.search.probes import Format, format_key
+
+    biggest = max(quantizers.build(f.spec).nbytes((256, 256)) for f in space.formats)
+    out = []
+    for name in LARGER_FORMATS:
+        spec = quantizers.canonical(name)
+        if any(f.spec == spec for f in space.formats) or quantizers.build(spec).nbytes((256, 256)) <= biggest:
+            continue
+        fmt = Format(format_key(spec), spec)
+        size = space.fixed_bytes + sum(u.nbytes(fmt) for u in space.units)
+        out.append({"format": fmt.key, "bytes": size, "fits": size <= budget})
+    return out
+
+
 def _short(spec: dict[str, Any]) -> str | dict[str, Any]:
     from qtoolkit import quantizers
 
@@ -216,6 +260,39 @@ def milp_allocations(space: SearchSpace, sens: dict[str, dict[str, float]], budg
     return found
 
 
+def repair(space: SearchSpace, sens: dict[str, dict[str, float]], alloc: dict[str, str], budget: int) -> dict[str, str]:
+    """Move an over-budget allocation into the budget: repeatedly give one unit a smaller format,
+    the move that costs the least sensitivity per byte saved (the probe's S), until it fits. The
+    sampler's proposals are thereby decoded into the feasible set instead of being thrown away."""
+    alloc = dict(alloc)
+    over = space.bytes_of(alloc) - budget
+    while over > 0:
+        best, best_rate = None, math.inf
+        for u in space.units:
+            cur = alloc[u.name]
+            for f in space.keys:
+                saved = space.cost[u.name][cur] - space.cost[u.name][f]
+                if saved > 0:
+                    # a move that saves all that is missing is charged for the bytes it needs, not more
+                    rate = max(sens[u.name][f] - sens[u.name][cur], 0.0) / min(saved, over)
+                    if rate < best_rate or (rate == best_rate and best and saved > best[2]):
+                        best, best_rate = (u.name, f, saved), rate
+        if best is None:  # every unit at its smallest format: the budget is below the smallest size
+            raise SearchError(f"budget {budget:,} B is below the smallest reachable size {space.min_bytes:,} B")
+        alloc[best[0]] = best[1]
+        over -= best[2]
+    return alloc
+
+
+def default_trials(space: SearchSpace) -> int:
+    """Trials to run when none are asked for: 4 * sqrt(units * (formats - 1)), between 10 and 100.
+    The space has formats^units allocations; the sampler learns per unit, so the trials grow with
+    the number of free choices, but slowly (each costs a full evaluation). One format: 1 trial."""
+    if len(space.keys) < 2:
+        return 1
+    return int(min(100, max(10, round(4 * math.sqrt(len(space.units) * (len(space.keys) - 1))))))
+
+
 # ------------------------------------------------------------------------------ the objective
 
 
@@ -236,15 +313,38 @@ class Evaluator:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.calib, self.sources = calib, sources
         self.tokens = sum(y.numel() for _, y in val_batches)
+        self.batch_losses: list[float] = []  # per validation batch, of the last evaluation (`search.noise`)
 
     @property
     def finetune_seed(self) -> int:
         return self.seed + 1  # the finetuning batches differ from the calibration windows
 
     def _val_loss(self, model: nn.Module) -> float:
+        """`evaluate_batches`' loss (what `qtool eval` reports); the per-batch mean cross-entropies
+        are taken from the same forward passes (a hook on the logits) into `self.batch_losses`."""
+        import torch.nn.functional as F
+
         from qtoolkit.training.trainer import evaluate_batches
 
-        return evaluate_batches(model, self.val_batches, self.device)["val_loss"]
+        targets = iter(y for _, y in self.val_batches)
+        losses: list[float] = []
+
+        def per_batch(module, args, logits) -> None:
+            y = next(targets).to(logits.device)
+            losses.append(float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten())))
+
+        hook = model.register_forward_hook(per_batch)
+        try:
+            loss = evaluate_batches(model, self.val_batches, self.device)["val_loss"]
+        finally:
+            hook.remove()
+        self.batch_losses = losses
+        return loss
+
+    @property
+    def standard_error(self) -> float | None:
+        """SE of the last evaluation's loss, from its per-batch losses (`search.noise`)."""
+        return standard_error(self.batch_losses)
 
     def __call__(self, alloc: dict[str, str]) -> float:
         assignment = self.space.assignment(alloc)
@@ -316,7 +416,7 @@ class SearchResult:
     min_bytes: int
     max_bytes: int
     space: SearchSpace
-    probe: ProbeResult
+    probe: ProbeResult | None  # None: the budget needed no search (`no_search`)
     study_name: str
     storage: str
     trials: list[dict[str, Any]]
@@ -325,11 +425,23 @@ class SearchResult:
     pareto_front: list[dict[str, Any]] = field(default_factory=list)
     policy: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
-    rejected: int = 0
+    rejected: int = 0  # proposals over budget thrown away (studies of earlier versions; now they are repaired)
+    repaired: int = 0  # proposals over budget moved into it (`repair`) this run
+    repeats: int = 0  # proposals (mostly repaired ones) equal to an allocation already scored: pruned, not re-evaluated
+    trials_target: int = 0
     elapsed_s: float = 0.0
     applied: dict[str, Any] = field(default_factory=dict)  # --apply: {"quantized"/"finetuned": {path, bytes, loss}}
     study: Any = field(default=None, repr=False, compare=False)  # the optuna.Study (figures draw from it)
     pareto: bool = False
+    # the budget needed no search: {"reason", "larger": [{"format", "bytes", "fits"}]} (`answer_without_search`)
+    no_search: dict[str, Any] | None = None
+    # {"se": SE of the chosen loss, "batches", "versus": {format: search.noise.compare(chosen, uniform) + "fits"}}
+    noise: dict[str, Any] = field(default_factory=dict)
+
+    def ties(self) -> list[str]:
+        """The uniform formats that fit the budget and whose loss the chosen allocation does not beat
+        beyond the noise (`search.noise`)."""
+        return [f for f, c in self.noise.get("versus", {}).items() if c["fits"] and c["verdict"] == "tied"]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -339,18 +451,21 @@ class SearchResult:
                       for u in self.space.units],
             "fixed_bytes": self.space.fixed_bytes,
             "study": self.study_name, "storage": self.storage,
-            "probe": {"key": self.probe.key, "base_loss": self.probe.base_loss, "spearman": self.probe.spearman,
-                      "seconds": self.probe.seconds, "complete": self.probe.complete,
-                      "calibration": self.probe.calibration},
+            "probe": None if self.probe is None else {
+                "key": self.probe.key, "base_loss": self.probe.base_loss, "spearman": self.probe.spearman,
+                "seconds": self.probe.seconds, "complete": self.probe.complete,
+                "calibration": self.probe.calibration},
+            "no_search": self.no_search, "noise": self.noise,
             "references": self.references, "best": self.best, "policy": self.policy,
             "pareto_front": self.pareto_front, "trials": self.trials, "rejected_over_budget": self.rejected,
+            "repaired_over_budget": self.repaired, "repeats": self.repeats, "trials_target": self.trials_target,
             "interrupted": self.interrupted, "applied": self.applied, "pareto": self.pareto,
         }
 
     def outputs(self) -> list[Path]:
         """The files this search writes (the study's SQLite file when the storage is the default)."""
         files = [self.out_dir / "search.json"] + ([self.out_dir / "policy.yaml"] if self.best else [])
-        if self.storage.startswith("sqlite:///"):
+        if self.storage.startswith("sqlite:///") and self.no_search is None:
             files.append(Path(self.storage[len("sqlite:///"):]))
         return files
 
@@ -359,8 +474,10 @@ def _trial_record(t) -> dict[str, Any]:
     values = t.values if t.values is not None else None
     return {
         "number": t.number, "state": t.state.name, "bytes": t.user_attrs.get("bytes"),
-        "loss": t.user_attrs.get("loss"), "source": t.user_attrs.get("source", "sampler"),
-        "values": values, "allocation": dict(t.params),
+        "loss": t.user_attrs.get("loss"), "se": t.user_attrs.get("se"),
+        "batch_losses": t.user_attrs.get("batch_losses"), "source": t.user_attrs.get("source", "sampler"),
+        "values": values, "allocation": dict(t.user_attrs.get("allocation") or t.params),
+        "proposed_bytes": t.user_attrs.get("proposed_bytes"), "repeat_of": t.user_attrs.get("repeat_of"),
     }
 
 
@@ -427,7 +544,7 @@ def run_search(
     formats: list[Format],
     out_dir: str | Path,
     data_path: str | None = None,
-    trials: int = 30,
+    trials: int | None = None,
     timeout: float | None = None,
     storage: str | None = None,
     study_name: str | None = None,
@@ -441,15 +558,21 @@ def run_search(
     progress: Progress = _noop,
     device: str = "auto",
     apply: bool = False,
+    announce: Callable[[dict[str, Any]], None] | None = None,
+    probe_precision: str = "auto",
 ) -> SearchResult:
     """The search of the module docstring. With `apply`, the chosen allocation is then written as a
     quantized training checkpoint (`apply_allocation`), and with `finetune_steps` its finetuned
-    version too. `device` (auto, cpu, cuda) runs the probe, the trials and their finetuning."""
+    version too. `device` (auto, cpu, cuda) runs the probe, the trials and their finetuning.
+    `announce(plan)` receives what the search will do and its estimated seconds (`search.estimate`)
+    before the bulk of the work. `probe_precision` is the probe's arithmetic (`probes.probe_precision`);
+    the trials are scored in the evaluation's usual arithmetic."""
     from qtoolkit.device import resolve_device
 
     t_start = time.perf_counter()
     budget = parse_budget(budget)
-    check_int(trials, "trials", 1)
+    if trials is not None:
+        check_int(trials, "trials", 1)
     if timeout is not None:
         check_number(timeout, "timeout", minimum=0)
     check_int(finetune_steps, "finetune_steps", 0)
@@ -460,9 +583,13 @@ def run_search(
         raise ConfigError("formats: give at least one candidate format")
     deadline = None if timeout is None else t_start + timeout
     dev = resolve_device(device)
+    from qtoolkit.search.probes import probe_precision as check_precision
+
+    check_precision(probe_precision, torch.device(dev))
     ckpt = load_checkpoint(ckpt_path)
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     space = build_space(cfg, formats, granularity)
+    trials = default_trials(space) if trials is None else trials
     if budget < space.min_bytes:
         raise SearchError(
             f"budget {budget:,} B is below the smallest reachable size {space.min_bytes:,} B "
@@ -474,30 +601,51 @@ def run_search(
                   [ckpt_path, data_path])
     if apply:
         check_apply_outputs(out_dir, finetune_steps)
+    answer = None if pareto else most_accurate_allocation(space)
     with run_dir_lock(out_dir, "qtool search"):
+        if answer is not None and space.bytes_of(answer) <= budget:
+            return answer_without_search(ckpt_path, ckpt, cfg, space, budget, answer, out_dir, data_path, finetune_steps,
+                                         seed, calib_tokens, eval_batches, progress, t_start, dev, apply)
         return _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
                        study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
-                       progress, t_start, device, dev, apply)
+                       progress, t_start, device, dev, apply, announce or (lambda plan: None), probe_precision)
 
 
-def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
-            study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
-            progress, t_start, device, dev, apply) -> SearchResult:
-    import optuna
+def answer_without_search(ckpt_path, ckpt, cfg, space, budget, alloc, out_dir, data_path, finetune_steps, seed,
+                          calib_tokens, eval_batches, progress, t_start, dev, apply) -> SearchResult:
+    """The budget holds the most accurate allocation of the candidates: that is the answer, known
+    without probing or trials. Its policy is written (and with `apply` its checkpoint); the result
+    names the larger formats (bf16, fp32) that would use the room left."""
+    nbytes = space.bytes_of(alloc)
+    keys = sorted(set(alloc.values()))
+    reason = (f"all-{keys[0]}" if len(keys) == 1 else "every unit at its most accurate candidate") + \
+        f" ({nbytes:,} B) fits the budget: no candidate allocation can be more accurate, so nothing was probed or searched"
+    best = {"number": None, "state": "NO_SEARCH", "bytes": nbytes, "loss": None, "se": None,
+            "source": "most accurate allocation", "values": None, "allocation": alloc}
+    result = SearchResult(
+        out_dir=out_dir, budget=budget, min_bytes=space.min_bytes, max_bytes=space.max_bytes, space=space,
+        probe=None, study_name="", storage="", trials=[], best=best, references={}, policy=space.policy(alloc),
+        elapsed_s=time.perf_counter() - t_start, no_search={"reason": reason, "larger": larger_formats(space, budget)},
+    )
+    write_outputs(result)
+    if apply:
+        evaluate = _evaluator(ckpt, cfg, space, data_path, finetune_steps, seed, calib_tokens, eval_batches, dev,
+                              progress) if finetune_steps else None
+        result.applied = apply_allocation(result, ckpt_path, evaluate, data_path, calib_tokens, seed, progress)
+        write_outputs(result)
+    return result
 
-    from qtoolkit.search.probes import checkpoint_fingerprint
+
+def _evaluator(ckpt, cfg, space, data_path, finetune_steps, seed, calib_tokens, eval_batches, dev, progress
+               ) -> tuple[Evaluator, Any]:
+    """The trials' objective (validation batches, calibration windows, finetuning settings) and the data."""
     from qtoolkit.training.data import prepare_data, tokenizer_from_json
     from qtoolkit.training.recipe import checkpoint_data_config
-
-    probe = run_probe(ckpt_path, formats, granularity, data_path, calib_tokens, seed,
-                      timeout=None if deadline is None else max(1.0, deadline - time.perf_counter()),
-                      progress=progress, device=device)
-    sens = probe.sensitivity()
 
     model = float_model(ckpt).to(dev)
     recipe = ckpt.get("recipe") or {}
     train_cfg = recipe.get("train") or {}
-    calibrated = [f.key for f in formats if quantizers.build(f.spec).calibration]  # per spec: intn calibrates with gptq only
+    calibrated = [f.key for f in space.formats if quantizers.build(f.spec).calibration]  # per spec: intn calibrates with gptq only
     data = prepare_data(checkpoint_data_config(ckpt, data_path), cfg.vocab_size,
                         tokenizer=tokenizer_from_json(ckpt["tokenizer"]), need_train=finetune_steps > 0 or bool(calibrated),
                         progress=progress)
@@ -511,6 +659,37 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
     evaluate = Evaluator(model, space, val_batches, data.train, finetune_steps,
                          float(train_cfg.get("lr", 1e-3)) * float(train_cfg.get("min_lr_ratio", 0.1)), bs, sl, seed,
                          calib=calib, sources=source_quantizers(ckpt), device=dev)
+    return evaluate, data
+
+
+def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, trials, deadline, storage,
+            study_name, granularity, finetune_steps, pareto, seed, calib_tokens, eval_batches, seeds_k,
+            progress, t_start, device, dev, apply, announce, probe_precision) -> SearchResult:
+    import optuna
+
+    from qtoolkit.search.estimate import Timing, quick_timing, trial_seconds
+    from qtoolkit.search.probes import checkpoint_fingerprint
+
+    train_cfg = (ckpt.get("recipe") or {}).get("train") or {}
+    bs, sl = int(train_cfg.get("batch_size") or 8), int(train_cfg.get("seq_len") or cfg.max_seq_len)
+
+    def plan(timing: Timing, probe_s: float, probe_plan: dict[str, Any] | None) -> None:
+        per_trial = trial_seconds(timing, space.units, formats, eval_batches * bs * sl, finetune_steps, bs * sl)
+        evaluations = trials + len(formats)  # the trials and the uniform references (fewer on a resumed study)
+        announce({"stage": "search", "probe": probe_plan, "probe_seconds": probe_s, "trials": trials,
+                  "references": len(formats), "trial_seconds": per_trial, "eval_tokens": eval_batches * bs * sl,
+                  "finetune_steps": finetune_steps, "seconds": probe_s + evaluations * per_trial})
+
+    probe = run_probe(ckpt_path, formats, granularity, data_path, calib_tokens, seed,
+                      timeout=None if deadline is None else max(1.0, deadline - time.perf_counter()),
+                      progress=progress, device=device, precision=probe_precision,
+                      announce=lambda p: plan(Timing.from_dict(p["timing"]), p["seconds"], p))
+    sens = probe.sensitivity()
+    evaluate, data = _evaluator(ckpt, cfg, space, data_path, finetune_steps, seed, calib_tokens, eval_batches, dev,
+                                progress)
+    if probe.cached:  # nothing announced yet: time the trials' model on one validation batch
+        plan(quick_timing(evaluate.model, evaluate.val_batches[0], space.units, formats, evaluate.calib,
+                          evaluate.sources), 0.0, None)
 
     storage_url = storage or f"sqlite:///{(out_dir / 'search.db').resolve()}"
     identity = study_identity(checkpoint_fingerprint(ckpt["path"]), space, budget, pareto, finetune_steps,
@@ -535,7 +714,9 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
     for f in space.keys:
         if f not in references:
             alloc = space.uniform(f)
-            references[f] = {"bytes": space.bytes_of(alloc), "loss": evaluate(alloc)}
+            loss = evaluate(alloc)
+            references[f] = {"bytes": space.bytes_of(alloc), "loss": loss, "se": evaluate.standard_error,
+                             "batch_losses": evaluate.batch_losses}
             study.set_user_attr("references", references)
 
     # exact seeds (first run of the study only; marked after enqueueing, so a crash loses none)
@@ -564,23 +745,37 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
     TS = optuna.trial.TrialState
 
     def n_complete() -> int:
-        return sum(t.state == TS.COMPLETE for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE,)))
+        return len(study.get_trials(deepcopy=False, states=(TS.COMPLETE,)))
 
-    counts = {"rejected": 0, "done": n_complete()}
+    scored: dict[str, Any] = {}  # allocation -> the trial that scored it (a repaired proposal may repeat one)
+    for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE,)):
+        scored.setdefault(json.dumps(t.user_attrs.get("allocation") or t.params, sort_keys=True), t)
+    counts = {"rejected": 0, "repaired": 0, "repeats": 0, "done": n_complete()}
     max_rejections = 200 * trials
 
     def objective(trial):
         alloc = {u.name: trial.suggest_categorical(u.name, space.keys) for u in space.units}
+        proposed = space.bytes_of(alloc)
+        if proposed > budget:  # decoded into the feasible set, never thrown away
+            alloc = repair(space, sens, alloc, budget)
+            counts["repaired"] += 1
+            trial.set_user_attr("proposed_bytes", proposed)
+            trial.set_user_attr("allocation", alloc)
         nbytes = space.bytes_of(alloc)
         trial.set_user_attr("bytes", nbytes)
-        if nbytes > budget:  # rejected before any evaluation
-            counts["rejected"] += 1
-            raise optuna.TrialPruned(f"{nbytes} B over the budget")
+        sig = json.dumps(alloc, sort_keys=True)
+        if sig in scored:  # already scored (a repaired proposal may land on one): not evaluated again
+            counts["repeats"] += 1
+            trial.set_user_attr("repeat_of", scored[sig].number)
+            raise optuna.TrialPruned(f"the allocation of trial {scored[sig].number}")
         loss = evaluate(alloc)
         if not math.isfinite(loss):
             trial.set_user_attr("error", f"non-finite loss {loss}")
             return [nbytes, math.nan] if pareto else math.nan  # Optuna records the trial as failed
         trial.set_user_attr("loss", loss)
+        trial.set_user_attr("se", evaluate.standard_error)
+        trial.set_user_attr("batch_losses", evaluate.batch_losses)
+        scored[sig] = trial
         return [nbytes, loss] if pareto else loss
 
     def seeds_waiting() -> bool:  # an exact seed (a retried one included) is never left unevaluated
@@ -591,7 +786,7 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
         if frozen.state == TS.COMPLETE:
             counts["done"] = n_complete()
             progress("search trials", min(counts["done"], trials), trials)
-        if (counts["done"] >= trials and not seeds_waiting()) or counts["rejected"] >= max_rejections:
+        if (counts["done"] >= trials and not seeds_waiting()) or counts["repeats"] >= max_rejections:
             study.stop()
 
     interrupted = False
@@ -607,8 +802,9 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
     records = [_trial_record(t) for t in study.get_trials(deepcopy=False)]
     complete = [r for r in records if r["state"] == "COMPLETE" and r["bytes"] is not None and r["bytes"] <= budget]
     # a uniform allocation that fits and was measured is a candidate too: the answer is never worse
-    uniform = [{"number": None, "state": "REFERENCE", "bytes": ref["bytes"], "loss": ref["loss"],
-                "source": f"uniform {f}", "values": None, "allocation": space.uniform(f)}
+    uniform = [{"number": None, "state": "REFERENCE", "bytes": ref["bytes"], "loss": ref["loss"], "se": ref.get("se"),
+                "batch_losses": ref.get("batch_losses"), "source": f"uniform {f}", "values": None,
+                "allocation": space.uniform(f)}
                for f, ref in references.items() if f in space.keys and ref["bytes"] <= budget
                and ref["loss"] is not None and math.isfinite(ref["loss"])]
     candidates = complete + uniform
@@ -618,11 +814,17 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
         if not front or r["loss"] < front[-1]["loss"]:
             front.append({"number": r["number"], "bytes": r["bytes"], "loss": r["loss"], "source": r["source"]})
     policy = space.policy(best["allocation"]) if best else {}
+    # is the chosen allocation really better than each uniform one? (search.noise: paired, per batch)
+    noise = {"se": best.get("se"), "batches": len(best.get("batch_losses") or []),
+             "versus": {f: {**compare(best, ref), "fits": ref["bytes"] <= budget} for f, ref in references.items()
+                        if best["source"] != f"uniform {f}" and ref.get("loss") is not None
+                        and math.isfinite(ref["loss"])}} if best else {}
     result = SearchResult(
         out_dir=out_dir, budget=budget, min_bytes=space.min_bytes, max_bytes=space.max_bytes, space=space,
         probe=probe, study_name=name, storage=storage_url, trials=records, best=best, references=references,
         pareto_front=front, policy=policy, interrupted=interrupted, rejected=counts["rejected"],
-        elapsed_s=time.perf_counter() - t_start, study=study, pareto=pareto,
+        repaired=counts["repaired"], repeats=counts["repeats"],
+        elapsed_s=time.perf_counter() - t_start, study=study, pareto=pareto, noise=noise, trials_target=trials,
     )
     write_outputs(result)
     if apply:
@@ -647,7 +849,7 @@ def check_apply_outputs(out_dir: Path, finetune_steps: int) -> None:
                               "--out, since --apply never overwrites a checkpoint")
 
 
-def apply_allocation(result: SearchResult, ckpt_path: str | Path, evaluate: Evaluator, data_path: str | None,
+def apply_allocation(result: SearchResult, ckpt_path: str | Path, evaluate: Evaluator | None, data_path: str | None,
                      calib_tokens: int, seed: int, progress: Progress = _noop) -> dict[str, Any]:
     """Write the chosen allocation as a quantized training checkpoint through `qtool quantize`'s code
     (`training.ptq.quantize_checkpoint`, the same calibration windows as the trials), and with
@@ -659,19 +861,20 @@ def apply_allocation(result: SearchResult, ckpt_path: str | Path, evaluate: Eval
     best = result.best
     record = {"search": {"out": str(result.out_dir), "study": result.study_name, "trial": best["number"],
                         "loss": best["loss"], "bytes": best["bytes"], "budget": result.budget,
-                        "finetune_steps": evaluate.finetune_steps}}
+                        "finetune_steps": evaluate.finetune_steps if evaluate else 0}}
     paths = applied_paths(result.out_dir)
     progress("applying the allocation", 0, None)
     q = quantize_checkpoint(ckpt_path, result.policy, paths["quantized"], data=data_path, calib_tokens=calib_tokens,
                             seed=seed, progress=progress, record=record)
     applied: dict[str, Any] = {"quantized": {"path": str(q.path), "bytes": q.total_bytes,
-                                             "loss": None if evaluate.finetune_steps else best["loss"]}}
-    if evaluate.finetune_steps:
+                                             "loss": None if evaluate and evaluate.finetune_steps else best["loss"]}}
+    if evaluate and evaluate.finetune_steps:
         f = finetune_checkpoint(q.path, paths["finetuned"], evaluate.finetune_steps, lr=evaluate.finetune_lr,
                                 data=data_path, seed=evaluate.finetune_seed, batch_size=evaluate.batch_size,
                                 seq_len=evaluate.seq_len, progress=progress)
         applied["quantized"]["loss"] = evaluate._val_loss(model_from_checkpoint(load_checkpoint(q.path))[0])
-        applied["finetuned"] = {"path": str(f), "bytes": q.total_bytes, "loss": best["loss"]}
+        loss = best["loss"] if best["loss"] is not None else evaluate._val_loss(model_from_checkpoint(load_checkpoint(f))[0])
+        applied["finetuned"] = {"path": str(f), "bytes": q.total_bytes, "loss": loss}
     progress("applying the allocation", 1, 1)
     return applied
 
@@ -683,16 +886,24 @@ def write_outputs(result: SearchResult) -> None:
     if not result.best:
         return
     best = result.best
-    origin = (f"trial {best['number']}, {best['source']}" if best["number"] is not None
-              else f"{best['source']}: no searched allocation that fits did better")
+    if result.no_search is not None:
+        outcome = f"# {result.no_search['reason']}\n"
+    else:
+        origin = (f"trial {best['number']}, {best['source']}" if best["number"] is not None
+                  else f"{best['source']}: no searched allocation that fits did better")
+        se = f" +- {best['se']:.4f} (SE)" if best.get("se") is not None else ""
+        outcome = f"# validation loss {best['loss']:.4f}{se} ({origin})\n"
+        if result.ties():
+            outcome += (f"# statistically tied with all-{', all-'.join(result.ties())} (the difference is within "
+                        "the noise of the validation batches)\n")
     header = (
         "# qtool search: mixed-precision policy\n"
         f"# budget {result.budget:,} B; this policy: {best['bytes']:,} B (qtool plan gives the same figure)\n"
-        f"# validation loss {best['loss']:.4f} ({origin})\n"
+        + outcome +
         f"# use: qtool train --recipe ternary_all --set policy={result.out_dir / 'policy.yaml'}\n"
     )
     atomic_write_text(result.out_dir / "policy.yaml", header + yaml.safe_dump(result.policy, sort_keys=False))
 
 
-__all__ = ["Evaluator", "SearchError", "SearchResult", "SearchSpace", "apply_allocation", "build_space",
-           "milp_allocations", "open_storage", "parse_budget", "run_search"]
+__all__ = ["Evaluator", "SearchError", "SearchResult", "SearchSpace", "apply_allocation", "answer_without_search",
+           "build_space", "default_trials", "larger_formats", "milp_allocations", "most_accurate_allocation", "repair", "open_storage", "parse_budget", "run_search"]

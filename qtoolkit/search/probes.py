@@ -56,9 +56,13 @@ from qtoolkit.errors import CheckpointError, ConfigError, QToolkitError, short_r
 from qtoolkit.evaluate.analyze import code_stats, latent_stats
 from qtoolkit.model import DecoderLM, layer_position
 from qtoolkit.policy import apply_policy, set_by_name
+from qtoolkit.search.estimate import floor_formats, probe_estimate, quick_timing
+from qtoolkit.search.noise import Z, paired_standard_error
 from qtoolkit.training.data import CALIBRATION_STEP, calibration_batches  # noqa: F401 (re-exported)
 
 Progress = Callable[[str, int, int | None], None]
+FLOOR_RUN = 3  # a format stops being measured after this many consecutive units at the noise floor
+CALIBRATE_PAIRS = 2  # the time estimate is scaled to this many real measurements before it is announced
 
 
 class ProbeError(QToolkitError, RuntimeError):
@@ -200,14 +204,44 @@ def _ce(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
 
 
-class CachedForward:
-    """Calibration losses of a model whose inputs to each block are cached from the base model."""
+PRECISIONS = ("auto", "fp32", "bf16")
 
-    def __init__(self, model: DecoderLM, batches: list[tuple[Tensor, Tensor]]):
-        self.model, self.batches = model, batches
+
+def probe_precision(precision: str, device: torch.device) -> str:
+    """The arithmetic of the probe's forward passes. "auto": bf16 where the hardware multiplies bf16
+    natively (a CUDA GPU; a CPU with AMX or AVX512-BF16, through oneDNN), else fp32."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--probe-precision must be one of {', '.join(PRECISIONS)}, got {short_repr(precision)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "fp32"
+        native = " amx_bf16" in flags or " avx512_bf16" in flags
+        return "bf16" if native and torch.backends.mkldnn.is_available() else "fp32"
+    return "fp32"
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class CachedForward:
+    """Calibration losses of a model whose inputs to each block are cached from the base model.
+    `autocast` (a context factory) sets the arithmetic of every pass, the cached one included."""
+
+    def __init__(self, model: DecoderLM, batches: list[tuple[Tensor, Tensor]],
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        self.model, self.batches, self.autocast = model, batches, autocast
         self.tokens = sum(y.numel() for _, y in batches)
         self.hidden: list[list[Tensor]] = []  # per batch: inputs to blocks 0..L-1 and the final hidden
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             for x, _ in batches:
                 h = model.embed(x)
                 hs = [h]
@@ -222,8 +256,13 @@ class CachedForward:
 
     @torch.no_grad()
     def loss(self, start: int | None) -> float:
-        """Mean CE, recomputing from block `start` (None: from the embedding; n_layers: the head)."""
-        total = 0.0
+        """Mean CE, recomputing from block `start` (None: from the embedding; n_layers: the head).
+        The mean CE of every calibration sequence is kept in `self.sequence_losses` (`search.noise`)."""
+        with self.autocast():
+            return self._loss(start)
+
+    def _loss(self, start: int | None) -> float:
+        total, per_seq = 0.0, []
         for (x, y), hs in zip(self.batches, self.hidden, strict=True):
             cos, sin = self._rope(x.shape[1])
             if start is None:
@@ -232,7 +271,11 @@ class CachedForward:
                 h, first = hs[start], start
             for block in self.model.blocks[first:]:
                 h = block(h, cos, sin)
-            total += _ce(self.model.lm_head(self.model.norm(h)), y).item()
+            logits = self.model.lm_head(self.model.norm(h))
+            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+            total += float(ce.sum())
+            per_seq += ce.mean(1).tolist()
+        self.sequence_losses = per_seq
         return total / self.tokens
 
 
@@ -256,18 +299,25 @@ class ProbeResult:
     formats: list[dict[str, Any]]  # {"key", "spec"}
     calibration: dict[str, Any]
     base_loss: float | None = None
+    base_sequences: list[float] = field(default_factory=list)  # the base model's CE per calibration sequence
     measured: dict[str, dict[str, float]] = field(default_factory=dict)  # unit -> fmt -> S
     cheap: dict[str, dict[str, float]] = field(default_factory=dict)
     sparsity: dict[str, dict[str, Any]] = field(default_factory=dict)  # module -> stats
     spearman: dict[str, float | None] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     complete: bool = False
+    # format -> units not measured because the format's effect sat at the noise floor (|S| <= 2 SE)
+    # for FLOOR_RUN consecutive units in one-pass-estimate order; their S is the rescaled estimate
+    pruned: dict[str, list[str]] = field(default_factory=dict)
+    noise: dict[str, dict[str, float]] = field(default_factory=dict)  # unit -> fmt -> paired SE of S
+    estimate: dict[str, Any] = field(default_factory=dict)  # the time estimate announced before measuring
     cached: bool = False
     cache_path: str = ""  # the JSON file under $QTOOLKIT_CACHE/probes that holds these results
 
     def missing(self) -> list[tuple[str, str]]:
+        """Pairs neither measured nor pruned at the noise floor."""
         return [(u["name"], f["key"]) for u in self.units for f in self.formats
-                if f["key"] not in self.measured.get(u["name"], {})]
+                if f["key"] not in self.measured.get(u["name"], {}) and u["name"] not in self.pruned.get(f["key"], ())]
 
     def sensitivity(self) -> dict[str, dict[str, float]]:
         """Measured S where available; the cheap estimate, rescaled to the measured values it
@@ -391,9 +441,17 @@ def run_probe(
     progress: Progress = _noop,
     use_cache: bool = True,
     device: str = "auto",
+    announce: Callable[[dict[str, Any]], None] | None = None,
+    prune: bool = True,
+    precision: str = "auto",
 ) -> ProbeResult:
     """Sparsity probe, cheap estimate and measured sensitivities (module docstring), cached.
-    `device` (auto, cpu, cuda) runs the forward passes; the cache does not depend on it."""
+    `device` (auto, cpu, cuda) runs the forward passes; the cache does not depend on it.
+    `announce(plan)` receives what the probe will do and its estimated seconds before the
+    expensive part (`search.estimate`); `prune=False` measures formats at the noise floor in full.
+    `precision` (auto, fp32, bf16) is the arithmetic of the measured forward passes (`probe_precision`);
+    the one-pass estimate is always computed in fp32."""
+    announce = announce or (lambda plan: None)
     from qtoolkit.device import resolve_device
     from qtoolkit.schema import check_int, check_number, check_seed
     from qtoolkit.training.data import prepare_data, tokenizer_from_json
@@ -406,6 +464,7 @@ def run_probe(
     if not formats:
         raise ConfigError("formats: give at least one candidate format")
     dev = resolve_device(device)
+    precision = probe_precision(precision, torch.device(dev))
     ckpt = load_checkpoint(ckpt_path)
     model = float_model(ckpt).to(dev)
     cfg = model.config
@@ -419,6 +478,8 @@ def run_probe(
 
     calibration = {"tokens": sum(y.numel() for _, y in batches), "seq_len": seq_len, "seed": seed,
                    "batches": len(batches), "data": data.info.get("source")}
+    if precision != "fp32":  # fp32 keys stay those of earlier versions (their caches remain valid)
+        calibration["precision"] = precision
     key_src = json.dumps({"ckpt": checkpoint_fingerprint(ckpt["path"]), "calibration": calibration,
                           "formats": [f.spec for f in formats], "granularity": granularity}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
@@ -431,7 +492,8 @@ def run_probe(
     )
     cached = _load_cached(key) if use_cache else None
     if cached is not None:
-        for k in ("base_loss", "measured", "cheap", "sparsity", "spearman", "seconds", "complete"):
+        for k in ("base_loss", "base_sequences", "measured", "cheap", "sparsity", "spearman", "seconds", "complete",
+                  "pruned", "noise", "estimate"):
             setattr(result, k, cached.get(k, getattr(result, k)))
         if result.complete:
             result.cached = True
@@ -443,6 +505,18 @@ def run_probe(
 
     start = time.perf_counter()
     deadline = None if timeout is None else start + timeout
+    calib = [x for x, _ in batches]
+    t = time.perf_counter()
+    autocast = lambda: autocast_for(precision, torch.device(dev))  # noqa: E731
+    forward = CachedForward(model, batches, autocast)
+    if result.base_loss is None or not result.base_sequences:
+        result.base_loss = forward.loss(None)
+        if not math.isfinite(result.base_loss):
+            raise ProbeError(f"{ckpt['path']}: the unquantized model's calibration loss is {result.base_loss}")
+        result.base_sequences = forward.sequence_losses
+    result.seconds["cache"] = time.perf_counter() - t
+    with autocast():
+        timing = quick_timing(model, batches[0], units, formats, calib=calib)
     if not result.sparsity:
         progress("sparsity probe", 0, 1)
         t = time.perf_counter()
@@ -458,29 +532,71 @@ def run_probe(
         _check_finite(result.cheap, "cheap estimate")
         save()
 
-    todo = [(u, f) for u in units for f in formats if f.key not in result.measured.get(u.name, {})]
+    # the order of measurement: formats by their largest estimated effect, units by estimate within a
+    # format, so a format whose effects reach the noise floor stops early (the rest are smaller still)
+    by_name = {u.name: u for u in units}
+    fmt_order = sorted(formats, key=lambda f: -max(abs(result.cheap[u.name][f.key]) for u in units))
+    todo = [(by_name[n], f) for f in fmt_order
+            for n in sorted(by_name, key=lambda n: -abs(result.cheap[n][f.key]))
+            if f.key not in result.measured.get(n, {}) and n not in result.pruned.get(f.key, ())]
+    floor = floor_formats(result.cheap, [f.key for f in formats])
+    starts = lambda u: _start_block(u, cfg.n_layers)  # noqa: E731
+
+    def plan(n_first: int, spent: float) -> None:
+        """What the probe will do and how long it will take: the cost model (`search.estimate`),
+        scaled to the first `n_first` measurements, which took `spent` seconds."""
+        first = [(u, f.key) for u, f in todo[:n_first]]
+        modelled = probe_estimate(timing, first, len(batches), starts, [], FLOOR_RUN, True)["measured"]
+        ratio = spent / modelled if n_first and modelled > 0 and spent > 0 else 1.0
+        rest = probe_estimate(timing, [(u, f.key) for u, f in todo[n_first:]], len(batches), starts, floor,
+                              FLOOR_RUN, True)["measured"]
+        result.estimate = {"units": len(units), "formats": [f.key for f in formats], "tokens": calibration["tokens"],
+                           "pairs": len(units) * len(formats), "pairs_left": len(todo), "floor_formats": floor,
+                           "floor_run": FLOOR_RUN, "seconds": spent + ratio * rest, "calibration_ratio": ratio,
+                           "seconds_so_far": time.perf_counter() - start, "timing": timing.to_dict()}
+        announce({"stage": "probe", **result.estimate})
+
     total = len(units) * len(formats)
+    done, n_measured = total - len(todo), 0
+    n_calibrate = CALIBRATE_PAIRS if len(todo) > CALIBRATE_PAIRS else 0
+    if not n_calibrate:
+        plan(0, 0.0)
+        progress("sensitivity probe", done, total)
     t = time.perf_counter()
-    forward = CachedForward(model, batches)
-    if result.base_loss is None:
-        result.base_loss = forward.loss(None)
-        if not math.isfinite(result.base_loss):
-            raise ProbeError(f"{ckpt['path']}: the unquantized model's calibration loss is {result.base_loss}")
-    done = total - len(todo)
-    progress("sensitivity probe", done, total)
     last_save = time.perf_counter()
+    at_floor = {f.key: 0 for f in formats}
     for unit, fmt in todo:
         if deadline is not None and time.perf_counter() > deadline:
             break
-        with quantized(model, {name: fmt.spec for name in unit.modules}, calib=[x for x, _ in batches]):
+        if unit.name in result.pruned.get(fmt.key, ()):
+            continue
+        with quantized(model, {name: fmt.spec for name in unit.modules}, calib=calib):
             loss = forward.loss(_start_block(unit, cfg.n_layers))
         if not math.isfinite(loss):
             save()
             raise ProbeError(f"quantizing {unit.name} to {fmt.key} gives a non-finite loss ({loss}); "
                              "this format cannot be used for this unit")
-        result.measured.setdefault(unit.name, {})[fmt.key] = loss - result.base_loss
-        done += 1
-        progress("sensitivity probe", done, total)
+        s = loss - result.base_loss
+        se = paired_standard_error(getattr(forward, "sequence_losses", []), result.base_sequences)
+        result.measured.setdefault(unit.name, {})[fmt.key] = s
+        if se is not None:
+            result.noise.setdefault(unit.name, {})[fmt.key] = se
+        done, n_measured = done + 1, n_measured + 1
+        # at the noise floor: the effect is within Z paired standard errors of zero, or below the
+        # typical uncertainty of the formats measured before it (so it cannot reorder what they decide)
+        noise_floor = max(Z * se, _resolution(result.noise, fmt_order, fmt)) if se is not None else None
+        at_floor[fmt.key] = at_floor[fmt.key] + 1 if noise_floor is not None and abs(s) <= noise_floor else 0
+        # only a format the one-pass estimate puts orders below the most damaging one (`floor`) may
+        # stop, and only once measurements confirm it: the most damaging format is measured in full
+        if at_floor[fmt.key] >= FLOOR_RUN and prune and fmt.key in floor and fmt is not fmt_order[0]:
+            rest = [u.name for u, f in todo if f.key == fmt.key and f.key not in result.measured.get(u.name, {})]
+            result.pruned[fmt.key] = sorted(set(result.pruned.get(fmt.key, [])) | set(rest))
+            done += len(rest)
+        if n_calibrate and n_measured == n_calibrate:  # the plan first, then the progress
+            plan(n_calibrate, time.perf_counter() - t)
+            n_calibrate = 0
+        if not n_calibrate:
+            progress("sensitivity probe", done, total)
         if time.perf_counter() - last_save > 10:
             save()
             last_save = time.perf_counter()
@@ -490,6 +606,14 @@ def run_probe(
     return result
 
 
+def _resolution(noise: dict[str, dict[str, float]], order: list[Format], fmt: Format) -> float:
+    """The median paired SE of the measurements of the formats measured before `fmt` (0 if none):
+    how well the probe knows the larger effects that the allocation trades against each other."""
+    before = {f.key for f in order[: order.index(fmt)]}
+    ses = sorted(se for fs in noise.values() for k, se in fs.items() if k in before)
+    return ses[len(ses) // 2] if ses else 0.0
+
+
 def _check_finite(table: dict[str, dict[str, float]], what: str) -> None:
     for unit, fs in table.items():
         for fmt, v in fs.items():
@@ -497,6 +621,6 @@ def _check_finite(table: dict[str, dict[str, float]], what: str) -> None:
                 raise ProbeError(f"{what}: non-finite value for {unit} -> {fmt} ({v})")
 
 
-__all__ = ["Format", "ProbeError", "ProbeResult", "Unit", "calibration_batches", "fisher_sensitivity",
+__all__ = ["PRECISIONS", "Format", "ProbeError", "autocast_for", "probe_precision", "ProbeResult", "Unit", "calibration_batches", "fisher_sensitivity",
            "float_model", "format_key", "parse_formats", "quantized", "run_probe", "search_units",
            "sparsity_probe"]
