@@ -49,6 +49,7 @@
 
 #include <cpuid.h>
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -736,21 +737,22 @@ QT_AVX2 void attend_group(const float* qkv, int64_t T, int64_t C, int64_t Ckv, i
   }
 }
 
-QT_AVX2 void silu_mul_rows(const float* gu, int64_t M, int64_t F, float* out) {
-  // out = silu(g) * u = g / (1 + exp(-g)) * u  for each row [g (F) | u (F)]
-  for (int64_t m = 0; m < M; ++m) {
-    const float* g = gu + m * 2 * F;
-    const float* u = g + F;
-    float* o = out + m * F;
-    int64_t i = 0;
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (; i + 8 <= F; i += 8) {
-      const __m256 gv = _mm256_loadu_ps(g + i);
-      const __m256 sv = _mm256_div_ps(gv, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
-      _mm256_storeu_ps(o + i, _mm256_mul_ps(sv, _mm256_loadu_ps(u + i)));
-    }
-    for (; i < F; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+// o = silu(g) * u = g / (1 + exp(-g)) * u over n elements. Element i's result depends on whether it falls
+// in the 8-wide part or the tail, so a caller splitting a row starts every piece at a multiple of 8.
+QT_AVX2 void silu_mul_span(const float* g, const float* u, int64_t n, float* o) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 sv = _mm256_div_ps(gv, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(sv, _mm256_loadu_ps(u + i)));
   }
+  for (; i < n; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+QT_AVX2 void silu_mul_rows(const float* gu, int64_t M, int64_t F, float* out) {
+  // each row of gu is [g (F) | u (F)]
+  for (int64_t m = 0; m < M; ++m) silu_mul_span(gu + m * 2 * F, gu + m * 2 * F + F, F, out + m * F);
 }
 
 // ----------------------------------------------------------------------------------- torch ops
@@ -935,6 +937,217 @@ at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& d, const at::Tens
   return rms_norm(x, w, eps);
 }
 
+// ------------------------------------------------------------------ a whole decode step, one call
+//
+// Batch-1 decode of a model whose block linears are all packed ternary (fused qkv and gate/up), with
+// an int8 embedding and an int8 weight-only head: the same kernels and the same float operations, in
+// the same order per element, as the op-by-op path (RuntimeBlock._fused_forward), so the logits are
+// bit-identical to it. What changes is the scheduling: the step is ONE OpenMP parallel region instead
+// of ~5 fork/joins per layer plus ~10 Python calls per layer. Each thread keeps its own copy of the
+// residual stream and recomputes the cheap per-token work (RMSNorm, activation quantization: C or F
+// floats) instead of waiting for one thread to do it; the threads meet only where an op needs every
+// row of the previous one:
+//
+//   per layer   norm, quantize (every thread)  | qkv rows       | barrier
+//               attention, k/v heads split      | barrier
+//               quantize                        | o rows         | barrier
+//               x += o, norm, quantize          | gate+up rows a..b, silu of a..b | barrier
+//               quantize                        | down rows      | barrier      x += down
+//   then        norm (every thread)             | head rows (int8, fp32 accumulation)
+//
+// Rows are shared in tiles of 4 (gate/up in units of 8 so that every silu piece starts at a multiple of
+// 8, see silu_mul_span); the result of a row never depends on which thread computes it.
+
+struct PackedTernary {
+  at::Tensor packed, gamma;  // (N, Kp / 4) uint8 kernel layout, (N,) fp32
+  int64_t N = 0, K = 0, Kp = 0;
+};
+
+struct DecoderLayer {
+  PackedTernary qkv, o, gate_up, down;
+  at::Tensor attn_norm, mlp_norm, attn_sub_norm, mlp_sub_norm;  // sub-norms defined only with subln
+};
+
+// Thread tid's share [lo, hi) of n items handed out in groups of `unit`.
+inline void share(int64_t n, int64_t unit, int tid, int nt, int64_t& lo, int64_t& hi) {
+  const int64_t groups = (n + unit - 1) / unit;
+  lo = std::min(n, groups * tid / nt * unit);
+  hi = std::min(n, groups * (tid + 1) / nt * unit);
+}
+
+class Decoder {
+ public:
+  Decoder(const std::vector<std::vector<at::Tensor>>& layers, at::Tensor embed_codes, at::Tensor embed_scale,
+          at::Tensor norm, at::Tensor head_codes, at::Tensor head_scale, at::Tensor cos, at::Tensor sin,
+          int64_t n_heads, int64_t n_kv_heads, double eps, int64_t isa)
+      : embed_codes_(std::move(embed_codes)), embed_scale_(std::move(embed_scale)), norm_(std::move(norm)),
+        head_codes_(std::move(head_codes)), head_scale_(std::move(head_scale)), cos_(std::move(cos)),
+        sin_(std::move(sin)), nh_(n_heads), nkv_(n_kv_heads), eps_(static_cast<float>(eps)), isa_(checked_isa(isa)) {
+    check_2d(embed_codes_, at::kChar, "embedding codes");
+    check_2d(head_codes_, at::kChar, "head codes");
+    check_2d(cos_, at::kFloat, "cos");
+    check_2d(sin_, at::kFloat, "sin");
+    C_ = embed_codes_.size(1);
+    V_ = head_codes_.size(0);
+    hd_ = 2 * cos_.size(1);
+    TORCH_CHECK(nkv_ > 0 && nh_ % nkv_ == 0 && nh_ * hd_ == C_, "heads, head_dim and d_model disagree");
+    TORCH_CHECK(head_codes_.size(1) == C_, "head codes must be (vocab, d_model)");
+    TORCH_CHECK(embed_scale_.numel() == embed_codes_.size(0) && embed_scale_.is_contiguous() &&
+                    embed_scale_.scalar_type() == at::kFloat, "embedding scale must be fp32, one per row");
+    TORCH_CHECK(head_scale_.numel() == V_ && head_scale_.is_contiguous() && head_scale_.scalar_type() == at::kFloat,
+                "head scale must be fp32, one per row");
+    TORCH_CHECK(norm_.numel() == C_ && norm_.is_contiguous() && norm_.scalar_type() == at::kFloat, "final norm");
+    Ckv_ = nkv_ * hd_;
+    for (const auto& t : layers) {
+      TORCH_CHECK(t.size() == 10 || t.size() == 12, "a layer is [qkv, qkv_gamma, o, o_gamma, gate_up, gate_up_gamma, "
+                  "down, down_gamma, attn_norm, mlp_norm(, attn_sub_norm, mlp_sub_norm)]");
+      DecoderLayer L;
+      L.qkv = linear(t[0], t[1], C_);
+      L.o = linear(t[2], t[3], C_);
+      L.gate_up = linear(t[4], t[5], C_);
+      TORCH_CHECK(L.gate_up.N % 2 == 0, "gate_up must have an even number of rows");
+      F_ = L.gate_up.N / 2;
+      L.down = linear(t[6], t[7], F_);
+      TORCH_CHECK(L.qkv.N == C_ + 2 * Ckv_ && L.o.N == C_ && L.down.N == C_, "layer shapes disagree with the model");
+      L.attn_norm = norm_weight(t[8], C_);
+      L.mlp_norm = norm_weight(t[9], C_);
+      if (t.size() == 12) {
+        L.attn_sub_norm = norm_weight(t[10], C_);
+        L.mlp_sub_norm = norm_weight(t[11], F_);
+      }
+      maxKp_ = std::max({maxKp_, L.qkv.Kp, L.o.Kp, L.gate_up.Kp, L.down.Kp});
+      layers_.push_back(std::move(L));
+    }
+  }
+
+  // idx (1, 1) int64; caches (n_layers, 1, n_kv_heads, max_len, head_dim) fp32; writes position pos of
+  // every layer's cache and returns the logits (1, 1, V).
+  at::Tensor step(const at::Tensor& idx, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos) {
+    RECORD_FUNCTION("qtoolkit::decode_step", std::vector<c10::IValue>());
+    TORCH_CHECK(idx.numel() == 1 && idx.scalar_type() == at::kLong && idx.device().is_cpu(), "idx must be one int64 id");
+    const int64_t tok = idx.data_ptr<int64_t>()[0];
+    TORCH_CHECK(tok >= 0 && tok < embed_codes_.size(0), "token id ", tok, " outside the vocabulary");
+    const int64_t nl = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                    k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
+                    k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == nl && k_cache.size(1) == 1 &&
+                    k_cache.size(2) == nkv_ && k_cache.size(4) == hd_,
+                "caches must be contiguous fp32 (n_layers, 1, n_kv_heads, max_len, head_dim)");
+    const int64_t Lmax = k_cache.size(3);
+    TORCH_CHECK(pos >= 0 && pos < Lmax && pos < cos_.size(0), "position ", pos, " beyond the cache");
+    at::Tensor logits = at::empty({1, 1, V_}, head_scale_.options());
+    const int64_t C = C_, F = F_, Ckv = Ckv_, hd = hd_, r = nh_ / nkv_, isa = isa_;
+    std::vector<float> qkv(C + 2 * Ckv), y(C), o(C), gu(2 * F), m(F), d(C);
+    float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>(), *out = logits.data_ptr<float>();
+    const float *cs = cos_.data_ptr<float>(), *sn = sin_.data_ptr<float>();
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+    const int nthreads = std::max(1, at::get_num_threads());
+
+#pragma omp parallel num_threads(nthreads)
+    {
+      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      std::vector<float> x(C), h(std::max(C, F)), qrot(hd), p(pos + 1);
+      std::vector<int8_t> q(maxKp_);
+      float s = 0.f;
+      int32_t qsum = 0;
+      int64_t lo, hi;
+      // per-token codes of `in` for linear w (the same codes on every thread), then rows [r0, r1) of w
+      auto quantize = [&](const PackedTernary& w, const float* in) {
+        quantize_rows(in, 1, w.K, w.Kp, q.data(), &s, &qsum, isa);
+      };
+      auto rows = [&](const PackedTernary& w, float* dst, int64_t r0, int64_t r1) {
+        if (r0 >= r1) return;
+        TernaryArgs a{w.packed.data_ptr<uint8_t>(), w.N, w.Kp, 1, q.data(), &qsum, nullptr, dst,
+                      w.gamma.data_ptr<float>(), &s};
+        if (isa == kAvx512Vnni)
+          ternary_rows_vnni(a, r0, r1);
+        else
+          ternary_rows_avx2(a, r0, r1);
+      };
+      {  // embedding: codes[tok] * scale[tok]
+        const int8_t* e = embed_codes_.data_ptr<int8_t>() + tok * C;
+        const float es = embed_scale_.data_ptr<float>()[tok];
+        for (int64_t j = 0; j < C; ++j) x[j] = static_cast<float>(e[j]) * es;
+      }
+      for (int64_t l = 0; l < nl; ++l) {
+        const DecoderLayer& L = layers_[l];
+        rms_norm_row(x.data(), L.attn_norm.data_ptr<float>(), C, eps_, h.data());
+        share(L.qkv.N, 4, tid, nt, lo, hi);
+        quantize(L.qkv, h.data());
+        rows(L.qkv, qkv.data(), lo, hi);
+#pragma omp barrier
+        share(nkv_, 1, tid, nt, lo, hi);
+        for (int64_t g = lo; g < hi; ++g) {
+          const int64_t off = ((l * nkv_) + g) * Lmax * hd;
+          attend_group(qkv.data(), 1, C, Ckv, hd, g, r, kc + off, vc + off, cs, sn, hd / 2, pos, scale, y.data(),
+                       qrot, p);
+        }
+#pragma omp barrier
+        const float* yin = y.data();
+        if (L.attn_sub_norm.defined()) {
+          rms_norm_row(y.data(), L.attn_sub_norm.data_ptr<float>(), C, eps_, h.data());
+          yin = h.data();
+        }
+        share(C, 4, tid, nt, lo, hi);
+        quantize(L.o, yin);
+        rows(L.o, o.data(), lo, hi);
+#pragma omp barrier
+        add_rows(x.data(), o.data(), C);
+        rms_norm_row(x.data(), L.mlp_norm.data_ptr<float>(), C, eps_, h.data());
+        share(F, 8, tid, nt, lo, hi);
+        quantize(L.gate_up, h.data());
+        rows(L.gate_up, gu.data(), lo, hi);          // gate rows
+        rows(L.gate_up, gu.data(), F + lo, F + hi);  // up rows
+        if (lo < hi) silu_mul_span(gu.data() + lo, gu.data() + F + lo, hi - lo, m.data() + lo);
+#pragma omp barrier
+        const float* min = m.data();
+        if (L.mlp_sub_norm.defined()) {
+          rms_norm_row(m.data(), L.mlp_sub_norm.data_ptr<float>(), F, eps_, h.data());
+          min = h.data();
+        }
+        share(C, 4, tid, nt, lo, hi);
+        quantize(L.down, min);
+        rows(L.down, d.data(), lo, hi);
+#pragma omp barrier
+        add_rows(x.data(), d.data(), C);
+      }
+      rms_norm_row(x.data(), norm_.data_ptr<float>(), C, eps_, h.data());
+      share(V_, 4, tid, nt, lo, hi);
+      if (lo < hi) {
+        Int8Args a{head_codes_.data_ptr<int8_t>(), V_, C, 1, h.data(), head_scale_.data_ptr<float>(), out};
+        if (isa == kAvx512Vnni)
+          w8_rows_range_avx512(a, lo, hi);
+        else
+          w8_rows_range_avx2(a, lo, hi);
+      }
+    }
+    return logits;
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  static PackedTernary linear(const at::Tensor& packed, const at::Tensor& gamma, int64_t K) {
+    check_packed(packed);
+    PackedTernary w{packed, gamma, packed.size(0), K, packed.size(1) * 4};
+    TORCH_CHECK(w.Kp >= K && w.Kp - K < kBlock, "packed weight does not match its input size");
+    TORCH_CHECK(gamma.dim() == 1 && gamma.size(0) == w.N && gamma.scalar_type() == at::kFloat && gamma.is_contiguous(),
+                "gamma must be a contiguous float32 vector, one per output row");
+    return w;
+  }
+  static at::Tensor norm_weight(const at::Tensor& w, int64_t n) {
+    TORCH_CHECK(w.numel() == n && w.is_contiguous() && w.scalar_type() == at::kFloat, "norm weight of the wrong size");
+    return w;
+  }
+
+  std::vector<DecoderLayer> layers_;
+  at::Tensor embed_codes_, embed_scale_, norm_, head_codes_, head_scale_, cos_, sin_;
+  int64_t nh_, nkv_;
+  float eps_;
+  int64_t isa_;
+  int64_t C_ = 0, V_ = 0, hd_ = 0, Ckv_ = 0, F_ = 0, maxKp_ = 0;
+};
+
 }  // namespace
 
 // A plain pybind11 module: a call costs ~0.2 us, against ~3 us through the torch.ops dispatcher,
@@ -951,4 +1164,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (M, 2F) gate/up output");
   m.def("rms_norm", &rms_norm, "RMSNorm of the rows of x");
   m.def("add_rms_norm", &add_rms_norm, "x += delta (in place), then RMSNorm of x");
+  pybind11::class_<Decoder>(m, "Decoder", "batch-1 decode steps of an all-ternary model in one call each")
+      .def(pybind11::init<const std::vector<std::vector<at::Tensor>>&, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                          at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, double, int64_t>())
+      .def("step", &Decoder::step, "logits (1, 1, V) of one token; writes its k/v at `pos` of every layer",
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def_property_readonly("num_layers", &Decoder::num_layers);
 }
