@@ -51,7 +51,10 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include <sched.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -942,21 +945,36 @@ at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& d, const at::Tens
 // Batch-1 decode of a model whose block linears are all packed ternary (fused qkv and gate/up), with
 // an int8 embedding and an int8 weight-only head: the same kernels and the same float operations, in
 // the same order per element, as the op-by-op path (RuntimeBlock._fused_forward), so the logits are
-// bit-identical to it. What changes is the scheduling: the step is ONE OpenMP parallel region instead
-// of ~5 fork/joins per layer plus ~10 Python calls per layer. Each thread keeps its own copy of the
-// residual stream and recomputes the cheap per-token work (RMSNorm, activation quantization: C or F
-// floats) instead of waiting for one thread to do it; the threads meet only where an op needs every
-// row of the previous one:
+// bit-identical to it. What changes is the scheduling. The op-by-op path makes ~10 Python calls and
+// ~5 OpenMP fork/joins per layer, and a fork/join waits for every thread: on a shared machine, where
+// one of the two threads is often descheduled for milliseconds, a token then costs tens of
+// milliseconds. Here the step is one call and one parallel region, cut into phases of independent
+// work items (row tiles of a linear, k/v heads of attention):
 //
-//   per layer   norm, quantize (every thread)  | qkv rows       | barrier
-//               attention, k/v heads split      | barrier
-//               quantize                        | o rows         | barrier
-//               x += o, norm, quantize          | gate+up rows a..b, silu of a..b | barrier
-//               quantize                        | down rows      | barrier      x += down
-//   then        norm (every thread)             | head rows (int8, fp32 accumulation)
+//   per layer   qkv rows | attention heads | o rows | gate+up rows and their silu | down rows
+//   then        head rows (int8, fp32 accumulation)
 //
-// Rows are shared in tiles of 4 (gate/up in units of 8 so that every silu piece starts at a multiple of
-// 8, see silu_mul_span); the result of a row never depends on which thread computes it.
+// A thread takes the next item of the current phase from an atomic counter; the thread that
+// completes a phase's last item runs the phase's small serial tail (residual add, RMSNorm, the next
+// linear's activation codes: C or F floats) and opens the next phase. Nobody waits for a thread that
+// is not working: a descheduled thread holds no item, the others do its share, and it rejoins
+// wherever the step has got to. Items are ~64K weights (a few microseconds), so a phase ends at most
+// one item after its work is done. The result of a row never depends on which thread computes it.
+
+struct PhaseState {
+  std::atomic<int64_t> next{0}, done{0};
+  std::atomic<int> complete{0};
+};
+
+// Spin briefly (the other thread is usually mid-item), then give the core away.
+inline void wait_for(const std::atomic<int>& flag) {
+  for (int spins = 0; !flag.load(std::memory_order_acquire); ++spins) {
+    if (spins < 1000)
+      _mm_pause();
+    else
+      sched_yield();
+  }
+}
 
 struct PackedTernary {
   at::Tensor packed, gamma;  // (N, Kp / 4) uint8 kernel layout, (N,) fp32
@@ -967,13 +985,6 @@ struct DecoderLayer {
   PackedTernary qkv, o, gate_up, down;
   at::Tensor attn_norm, mlp_norm, attn_sub_norm, mlp_sub_norm;  // sub-norms defined only with subln
 };
-
-// Thread tid's share [lo, hi) of n items handed out in groups of `unit`.
-inline void share(int64_t n, int64_t unit, int tid, int nt, int64_t& lo, int64_t& hi) {
-  const int64_t groups = (n + unit - 1) / unit;
-  lo = std::min(n, groups * tid / nt * unit);
-  hi = std::min(n, groups * (tid + 1) / nt * unit);
-}
 
 class Decoder {
  public:
@@ -1037,88 +1048,141 @@ class Decoder {
     TORCH_CHECK(pos >= 0 && pos < Lmax && pos < cos_.size(0), "position ", pos, " beyond the cache");
     at::Tensor logits = at::empty({1, 1, V_}, head_scale_.options());
     const int64_t C = C_, F = F_, Ckv = Ckv_, hd = hd_, r = nh_ / nkv_, isa = isa_;
-    std::vector<float> qkv(C + 2 * Ckv), y(C), o(C), gu(2 * F), m(F), d(C);
+    // shared state: the residual stream x, the current linear's input codes, each op's output
+    std::vector<float> x(C), h(std::max(C, F)), qkv(C + 2 * Ckv), y(C), o(C), gu(2 * F), m(F), d(C);
+    std::vector<int8_t> q(maxKp_);
+    float s = 0.f;
+    int32_t qsum = 0;
     float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>(), *out = logits.data_ptr<float>();
     const float *cs = cos_.data_ptr<float>(), *sn = sin_.data_ptr<float>();
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-    const int nthreads = std::max(1, at::get_num_threads());
 
-#pragma omp parallel num_threads(nthreads)
-    {
-      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-      std::vector<float> x(C), h(std::max(C, F)), qrot(hd), p(pos + 1);
-      std::vector<int8_t> q(maxKp_);
-      float s = 0.f;
-      int32_t qsum = 0;
-      int64_t lo, hi;
-      // per-token codes of `in` for linear w (the same codes on every thread), then rows [r0, r1) of w
-      auto quantize = [&](const PackedTernary& w, const float* in) {
-        quantize_rows(in, 1, w.K, w.Kp, q.data(), &s, &qsum, isa);
-      };
-      auto rows = [&](const PackedTernary& w, float* dst, int64_t r0, int64_t r1) {
-        if (r0 >= r1) return;
-        TernaryArgs a{w.packed.data_ptr<uint8_t>(), w.N, w.Kp, 1, q.data(), &qsum, nullptr, dst,
-                      w.gamma.data_ptr<float>(), &s};
-        if (isa == kAvx512Vnni)
-          ternary_rows_vnni(a, r0, r1);
-        else
-          ternary_rows_avx2(a, r0, r1);
-      };
-      {  // embedding: codes[tok] * scale[tok]
-        const int8_t* e = embed_codes_.data_ptr<int8_t>() + tok * C;
-        const float es = embed_scale_.data_ptr<float>()[tok];
-        for (int64_t j = 0; j < C; ++j) x[j] = static_cast<float>(e[j]) * es;
+    auto quantize = [&](const PackedTernary& w, const float* in) {
+      quantize_rows(in, 1, w.K, w.Kp, q.data(), &s, &qsum, isa);
+    };
+    auto rows = [&](const PackedTernary& w, float* dst, int64_t r0, int64_t r1) {
+      TernaryArgs a{w.packed.data_ptr<uint8_t>(), w.N, w.Kp, 1, q.data(), &qsum, nullptr, dst,
+                    w.gamma.data_ptr<float>(), &s};
+      if (isa == kAvx512Vnni)
+        ternary_rows_vnni(a, r0, r1);
+      else
+        ternary_rows_avx2(a, r0, r1);
+    };
+    // rows per work item: ~64K weights (a few microseconds), a multiple of 8
+    auto rows_per_item = [](int64_t K) { return std::max<int64_t>(8, (int64_t{1} << 16) / K / 8 * 8); };
+    auto items = [](int64_t n, int64_t per) { return (n + per - 1) / per; };
+
+    // The phases of the step. Phase kind k of layer l is phase 5 l + k; the last one is the head.
+    enum Kind { kQkv = 0, kAttention = 1, kO = 2, kGateUp = 3, kDown = 4 };
+    const int64_t nphases = 5 * nl + 1;
+    std::vector<int64_t> n_items(nphases), per_item(nphases);
+    for (int64_t l = 0; l < nl; ++l) {
+      const DecoderLayer& L = layers_[l];
+      const int64_t per[5] = {rows_per_item(L.qkv.Kp), 1, rows_per_item(L.o.Kp), rows_per_item(L.gate_up.Kp),
+                              rows_per_item(L.down.Kp)};
+      const int64_t n[5] = {L.qkv.N, nkv_, C, F, C};
+      for (int k = 0; k < 5; ++k) {
+        per_item[5 * l + k] = per[k];
+        n_items[5 * l + k] = items(n[k], per[k]);
       }
-      for (int64_t l = 0; l < nl; ++l) {
-        const DecoderLayer& L = layers_[l];
-        rms_norm_row(x.data(), L.attn_norm.data_ptr<float>(), C, eps_, h.data());
-        share(L.qkv.N, 4, tid, nt, lo, hi);
-        quantize(L.qkv, h.data());
-        rows(L.qkv, qkv.data(), lo, hi);
-#pragma omp barrier
-        share(nkv_, 1, tid, nt, lo, hi);
-        for (int64_t g = lo; g < hi; ++g) {
-          const int64_t off = ((l * nkv_) + g) * Lmax * hd;
-          attend_group(qkv.data(), 1, C, Ckv, hd, g, r, kc + off, vc + off, cs, sn, hd / 2, pos, scale, y.data(),
-                       qrot, p);
-        }
-#pragma omp barrier
-        const float* yin = y.data();
-        if (L.attn_sub_norm.defined()) {
-          rms_norm_row(y.data(), L.attn_sub_norm.data_ptr<float>(), C, eps_, h.data());
-          yin = h.data();
-        }
-        share(C, 4, tid, nt, lo, hi);
-        quantize(L.o, yin);
-        rows(L.o, o.data(), lo, hi);
-#pragma omp barrier
-        add_rows(x.data(), o.data(), C);
-        rms_norm_row(x.data(), L.mlp_norm.data_ptr<float>(), C, eps_, h.data());
-        share(F, 8, tid, nt, lo, hi);
-        quantize(L.gate_up, h.data());
-        rows(L.gate_up, gu.data(), lo, hi);          // gate rows
-        rows(L.gate_up, gu.data(), F + lo, F + hi);  // up rows
-        if (lo < hi) silu_mul_span(gu.data() + lo, gu.data() + F + lo, hi - lo, m.data() + lo);
-#pragma omp barrier
-        const float* min = m.data();
-        if (L.mlp_sub_norm.defined()) {
-          rms_norm_row(m.data(), L.mlp_sub_norm.data_ptr<float>(), F, eps_, h.data());
-          min = h.data();
-        }
-        share(C, 4, tid, nt, lo, hi);
-        quantize(L.down, min);
-        rows(L.down, d.data(), lo, hi);
-#pragma omp barrier
-        add_rows(x.data(), d.data(), C);
-      }
-      rms_norm_row(x.data(), norm_.data_ptr<float>(), C, eps_, h.data());
-      share(V_, 4, tid, nt, lo, hi);
-      if (lo < hi) {
+    }
+    per_item[nphases - 1] = rows_per_item(C);
+    n_items[nphases - 1] = items(V_, per_item[nphases - 1]);
+
+    auto work = [&](int64_t phase, int64_t i) {  // work item i of a phase
+      const int64_t per = per_item[phase];
+      if (phase == nphases - 1) {
         Int8Args a{head_codes_.data_ptr<int8_t>(), V_, C, 1, h.data(), head_scale_.data_ptr<float>(), out};
         if (isa == kAvx512Vnni)
-          w8_rows_range_avx512(a, lo, hi);
+          w8_rows_range_avx512(a, i * per, std::min(V_, (i + 1) * per));
         else
-          w8_rows_range_avx2(a, lo, hi);
+          w8_rows_range_avx2(a, i * per, std::min(V_, (i + 1) * per));
+        return;
+      }
+      const int64_t l = phase / 5;
+      const DecoderLayer& L = layers_[l];
+      switch (phase % 5) {
+        case kQkv: rows(L.qkv, qkv.data(), i * per, std::min(L.qkv.N, (i + 1) * per)); break;
+        case kAttention: {
+          std::vector<float> qrot(hd), p(pos + 1);
+          const int64_t off = ((l * nkv_) + i) * Lmax * hd;
+          attend_group(qkv.data(), 1, C, Ckv, hd, i, r, kc + off, vc + off, cs, sn, hd / 2, pos, scale, y.data(), qrot, p);
+          break;
+        }
+        case kO: rows(L.o, o.data(), i * per, std::min(C, (i + 1) * per)); break;
+        case kGateUp: {
+          const int64_t lo = i * per, hi = std::min(F, (i + 1) * per);
+          rows(L.gate_up, gu.data(), lo, hi);          // gate rows
+          rows(L.gate_up, gu.data(), F + lo, F + hi);  // up rows
+          silu_mul_span(gu.data() + lo, gu.data() + F + lo, hi - lo, m.data() + lo);
+          break;
+        }
+        case kDown: rows(L.down, d.data(), i * per, std::min(C, (i + 1) * per)); break;
+      }
+    };
+    // norm + codes of the residual stream for layer l's qkv (l == nl: the final norm, the head's input)
+    auto enter_layer = [&](int64_t l) {
+      if (l == nl) {
+        rms_norm_row(x.data(), norm_.data_ptr<float>(), C, eps_, h.data());
+        return;
+      }
+      rms_norm_row(x.data(), layers_[l].attn_norm.data_ptr<float>(), C, eps_, h.data());
+      quantize(layers_[l].qkv, h.data());
+    };
+    auto finish = [&](int64_t phase) {  // run once, by the thread that completes the phase's last item
+      if (phase == nphases - 1) return;
+      const int64_t l = phase / 5;
+      const DecoderLayer& L = layers_[l];
+      switch (phase % 5) {
+        case kQkv: break;
+        case kAttention:
+          if (L.attn_sub_norm.defined()) {
+            rms_norm_row(y.data(), L.attn_sub_norm.data_ptr<float>(), C, eps_, h.data());
+            quantize(L.o, h.data());
+          } else {
+            quantize(L.o, y.data());
+          }
+          break;
+        case kO:
+          add_rows(x.data(), o.data(), C);
+          rms_norm_row(x.data(), L.mlp_norm.data_ptr<float>(), C, eps_, h.data());
+          quantize(L.gate_up, h.data());
+          break;
+        case kGateUp:
+          if (L.mlp_sub_norm.defined()) {
+            rms_norm_row(m.data(), L.mlp_sub_norm.data_ptr<float>(), F, eps_, h.data());
+            quantize(L.down, h.data());
+          } else {
+            quantize(L.down, m.data());
+          }
+          break;
+        case kDown:
+          add_rows(x.data(), d.data(), C);
+          enter_layer(l + 1);
+          break;
+      }
+    };
+
+    {  // embedding: codes[tok] * scale[tok]; then layer 0's input
+      const int8_t* e = embed_codes_.data_ptr<int8_t>() + tok * C;
+      const float es = embed_scale_.data_ptr<float>()[tok];
+      for (int64_t j = 0; j < C; ++j) x[j] = static_cast<float>(e[j]) * es;
+      enter_layer(0);
+    }
+    std::vector<PhaseState> state(nphases);
+    const int nthreads = std::max(1, at::get_num_threads());
+#pragma omp parallel num_threads(nthreads)
+    {
+      for (int64_t ph = 0; ph < nphases; ++ph) {
+        PhaseState& st = state[ph];
+        for (int64_t i; (i = st.next.fetch_add(1, std::memory_order_relaxed)) < n_items[ph];) {
+          work(ph, i);
+          if (st.done.fetch_add(1, std::memory_order_acq_rel) + 1 == n_items[ph]) {
+            finish(ph);
+            st.complete.store(1, std::memory_order_release);
+          }
+        }
+        wait_for(st.complete);
       }
     }
     return logits;
