@@ -531,6 +531,104 @@ QT_AVX512 void w8_rows_range_avx512(const Int8Args& a, int64_t r0, int64_t r1) {
   for (; i < r1; ++i) w8_rows_avx512<1>(a, i, wf.data());
 }
 
+// ---- one token through INT8 weights on AVX-512 VNNI, exactly (to float rounding) the float product
+//
+// Widening int8 weights to fp32 costs 3-4 instructions per 16 weights, which for the 23 MB LM head is
+// more work than all the ternary layers together. Instead the float input is written as three byte
+// planes and multiplied by the int8 rows with vpdpbusd (64 products per instruction), exactly:
+//
+//   t_j = x_j * s,  s = 127 / amax (as the activation codes)     t_j = a_j + b_j / 256 + c_j / 65536 + e_j
+//   a_j = floor(t_j) in [-128, 127] (stored + 128 as u8)         b_j = floor(256 (t_j - a_j)) in [0, 255]
+//   c_j = min(255, rint(65536 (t_j - a_j) - 256 b_j))            |e_j| <= 2^-16 (the only approximation)
+//
+// The subtractions and the scalings by 256 are exact in fp32, so x_j is represented to ~24 bits, as
+// well as fp32 holds it. Per row: A = sum (a_j + 128) w_j, B = sum b_j w_j, Cc = sum c_j w_j (int32,
+// exact), W = sum w_j, and y = scale_i / s * ((A - 128 W) + B / 256 + Cc / 65536), the bracket exact in
+// int64 and the product in double, rounded once to fp32. The fp32 weight-only path sums in another
+// order; the two agree to float rounding (the tests' tolerance for the head, rtol 1e-5).
+
+QT_AVX512 void w8_planes_avx512(const float* x, int64_t K, int64_t Kp, uint8_t* planes, float* s_out) {
+  // planes: 3 x Kp bytes (a + 128, b, c), Kp = K rounded up to 64; bytes beyond K are 0 (the weights
+  // there are masked to 0 anyway)
+  __m512 vmax = _mm512_setzero_ps();
+  for (int64_t j = 0; j < K; j += 16) {
+    const __mmask16 m = K - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - j)) - 1u);
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + j)));
+  }
+  const float s = token_scale(_mm512_reduce_max_ps(vmax));
+  const __m512 vs = _mm512_set1_ps(s), k256 = _mm512_set1_ps(256.0f);
+  const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f), c255 = _mm512_set1_ps(255.0f);
+  for (int64_t j = 0; j < Kp; j += 16) {
+    const __mmask16 m = j >= K ? 0 : (K - j >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                                   : static_cast<__mmask16>((1u << (K - j)) - 1u));
+    const __m512 t = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + j), vs);
+    const __m512 fa = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 u = _mm512_mul_ps(_mm512_sub_ps(t, fa), k256);
+    const __m512 fb = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 v = _mm512_mul_ps(_mm512_sub_ps(u, fb), k256);
+    const __m512 fc = _mm512_min_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), c255);
+    const __m512i a = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(fa, lo), hi)), _mm512_set1_epi32(128));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(planes + j), _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(m, a)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(planes + Kp + j), _mm512_cvtepi32_epi8(_mm512_maskz_cvtps_epi32(m, fb)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(planes + 2 * Kp + j), _mm512_cvtepi32_epi8(_mm512_maskz_cvtps_epi32(m, fc)));
+  }
+  *s_out = s;
+}
+
+inline float w8_vnni_out(int32_t A, int32_t B, int32_t Cc, int32_t W, float scale, float s) {
+  const int64_t t = (static_cast<int64_t>(A) - 128 * static_cast<int64_t>(W)) * 65536 + static_cast<int64_t>(B) * 256 + Cc;
+  return static_cast<float>(static_cast<double>(t) * (static_cast<double>(scale) / (static_cast<double>(s) * 65536.0)));
+}
+
+// R rows of one token; `wsum` (N,) row sums of the codes, or null to compute them here (one more vpdpbusd).
+template <int R>
+QT_AVX512 void w8_gemv_vnni(const Int8Args& a, int64_t i, const uint8_t* planes, int64_t Kp, float s,
+                            const int32_t* wsum) {
+  const int64_t K = a.K;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i A[R], B[R], Cc[R], W[R];
+  for (int r = 0; r < R; ++r) A[r] = B[r] = Cc[r] = W[r] = _mm512_setzero_si512();
+  const bool nta = a.N * K >= kStreamBytes && i + R + 8 <= a.N;
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 m = K - k >= 64 ? ~__mmask64{0} : ((__mmask64{1} << (K - k)) - 1);
+    const __m512i pa = _mm512_loadu_si512(planes + k), pb = _mm512_loadu_si512(planes + Kp + k);
+    const __m512i pc = _mm512_loadu_si512(planes + 2 * Kp + k);
+    if (nta)
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(a.w + (i + r + 8) * K + k), _MM_HINT_NTA);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512i w = _mm512_maskz_loadu_epi8(m, a.w + (i + r) * K + k);
+      A[r] = _mm512_dpbusd_epi32(A[r], pa, w);
+      B[r] = _mm512_dpbusd_epi32(B[r], pb, w);
+      Cc[r] = _mm512_dpbusd_epi32(Cc[r], pc, w);
+      if (!wsum) W[r] = _mm512_dpbusd_epi32(W[r], ones, w);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int32_t wr = wsum ? wsum[i + r] : _mm512_reduce_add_epi32(W[r]);
+    a.out[i + r] = w8_vnni_out(_mm512_reduce_add_epi32(A[r]), _mm512_reduce_add_epi32(B[r]),
+                               _mm512_reduce_add_epi32(Cc[r]), wr, a.scale[i + r], s);
+  }
+}
+
+QT_AVX512 void w8_gemv_range_vnni(const Int8Args& a, int64_t r0, int64_t r1, const uint8_t* planes, int64_t Kp,
+                                  float s, const int32_t* wsum) {
+  int64_t i = r0;
+  for (; i + 4 <= r1; i += 4) w8_gemv_vnni<4>(a, i, planes, Kp, s, wsum);
+  for (; i < r1; ++i) w8_gemv_vnni<1>(a, i, planes, Kp, s, wsum);
+}
+
+// Row sums of int8 codes (N, K), for w8_gemv_vnni.
+std::vector<int32_t> int8_row_sums(const int8_t* w, int64_t N, int64_t K) {
+  std::vector<int32_t> out(N);
+  for (int64_t i = 0; i < N; ++i) {
+    int32_t t = 0;
+    for (int64_t k = 0; k < K; ++k) t += w[i * K + k];
+    out[i] = t;
+  }
+  return out;
+}
+
 QT_AVX2 inline float hsum_ps_256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -576,6 +674,16 @@ QT_AVX2 void w8_rows_range_avx2(const Int8Args& a, int64_t r0, int64_t r1) {
 
 void run_int8(const Int8Args& a, int64_t isa) {
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / (a.K * a.M));
+  if (a.M == 1 && isa == kAvx512Vnni) {  // one token: byte planes and vpdpbusd (w8_gemv_vnni)
+    const int64_t Kp = (a.K + 63) / 64 * 64;
+    std::vector<uint8_t> planes(3 * Kp);
+    float s = 0.f;
+    w8_planes_avx512(a.x, a.K, Kp, planes.data(), &s);
+    at::parallel_for(0, a.N, grain, [&](int64_t r0, int64_t r1) {
+      w8_gemv_range_vnni(a, r0, r1, planes.data(), Kp, s, nullptr);
+    });
+    return;
+  }
   at::parallel_for(0, a.N, grain, [&](int64_t r0, int64_t r1) {
     if (isa == kAvx512Vnni)
       w8_rows_range_avx512(a, r0, r1);
@@ -952,7 +1060,7 @@ at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& d, const at::Tens
 // work items (row tiles of a linear, k/v heads of attention):
 //
 //   per layer   qkv rows | attention heads | o rows | gate+up rows and their silu | down rows
-//   then        head rows (int8, fp32 accumulation)
+//   then        head rows (int8 weights; on VNNI the byte-plane kernel w8_gemv_vnni)
 //
 // A thread takes the next item of the current phase from an atomic counter; the thread that
 // completes a phase's last item runs the phase's small serial tail (residual add, RMSNorm, the next
@@ -1029,6 +1137,7 @@ class Decoder {
       maxKp_ = std::max({maxKp_, L.qkv.Kp, L.o.Kp, L.gate_up.Kp, L.down.Kp});
       layers_.push_back(std::move(L));
     }
+    if (isa_ == kAvx512Vnni) head_wsum_ = int8_row_sums(head_codes_.data_ptr<int8_t>(), V_, C_);
   }
 
   // idx (1, 1) int64; caches (n_layers, 1, n_kv_heads, max_len, head_dim) fp32; writes position pos of
@@ -1053,6 +1162,9 @@ class Decoder {
     std::vector<int8_t> q(maxKp_);
     float s = 0.f;
     int32_t qsum = 0;
+    const int64_t Kp_head = (C + 63) / 64 * 64;  // the head's input as byte planes (VNNI, w8_gemv_vnni)
+    std::vector<uint8_t> planes(3 * Kp_head);
+    float s_head = 0.f;
     float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>(), *out = logits.data_ptr<float>();
     const float *cs = cos_.data_ptr<float>(), *sn = sin_.data_ptr<float>();
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
@@ -1094,7 +1206,8 @@ class Decoder {
       if (phase == nphases - 1) {
         Int8Args a{head_codes_.data_ptr<int8_t>(), V_, C, 1, h.data(), head_scale_.data_ptr<float>(), out};
         if (isa == kAvx512Vnni)
-          w8_rows_range_avx512(a, i * per, std::min(V_, (i + 1) * per));
+          w8_gemv_range_vnni(a, i * per, std::min(V_, (i + 1) * per), planes.data(), Kp_head, s_head,
+                             head_wsum_.data());
         else
           w8_rows_range_avx2(a, i * per, std::min(V_, (i + 1) * per));
         return;
@@ -1124,6 +1237,7 @@ class Decoder {
     auto enter_layer = [&](int64_t l) {
       if (l == nl) {
         rms_norm_row(x.data(), norm_.data_ptr<float>(), C, eps_, h.data());
+        if (isa == kAvx512Vnni) w8_planes_avx512(h.data(), C, Kp_head, planes.data(), &s_head);
         return;
       }
       rms_norm_row(x.data(), layers_[l].attn_norm.data_ptr<float>(), C, eps_, h.data());
@@ -1205,6 +1319,7 @@ class Decoder {
   }
 
   std::vector<DecoderLayer> layers_;
+  std::vector<int32_t> head_wsum_;  // row sums of the head's codes (VNNI head kernel)
   at::Tensor embed_codes_, embed_scale_, norm_, head_codes_, head_scale_, cos_, sin_;
   int64_t nh_, nkv_;
   float eps_;
