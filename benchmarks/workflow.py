@@ -2,7 +2,7 @@
 
     python benchmarks/workflow.py --ckpt /work/runs/fp32-small-600/ckpt.pt --lock /work/heavy.lock \
         [--data ../shared/data/tinystories] [--out /tmp/qtoolkit-workflow] [--trials 30] \
-        [--finetune-steps 200] [--qat-steps 600] [--json workflow.json]
+        [--finetune-steps 200] [--qat-steps 600] [--skip-warmup] [--skip-scratch] [--json workflow.json]
 
 On the given fp32 checkpoint (`small`, trained for S steps), at the budget halfway between the
 all-ternary and the all-INT8 bytes (formats ternary, int8, fp16):
@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--lock", help="hold this file's flock during every stage")
     ap.add_argument("--skip-warmup", action="store_true", help="leave out (c') (the quantization-warmup run)")
+    ap.add_argument("--skip-scratch", action="store_true",
+                    help="leave out (d) (training the searched policy from scratch for Q + S steps: the longest stage)")
     args = ap.parse_args()
 
     @contextlib.contextmanager
@@ -129,7 +131,9 @@ def main() -> None:
     for name in runs:
         runs[name]["b_finetune"] = finetuned(name, runs[name]["a_ptq"])
         runs[name]["c_init_qat"] = trained(f"{name}-init", policies[name], args.qat_steps, args.ckpt)
-    runs["searched"]["d_scratch"] = trained("searched-scratch", policies["searched"], args.qat_steps + src_steps, None)
+    if not args.skip_scratch:
+        runs["searched"]["d_scratch"] = trained("searched-scratch", policies["searched"], args.qat_steps + src_steps,
+                                                None)
     if not args.skip_warmup:
         runs["searched"]["c_init_qat_warmup"] = trained("searched-init-warmup", policies["searched"], args.qat_steps,
                                                         args.ckpt, [f"train.quant_warmup_steps={args.qat_steps // 6}"])
@@ -156,7 +160,7 @@ def main() -> None:
         "fp32": {"val_loss": round(fp32.val_loss, 4), "val_ppl": round(fp32.val_ppl, 2),
                  "bytes": memory_plan(cfg, src["policy"]).total_bytes},
         "eval_tokens": fp32.val_tokens, "finetune_steps": args.finetune_steps, "qat_steps": args.qat_steps,
-        "scratch_steps": args.qat_steps + src_steps, "results": table, "seconds": timings,
+        "scratch_steps": None if args.skip_scratch else args.qat_steps + src_steps, "results": table, "seconds": timings,
     }
     text = json.dumps(report, indent=2)
     print(text)

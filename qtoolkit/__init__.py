@@ -43,6 +43,8 @@ _EXPORTS = {
     "quantize_checkpoint": "qtoolkit.training.ptq",
     "train": "qtoolkit.training.trainer",
     "evaluate_checkpoint": "qtoolkit.training.trainer",
+    "GlueConfig": "qtoolkit.evaluate.glue",
+    "run_glue": "qtoolkit.evaluate.glue",
     "from_hf": "qtoolkit.interop.hf_import",
     "import_hf": "qtoolkit.interop.hf_import",
     "export_gguf": "qtoolkit.interop.gguf_export",

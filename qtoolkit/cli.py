@@ -623,6 +623,61 @@ def bench(
         report.console.print(report.bench_table(result, written))
 
 
+@app.command()
+@user_errors
+def glue(
+    ckpt: Ckpt,
+    task: Annotated[str, typer.Option(help="mrpc, sst2, cola, a comma list, or all.")] = "all",
+    data_dir: Annotated[Path | None, typer.Option(help="Local GLUE TSVs: the folder holding MRPC/, SST-2/, CoLA/.  "
+                                                  "[default: the Hub's nyu-mll/glue]", show_default=False)] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training split.  [default: MRPC 2, SST-2 1, "
+                                               "CoLA 3]", show_default=False)] = None,
+    lr: Annotated[float, typer.Option(help="Backbone peak learning rate.")] = 3e-4,
+    head_lr: Annotated[float, typer.Option(help="Classification head peak learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 32,
+    max_len: Annotated[int, typer.Option(help="Tokens per example; longer ones are truncated and counted.")] = 128,
+    max_train: Annotated[int | None, typer.Option(help="Use at most N training examples per task (one seeded subset); "
+                                                  "0 = all.  [default: SST-2 20,000 of 67,349; MRPC, CoLA all]",
+                                                  show_default=False)] = None,
+    pooling: Annotated[str, typer.Option(help="last (the closing token's state) or mean (over real tokens).")] = "last",
+    policy: Annotated[str | None, typer.Option(help="Finetune under this policy: a policy YAML, a recipe name, or a "
+                                               "quantizer spec.  [default: the checkpoint's own]",
+                                               show_default=False)] = None,
+    freeze: Annotated[bool, typer.Option(help="Train the head only (a linear probe).")] = False,
+    seeds: Annotated[int, typer.Option(help="Number of seeds (runs) per task.")] = 3,
+    seed: Annotated[int, typer.Option("--seed", help="First seed; runs use SEED, SEED+1, ...")] = 0,
+    compare: Annotated[Path | None, typer.Option(help="A second checkpoint to run the same protocol on.",
+                                                 show_default=False)] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder for glue.json and glue.md.")] = Path("glue_out"),
+    save_models: Annotated[bool, typer.Option(help="Also save every finetuned classifier in OUT as a training "
+                                              "checkpoint (qtool pack/eval work on it).")] = False,
+    device: Device = "auto",
+    json_: Json = None,
+) -> None:
+    """Finetune on GLUE tasks (MRPC, SST-2, CoLA) and report dev metrics beside the majority baseline."""
+    from qtoolkit.checkpoint import atomic_write_text
+    from qtoolkit.errors import ConfigError
+    from qtoolkit.evaluate.glue import GlueConfig, run_glue
+    from qtoolkit.rundir import run_dir_lock
+
+    config = GlueConfig(tasks=task, data_dir=str(data_dir) if data_dir else None, epochs=epochs, lr=lr,
+                        head_lr=head_lr, batch_size=batch_size, max_len=max_len, max_train=max_train,
+                        pooling=pooling, freeze=freeze, policy=policy, seeds=seeds, seed=seed, device=device)
+    outputs = {"json": out / "glue.json", "markdown": out / "glue.md"}
+    existing = [str(p) for p in outputs.values() if p.exists()]
+    if existing:
+        raise ConfigError(f"--out {out} already holds {', '.join(existing)}; choose another --out or move them away")
+    _check_outputs(json_, [ckpt, compare, data_dir], *(("--out", p, None) for p in outputs.values()))
+    with _human_output(json_), run_dir_lock(out, "qtool glue"):
+        with report.GlueProgress(report.console) as progress:
+            result = run_glue(ckpt, config, compare=compare, save_dir=out if save_models else None, callback=progress)
+        report.console.print(report.glue_table(result))
+        atomic_write_text(outputs["json"], json.dumps(result.to_dict(), indent=2))
+        atomic_write_text(outputs["markdown"], report.glue_markdown(result))
+        written = _write_json(json_, result.to_dict())
+        report.print_outputs([*outputs.values(), *written])
+
+
 @app.command("import")
 @user_errors
 def import_(

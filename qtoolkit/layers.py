@@ -5,11 +5,16 @@ submodule; the forward pass uses the quantizer's fake-quantized weight (and inpu
 whose spec quantizes activations). `from_float` reuses the original Parameter object, so weight
 tying and optimizer references survive the swap.
 
+A linear computes  y = x_hat @ W_hat^T (+ bias) (+ quantizer.output_term(x, extras))  where the
+output term is a method's additive path (Tequila's dead-zone bias, a low-rank correction). In
+training the extras come live from the latent weight; in the deployed (frozen) layer they are the
+stored ones, so both compute the same numbers.
+
 Quantization warmup. `quant_mix` (lambda, default 1) blends the float and the quantized operands:
 
     W_used = W + lambda * (Q(W) - W)        x_used = x + lambda * (Q_in(x) - x)
 
-so lambda = 0 is the float layer and lambda = 1 the quantized one, exactly (the gradient reaching W
+so lambda = 0 is the float layer (the output term is scaled by lambda too) and lambda = 1 the quantized one, exactly (the gradient reaching W
 is (1 - lambda) + lambda * dQ/dW, i.e. 1 under the identity STE). `set_quant_mix(model, lambda)`
 sets it on every quantized layer; the trainer ramps it over `train.quant_warmup_steps` (the
 "warmup quantization" of Hugging Face's BitNet fine-tuning, docs/training.md). It is not state: a
@@ -49,8 +54,12 @@ class QuantLinear(nn.Linear):
         return _mix(self.weight, self.quantizer(self.weight), self.quant_mix)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _mix(x, self.quantizer.quantize_input(x), self.quant_mix)
-        return F.linear(x, self.quantized_weight(), self.bias)
+        q = self.quantizer
+        y = F.linear(_mix(x, q.quantize_input(x), self.quant_mix), self.quantized_weight(), self.bias)
+        if q.has_output_term:
+            term = q.output_term(x, q.extras(self.weight))
+            y = y + (term if self.quant_mix == 1 else self.quant_mix * term)
+        return y
 
 
 class QuantEmbedding(nn.Embedding):
@@ -81,30 +90,47 @@ class QuantEmbedding(nn.Embedding):
 
 class FrozenQuantLinear(nn.Module):
     """Deployed form of a QuantLinear: the weight *is* the dequantized stored codes (never
-    re-quantized); only the input is quantized, exactly as in training. A bias, when the layer has
-    one, is a plain fp32 parameter."""
+    re-quantized); only the input is quantized, exactly as in training. `extras` are the stored
+    extra tensors (QTensor.extras): learned activation state is loaded into the quantizer, and the
+    output term reads them as fp32. A bias, when the layer has one, is a plain fp32 parameter."""
 
-    def __init__(self, weight: Tensor, quantizer: Quantizer, bias: Tensor | None = None):
+    def __init__(self, weight: Tensor, quantizer: Quantizer, extras: dict[str, Tensor] | None = None,
+                 bias: Tensor | None = None):
         super().__init__()
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.quantizer = quantizer
         self.out_features, self.in_features = weight.shape
+        self._extra_names = sorted(extras or {})
+        for k in self._extra_names:  # buffers, so they follow .to(device)
+            self.register_buffer(f"extra_{k}", extras[k].float())
+        if extras:
+            quantizer.load_extras(self.extras)
         if bias is not None and not isinstance(bias, nn.Parameter):
             bias = nn.Parameter(bias, requires_grad=False)
         self.register_parameter("bias", bias)
 
+    @property
+    def extras(self) -> dict[str, Tensor]:
+        return {k: getattr(self, f"extra_{k}") for k in self._extra_names}
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quantizer.quantize_input(x), self.weight, self.bias)
+        q = self.quantizer
+        y = F.linear(q.quantize_input(x), self.weight, self.bias)
+        if q.has_output_term:
+            y = y + q.output_term(x, self.extras)
+        return y
 
 
 class FrozenQuantEmbedding(nn.Module):
-    """Deployed form of a QuantEmbedding: a lookup in the dequantized stored table."""
+    """Deployed form of a QuantEmbedding: a lookup in the dequantized stored table. `extras` are
+    kept only so that a tied linear head built from it stores the same ones."""
 
-    def __init__(self, weight: Tensor, quantizer: Quantizer):
+    def __init__(self, weight: Tensor, quantizer: Quantizer, extras: dict[str, Tensor] | None = None):
         super().__init__()
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.quantizer = quantizer
         self.num_embeddings, self.embedding_dim = weight.shape
+        self.extras = dict(extras or {})
 
     def forward(self, idx: Tensor) -> Tensor:
         return F.embedding(idx, self.weight)

@@ -158,8 +158,9 @@ class DecoderLM(nn.Module):
                 is_resid = name.endswith(("o_proj", "down_proj"))
                 nn.init.normal_(module.weight, mean=0.0, std=resid_std if is_resid else std)
 
-    def forward(self, idx: Tensor) -> Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab_size)."""
+    def hidden_states(self, idx: Tensor) -> Tensor:
+        """idx (B, T) token ids -> final normalized hidden states (B, T, d_model): lm_head's input
+        (what a classification head reads, see qtoolkit.evaluate.classifier)."""
         T = idx.shape[1]
         if T > self.config.max_seq_len:
             raise ConfigError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
@@ -167,7 +168,11 @@ class DecoderLM(nn.Module):
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab_size)."""
+        return self.lm_head(self.hidden_states(idx))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared (tied) parameters counted once

@@ -32,7 +32,7 @@ File format (safetensors, loads without executing code):
 
 Loading (`model_from_checkpoint`) rebuilds the decoder with `FrozenQuantLinear`/`FrozenQuantEmbedding`
 modules whose weights are the dequantized stored codes; they quantize activations exactly as in
-training. Dequantized weights are bit-identical to the fake-quantized training weights (the codes
+training and add the quantizer's output term from the stored extras (Tequila's bias, a correction). Dequantized weights are bit-identical to the fake-quantized training weights (the codes
 and scales are the same and `dequantize` repeats the same float operations), so the packed model's
 logits equal the training model's exactly on the same device: tolerance 0, tested.
 """
@@ -166,6 +166,12 @@ class MemoryPlan:
     def compression(self) -> float:
         return self.fp32_bytes / self.total_bytes
 
+    @property
+    def correction_bytes(self) -> int:
+        """Bytes of the low-rank corrections (part of their layers' bytes, counted in `total_bytes`)."""
+        return sum(e.quantizer.correction_bytes(e.shape) for e in self.entries
+                   if e.tied_to is None and isinstance(e.quantizer, quantizers.Corrected))
+
     def bytes_by_quantizer(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for e in self.entries:
@@ -181,6 +187,7 @@ class MemoryPlan:
             "fp32_bytes": self.fp32_bytes,
             "compression_vs_fp32": self.compression,
             "bytes_by_quantizer": self.bytes_by_quantizer(),
+            "correction_bytes": self.correction_bytes,
             "entries": [e.to_dict() for e in self.entries],
             "warnings": [list(w) for w in self.warnings],
         }
@@ -361,7 +368,7 @@ def load_packed(source: str | Path | dict[str, Any], model: nn.Module) -> nn.Mod
             module.weight = nn.Parameter(weight, requires_grad=False)
         else:
             cls = FrozenQuantEmbedding if entry.kind == "embedding" else FrozenQuantLinear
-            set_by_name(model, name, cls(weight, entry.quantizer))
+            set_by_name(model, name, cls(weight, entry.quantizer, q.extras))
     for layer in ckpt["layers"]:
         if layer.get("tied_to"):
             set_by_name(model, layer["name"], _tied(model.get_submodule(layer["tied_to"]), layer["kind"]))
@@ -409,7 +416,7 @@ def _tied(source: nn.Module, kind: str) -> nn.Module:
     """The other half of a tied embedding/head pair, sharing the source's weight (and quantizer)."""
     if isinstance(source, (FrozenQuantLinear, FrozenQuantEmbedding)):
         cls = FrozenQuantLinear if kind == "linear" else FrozenQuantEmbedding
-        return cls(source.weight, source.quantizer)
+        return cls(source.weight, source.quantizer, source.extras)
     rows, cols = source.weight.shape
     module = nn.Linear(cols, rows, bias=False, device="meta") if kind == "linear" else nn.Embedding(rows, cols, device="meta")
     module.weight = source.weight

@@ -301,18 +301,28 @@ class Policy:
 
         if DEFAULT in self.rules and not any(rule == DEFAULT for _, rule in assigned.values()):
             warnings.append((DEFAULT, "assigns no module: higher-priority rules claim every module of this model"))
-        layers = []
+        layers, misfits = [], []
         for name, module in targets.items():
             spec, rule = assigned[name]
+            built = quantizers.build(spec) if spec is not None else None
+            if built is not None and built.linear_only and isinstance(module, nn.Embedding):
+                misfits.append((rule or name, f"{name} is an embedding; {_describe(built)} applies to linear "
+                                "layers only (a lookup has no input to multiply)"))
             layers.append(LayerAssignment(
                 name=name,
                 module_type="embedding" if isinstance(module, nn.Embedding) else "linear",
                 shape=tuple(module.weight.shape),
-                spec=quantizers.canonical(spec) if spec is not None else None,
+                spec=built.spec() if built is not None else None,
                 rule=rule,
                 tied_to=tied_to.get(name),
             ))
+        if misfits:
+            raise PolicyFitError(misfits)
         return Coverage(layers, tied=bool(tied_to), warnings=warnings)
+
+
+def _describe(q: quantizers.Quantizer) -> str:
+    return "a low-rank correction" if isinstance(q, quantizers.Corrected) else f"quantizer {q.name!r}"
 
 
 class PolicyFitError(PolicyError):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the checkout; QTOOLKIT_SHARED_DATA points elsewhere (e.g. from a git worktree)
+SHARED_DATA = Path(os.environ.get("QTOOLKIT_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 _NAMES = ["Lily", "Tom", "Sam", "Mia", "Ben", "Anna"]
 _THINGS = ["ball", "cat", "dog", "tree", "cake", "boat", "kite", "hat"]

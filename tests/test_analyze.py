@@ -10,6 +10,7 @@ from qtoolkit.errors import ConfigError
 from qtoolkit.evaluate.analyze import SCHEMA_VERSION, analyze_checkpoint, middle_blocks
 from qtoolkit.pack import pack_checkpoint
 from qtoolkit.report import analysis_html, analysis_markdown, save_analysis_plot
+from qtoolkit.report.text import methods_text
 
 from .conftest import save_untrained_checkpoint
 
@@ -79,16 +80,17 @@ def test_middle_blocks_follow_the_paper():
 JSON_TOP = {"schema_version", "qtoolkit_version", "checkpoint", "recipe", "kind", "step", "as_policy", "model_config", "band", "layers", "blocks",
             "kinds", "middle_vs_boundary", "totals"}
 JSON_LAYER = {"name", "block", "kind", "quantizer", "spec", "rule", "shape", "params", "bits_per_weight", "bytes",
-              "code_bits", "zeros", "plus", "minus", "alpha", "entropy_bits", "near_threshold", "sqnr_db"}
+              "code_bits", "zeros", "plus", "minus", "alpha", "entropy_bits", "near_threshold", "sqnr_db", "method"}
 JSON_GROUP = {"layers", "params", "bytes", "bits_per_weight", "quantizers", "ternary_layers", "zeros", "entropy_bits",
               "near_threshold", "alpha_mean", "sqnr_db"}
-JSON_TOTALS = {"params", "bytes", "fp32_bytes", "compression_vs_fp32", "bytes_by_quantizer", "zeros"}
+JSON_TOTALS = {"params", "bytes", "fp32_bytes", "compression_vs_fp32", "bytes_by_quantizer", "zeros", "methods",
+               "correction_bytes", "correction_share"}
 
 
 def test_json_schema_is_stable(tmp_path):
     """The documented schema (docs/analyze.md). Changing it means bumping SCHEMA_VERSION."""
     d = json.loads(json.dumps(analyze_checkpoint(save_untrained_checkpoint(tmp_path / "c.pt")).to_dict()))
-    assert SCHEMA_VERSION == 2 and d["schema_version"] == 2
+    assert SCHEMA_VERSION == 3 and d["schema_version"] == 3
     assert set(d) == JSON_TOP
     assert all(set(x) == JSON_LAYER for x in d["layers"])
     assert all(set(b) == JSON_GROUP | {"block"} for b in d["blocks"])
@@ -137,3 +139,27 @@ def test_fp32_checkpoint_analysed_as_if_ternary(tmp_path):
     assert c.layer("blocks.0.attn.q_proj").alpha["count"] == 64
     with pytest.raises(ConfigError, match="latent"):
         analyze_checkpoint(pack_checkpoint(ckpt, tmp_path / "p.safetensors").path, as_policy="ternary")
+
+
+def test_what_is_particular_to_each_method(tmp_path):
+    """Sherry: one zero in every 4; Tequila: dead-zone share and bias; a correction: its share of bytes."""
+    ckpt = save_untrained_checkpoint(tmp_path / "c.pt", overrides=[
+        "policy.blocks[0].*={name: sherry, granularity: channel}",
+        "policy.blocks[1].*={name: tequila, correction: {rank: 4}}"])
+    for a in (analyze_checkpoint(ckpt), analyze_checkpoint(pack_checkpoint(ckpt, tmp_path / "p.safetensors").path)):
+        s = a.layer("blocks.0.mlp.up_proj")
+        assert s.quantizer == "sherry" and s.zeros == 0.25 and s.code_bits == 1.25
+        assert s.method["groups_with_one_zero"] == 1.0 and sum(s.method["zero_position"]) == pytest.approx(1.0)
+        t = a.layer("blocks.1.attn.q_proj")
+        assert t.quantizer == "tequila" and t.method["dead_zone"] == t.zeros
+        assert t.method["bias_abs_mean"] > 0
+        rows, cols = t.shape
+        assert t.method["correction_bytes"] == 2 * 4 * (rows + cols) + 2
+        assert t.method["correction_share"] == pytest.approx(t.method["correction_bytes"] / t.bytes)
+        m = a.totals["methods"]
+        assert m["sherry"]["layers"] == 7 and m["sherry"]["groups_with_one_zero"] == 1.0
+        assert m["tequila"]["layers"] == 7 and 0 < m["tequila"]["dead_zone"] < 1
+        corr = sum(x.method["correction_bytes"] for x in a.layers if x.method and "correction_bytes" in x.method)
+        assert a.totals["correction_bytes"] == corr and a.totals["correction_share"] == corr / a.totals["bytes"]
+        text = "\n".join(methods_text(a))
+        assert "exactly one zero in 100.0%" in text and "dead zone" in text and "corrections:" in text

@@ -138,7 +138,7 @@ def test_analyze_outputs_and_compare(tmp_path):
     import json
 
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["schema_version"] == 2 and data["compare"]["checkpoint"].endswith("b.pt")
+    assert data["schema_version"] == 3 and data["compare"]["checkpoint"].endswith("b.pt")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "r.md").read_text().startswith("# Quantization analysis")
     r = run("analyze", b, "--as", "{name: ternary, granularity: channel}")

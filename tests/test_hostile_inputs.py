@@ -452,7 +452,7 @@ def test_foreign_json_output_may_be_replaced_but_not_a_checkpoint(base, tmp_path
     (tmp_path / "old.json").write_text("{}")
     result = runner.invoke(app, ["analyze", str(run), "--json", str(tmp_path / "old.json")])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "old.json").read_text())["schema_version"] == 2
+    assert json.loads((tmp_path / "old.json").read_text())["schema_version"] == 3
     buf = io.BytesIO((run / "ckpt.pt").read_bytes())
     assert zipfile.is_zipfile(buf)  # the checkpoint it read is untouched
 

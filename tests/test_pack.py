@@ -27,6 +27,10 @@ POLICIES = {
 }
 
 
+# issue 13's methods: Spectra's TriLM, Sherry, Tequila, HGF's correction, binary
+NEW_METHODS = ["trilm", "sherry_all", "tequila_all", "ternary_hgf", "binary_all"]
+
+
 def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -89,6 +93,12 @@ def trained(corpus_dir, tmp_path_factory):
                                                       "policy._default={name: ternary, alpha: learned}"]),
         "tied_subln": ("ternary_bitnet2b", ["model.tie_embeddings=true", "policy.embed=int8",
                                             "policy.lm_head=int8"]),
+        **{r: (r, []) for r in NEW_METHODS},
+        "elastic_tied_tequila": ("tequila_all", ["model.tie_embeddings=true", "policy.embed=tequila",
+                                                 "policy.lm_head=tequila",
+                                                 "policy._default={name: tequila, activations: elastic}"]),
+        "int4_sherry_channel": ("sherry_all", ["policy._default={name: sherry, granularity: channel, "
+                                               "activations: int4, correction: {rank: 2, gate: channel}}"]),
     }
     for key, (recipe, extra) in variants.items():
         r = load_recipe(recipe, ["model.preset=tiny", f"data.path={corpus_dir}", "train.steps=6",
@@ -98,7 +108,8 @@ def trained(corpus_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("variant", ["ternary_all", "ternary_middle_learned", "tied_subln"])
+@pytest.mark.parametrize("variant", ["ternary_all", "ternary_middle_learned", "tied_subln", *NEW_METHODS,
+                                     "elastic_tied_tequila", "int4_sherry_channel"])
 @pytest.mark.parametrize("packing", [None, "base3"])
 def test_packed_model_gives_identical_logits(trained, variant, packing, tmp_path):
     res = pack_checkpoint(trained[variant], tmp_path / "p.safetensors", packing)
@@ -185,3 +196,19 @@ def test_damaged_layer_data(trained, tmp_path):
     save_file(tensors, str(tmp_path / "bad2.safetensors"), metadata={k: v for k, v in meta.items() if k != "digest"})
     with pytest.raises(CheckpointError, match=r"blocks.0.attn.q_proj.codes: uint8 \[\d+\], its shape"):
         load_checkpoint(tmp_path / "bad2.safetensors")
+
+
+def test_memory_model_counts_the_corrections_and_new_formats_by_hand():
+    cfg = ModelConfig.from_name("small")  # d=256, f=704, L=8, V=8192
+    d, f, L = 256, 704, 8
+    hgf, plain = memory_plan(cfg, load_recipe("ternary_hgf").policy), memory_plan(cfg, load_recipe("ternary_all").policy)
+    per_block = 4 * (2 * 3 * (d + d) + 2) + 3 * (2 * 3 * (d + f) + 2)  # fp16 A, B and a scalar gate per linear
+    assert hgf.correction_bytes == L * per_block == hgf.total_bytes - plain.total_bytes
+    assert plain.correction_bytes == 0 and hgf.to_dict()["correction_bytes"] == L * per_block
+    ternary_blocks = L * (4 * (d * d // 4 + 4) + 3 * (d * f // 4 + 4))
+    assert 0.12 <= hgf.correction_bytes / ternary_blocks <= 0.15  # HGF's 12-15% of the ternary backbone
+    sherry = memory_plan(cfg, load_recipe("sherry_all").policy)
+    # 5 bits per 4 weights + an fp32 scale per 128 inputs of a row; gate/up are (f, d), down is (d, f)
+    sherry_blocks = L * (4 * (5 * d * d // 32 + 4 * d * (d // 128)) + 2 * (5 * f * d // 32 + 4 * f * (d // 128))
+                         + (5 * d * f // 32 + 4 * d * -(-f // 128)))
+    assert sherry.total_bytes - plain.total_bytes == sherry_blocks - ternary_blocks

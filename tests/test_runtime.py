@@ -27,6 +27,7 @@ from qtoolkit.deploy.runtime import (
     Int8Linear,
     ReferenceLinear,
     TernaryLinear,
+    WithOutputTerm,
     generate,
     generate_text,
     load_inference_model,
@@ -56,15 +57,33 @@ VARIANTS = {
                               "policy.blocks.0.attn.q_proj=fp16",
                               "policy.blocks[1].attn.*={name: int8, activations: int8}",
                               "policy.blocks[1].mlp.*=fp16", "policy.lm_head=bf16"]),
+    # issue 13's recipes (reference path for group scales, binary, fp16 casts with float inputs)
+    **{r: (r, []) for r in ("trilm", "sherry_all", "tequila_all", "ternary_hgf", "binary_all")},
+    # ternary-coded methods on the integer kernels: Sherry and Tequila with row scales and int8
+    # inputs (Tequila's bias and a correction as output terms), tied Tequila head, int4 and elastic
+    # inputs on the reference path
+    "kernels_new_codes": ("ternary_all", [
+        "policy.blocks[0].*={name: sherry, granularity: channel, activations: int8}",
+        "policy.blocks[1].*={name: tequila, granularity: channel, activations: int8, "
+        "correction: {rank: 2, gate: channel}}",
+        "model.tie_embeddings=true", "policy.embed={name: tequila, granularity: channel}",
+        "policy.lm_head={name: tequila, granularity: channel}"]),
+    "int4_elastic": ("ternary_all", ["policy.blocks[0].*={name: ternary, activations: int4}",
+                                     "policy.blocks[1].*={name: int8, activations: elastic, elastic_bits: 6}"]),
 }
 PATHS = ["auto", "reference", "dequant"]
 
 
 def perturb(model):
-    """Untrained weights are N(0, 0.02): give the logits some range so tolerances mean something."""
-    for p in model.parameters():
+    """Untrained weights are N(0, 0.02): give the logits some range so tolerances mean something;
+    give low-rank corrections (B = 0 at the start) and elastic input steps (1 at the start) values."""
+    for name, p in model.named_parameters():
         if p.dim() == 2:
             p.mul_(5)
+        if name.endswith("lora_b"):
+            p.normal_(0, 0.2)
+        if name.endswith("act.step"):
+            p.fill_(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +162,19 @@ def test_layers_get_the_ops_their_specs_ask_for(packed):
     m = InferenceModel.from_packed(load_checkpoint(packed["ternary_all"]))
     assert isinstance(m.blocks[0].qkv, TernaryLinear) and m.blocks[0].qkv.mode == "kernel"
     assert isinstance(m.head, Int8Linear) and not m.head.act_int8 and m.head.mode == "kernel"
+
+
+def test_new_formats_get_their_ops(packed):
+    needs_native()
+    m = InferenceModel.from_packed(load_checkpoint(packed["kernels_new_codes"]))
+    b0, b1 = m.blocks[0], m.blocks[1]
+    assert isinstance(b0.qkv, TernaryLinear) and b0.qkv.mode == "kernel"  # Sherry codes on the ternary kernel
+    assert not b1.fused_qkv and isinstance(b1.q, WithOutputTerm) and isinstance(b1.q.op, TernaryLinear)
+    assert isinstance(m.head, WithOutputTerm)  # the tied Tequila head keeps its dead-zone bias
+    m = InferenceModel.from_packed(load_checkpoint(packed["int4_elastic"]))
+    assert isinstance(m.blocks[0].k, ReferenceLinear) and isinstance(m.blocks[1].k, ReferenceLinear)
+    m = InferenceModel.from_packed(load_checkpoint(packed["ternary_hgf"]))
+    assert isinstance(m.blocks[0].q, WithOutputTerm) and isinstance(m.blocks[0].q.op, TernaryLinear)
 
 
 def test_ternary_weights_stay_packed_at_two_bits(packed):

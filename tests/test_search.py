@@ -141,6 +141,19 @@ def test_search_reproducible(fp32_ckpt, tmp_path):
     assert key == [(t["allocation"], t["loss"]) for t in b.trials if t["state"] == "COMPLETE"]
 
 
+def test_search_with_issue_13_formats_finishes_within_budget(fp32_ckpt, tmp_path):
+    """sherry, tequila and binary are candidates like any registered format (exact costs, probes,
+    the MILP seed, the Optuna trials); the written policy trains and plans to the charged bytes."""
+    formats = parse_formats("sherry,tequila,binary,int8")
+    assert [f.key for f in formats] == ["sherry", "tequila", "binary", "int8"]
+    budget = 80_000
+    res = run_search(fp32_ckpt, budget, formats, tmp_path / "out", trials=6, calib_tokens=256, eval_batches=2)
+    assert res.best is not None and res.best["bytes"] <= budget
+    assert set(res.probe.measured["blocks.0.mlp.up_proj"]) == {"sherry", "tequila", "binary", "int8"}
+    policy_file = tmp_path / "out" / "policy.yaml"
+    assert memory_plan(ModelConfig.from_name("tiny"), str(policy_file)).total_bytes == res.best["bytes"]
+
+
 # ------------------------------------------------------------------------------ --apply
 
 

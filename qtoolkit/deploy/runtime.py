@@ -17,8 +17,11 @@ with every linear replaced by an op that computes from the stored format:
     int8 with `activations: int8` (W8A8)             Int8Linear: per-token codes, exact int32 product.
     fp16 / bf16 / fp32                               nn.Linear on the dequantized fp32 weight.
     ternary with `activations: none`                Int8Linear (weight-only) on the codes.
-    ternary with group scales                        ReferenceLinear: the fake-quant formula on the
-                                                     dequantized weight (not accelerated).
+    sherry / tequila with tensor or channel scales   as ternary: their codes are ternary too.
+    group scales, binary, int4 or elastic            ReferenceLinear: the fake-quant formula on the
+    activations                                      dequantized weight (not accelerated).
+    a method's output term (Tequila's dead-zone      WithOutputTerm around the layer's op: op(x) +
+    bias, a low-rank correction)                     quantizer.output_term(x, stored extras).
 
 When the C++ extension is loaded, attention (RoPE, cache write, softmax), SwiGLU and RMSNorm run as
 single calls into it (`use_fused_ops`), a decode step being ~10 calls per block; otherwise they are
@@ -64,6 +67,7 @@ from qtoolkit.quantizers.base import int8_per_token_codes
 from qtoolkit.schema import check_seed
 
 EOS = "<|endoftext|>"
+TERNARY_CODES = ("ternary", "sherry", "tequila")  # int8 codes in {-1, 0, 1} times row/tensor scales
 
 # ------------------------------------------------------------------------------ layer ops
 
@@ -147,6 +151,24 @@ class ReferenceLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quantizer.quantize_input(x), self.weight)
+
+
+class WithOutputTerm(nn.Module):
+    """A layer op plus its quantizer's additive output term, read from the stored extras (the
+    training layer's formula, `Quantizer.output_term`)."""
+
+    def __init__(self, op: nn.Module, quantizer: nn.Module, extras: dict[str, Tensor],
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        self.op = op
+        self.quantizer = quantizer
+        self._names = sorted(extras)
+        for k in self._names:
+            self.register_buffer(f"extra_{k}", extras[k].float().contiguous().to(device))
+        self.out_features, self.in_features = op.out_features, op.in_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x) + self.quantizer.output_term(x, {k: getattr(self, f"extra_{k}") for k in self._names})
 
 
 class Int8Embedding(nn.Module):
@@ -453,9 +475,11 @@ class _Layer:
     scale: Tensor | None = None  # fp32 (N,)
     weight: Tensor | None = None  # fp32 (N, K), float and reference kinds
     quantizer: Any = None
+    term: tuple[Any, dict[str, Tensor]] | None = None  # (quantizer, stored extras) of an output term
 
     def fusable_with(self, other: _Layer) -> bool:
-        return self.kind == other.kind and self.kind != "reference" and self.act_int8 == other.act_int8
+        return (self.kind == other.kind and self.kind != "reference" and self.act_int8 == other.act_int8
+                and self.term is None and other.term is None)
 
 
 def _fuse(layers: list[_Layer]) -> _Layer | None:
@@ -491,29 +515,42 @@ class _Builder:
 
     def layer(self, name: str) -> _Layer:
         entry, q = self._qtensor(self._source(name))
-        spec, rows = entry.spec, q.shape[0]
-        quantizer = entry.quantizer
+        quantizer = entry.quantizer.to(self.device)
+        if q.extras:
+            quantizer.load_extras(q.extras)  # learned activation state
+        term = (quantizer, q.extras) if quantizer.has_output_term else None
+        layer = self._base_layer(entry.spec, q, quantizer)
+        layer.term = term
+        return layer
+
+    def _base_layer(self, spec: dict[str, Any], q, quantizer) -> _Layer:
+        rows, act = q.shape[0], spec.get("activations", "none")
         if self.as_float:
             return _Layer("float", weight=quantizer.dequantize(q).to(torch.float32))
-        if spec["name"] in ("ternary", "int8") and spec.get("granularity") in ("tensor", "channel"):
+        ternary_codes = spec["name"] in TERNARY_CODES
+        if ((ternary_codes or spec["name"] == "int8") and spec.get("granularity") in ("tensor", "channel")
+                and act in ("int8", "none")):
             scale = q.scales.reshape(-1).float().expand(rows).contiguous()
-            act = spec.get("activations") == "int8"
-            if spec["name"] == "ternary" and act:
+            if ternary_codes and act == "int8":
                 return _Layer("ternary", True, q.codes, scale)
-            return _Layer("int8", act, q.codes, scale)  # ternary codes without activation quantization too
+            return _Layer("int8", act == "int8", q.codes, scale)  # ternary codes without activation quantization too
         weight = quantizer.dequantize(q).to(torch.float32)
-        if spec["name"] in ("fp32", "fp16", "bf16"):
+        if spec["name"] in ("fp32", "fp16", "bf16") and act == "none":
             return _Layer("float", weight=weight)
         return _Layer("reference", weight=weight, quantizer=quantizer)
 
     def op(self, layer: _Layer) -> nn.Module:
         if layer.kind == "ternary":
-            return TernaryLinear(layer.codes, layer.scale, self.backend, self.device)
-        if layer.kind == "int8":
-            return Int8Linear(layer.codes, layer.scale, layer.act_int8, self.backend, self.device)
-        if layer.kind == "float":
-            return _float_linear(layer.weight.to(self.device))
-        return ReferenceLinear(layer.weight.to(self.device), layer.quantizer)
+            op = TernaryLinear(layer.codes, layer.scale, self.backend, self.device)
+        elif layer.kind == "int8":
+            op = Int8Linear(layer.codes, layer.scale, layer.act_int8, self.backend, self.device)
+        elif layer.kind == "float":
+            op = _float_linear(layer.weight.to(self.device))
+        else:
+            op = ReferenceLinear(layer.weight.to(self.device), layer.quantizer)
+        if layer.term is not None:
+            op = WithOutputTerm(op, *layer.term, device=self.device)
+        return op
 
     def ops(self, prefix: str, names: tuple[str, ...], fused: str) -> dict[str, nn.Module]:
         layers = [self.layer(f"{prefix}.{n}_proj") for n in names]
@@ -538,7 +575,7 @@ class _Builder:
             if self.block_hook is not None:
                 self.block_hook(blocks[-1])
         embed_layer = self.layer("embed")
-        if embed_layer.kind in ("ternary", "int8"):
+        if embed_layer.kind in ("ternary", "int8") and embed_layer.scale is not None:
             embed = Int8Embedding(embed_layer.codes, embed_layer.scale, self.device)
         else:
             embed = FloatEmbedding(embed_layer.weight.to(self.device))
@@ -716,5 +753,5 @@ def generate_text(model: InferenceModel, prompt: str, max_new_tokens: int = 64, 
 
 
 __all__ = ["GenerationStats", "InferenceModel", "Int8Embedding", "Int8Linear", "KVCache", "ReferenceLinear",
-           "TernaryLinear", "decode_stream", "encode_prompt", "generate", "generate_text", "load_inference_model",
+           "TernaryLinear", "WithOutputTerm", "decode_stream", "encode_prompt", "generate", "generate_text", "load_inference_model",
            "sample_next"]

@@ -12,6 +12,16 @@ the stored codes look like:
                          | |W / alpha| - 0.5 | < band (default 0.05): the "dead-zone trapping"
                          weights that a tiny update would flip between 0 and +-1 (Tequila)
     sqnr_db              10 log10(|W|^2 / |W - Q(W)|^2) of the layer's weights (None when exact)
+    method               what is particular to the layer's method (`Quantizer.stats`), e.g.
+                         sherry: zero_fraction, groups_with_one_zero (1.0: one zero in every 4),
+                                 zero_position (share of groups with the zero at position 0..3)
+                         tequila: dead_zone (share of codes at 0), bias_abs_mean, bias_abs_max
+                         a correction: correction_rank, correction_bytes, correction_share (of
+                                 the layer's bytes), gate_abs_mean
+                         elastic activations: act_step, act_offset
+
+Ternary-like formats (ternary, sherry, tequila) all report zeros/plus/minus/entropy; binary reports
+plus/minus.
 
 `near_threshold` and `sqnr_db` need the latent float weights, so they are None for packed
 checkpoints; everything else agrees exactly between a packed checkpoint and the training
@@ -20,7 +30,8 @@ checkpoint it came from (the codes and scales are the same).
 Aggregates: per block and per module kind (zero fractions are parameter-weighted, i.e. the share of
 zero codes among all ternary weights of the group), the paper's middle-vs-boundary comparison
 (middle blocks default to the paper's L5-L9 of 12, scaled to the model's depth), and model totals
-against fp32.
+against fp32, with the method statistics per quantizer (parameter-weighted means) and the
+low-rank corrections' bytes and share of the model's bytes.
 
 `analyze_checkpoint(path, as_policy=...)` analyses a float (or any training) checkpoint "as if"
 quantized under another policy, e.g. `{"_default": "ternary"}`.
@@ -46,7 +57,9 @@ from qtoolkit.pack import Entry, memory_plan, model_from_checkpoint, unpack_laye
 from qtoolkit.policy import Policy
 from qtoolkit.quantizers.base import QTensor, grouped, ungrouped
 
-SCHEMA_VERSION = 2  # 2: adds qtoolkit_version and recipe
+SCHEMA_VERSION = 3  # 2: qtoolkit_version and recipe; 3: layers[].method, totals.methods / correction_bytes / correction_share
+TERNARY_LIKE = ("ternary", "sherry", "tequila")  # int8 codes in {-1, 0, +1}
+CODE_BITS = {"sherry": 1.25, "binary": 1.0, "int8": 8.0}  # code bits per weight (ternary: by packing)
 DEFAULT_BAND = 0.05
 
 
@@ -70,6 +83,7 @@ class LayerStats:
     entropy_bits: float | None = None
     near_threshold: float | None = None
     sqnr_db: float | None = None
+    method: dict[str, Any] | None = None  # Quantizer.stats (module docstring)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,18 +140,17 @@ def entropy_bits(counts: Tensor) -> float:
 def code_stats(q: QTensor, spec: dict[str, Any]) -> dict[str, Any]:
     """Statistics of stored codes and scales (needs no latent weights)."""
     out: dict[str, Any] = {}
-    if spec["name"] in ("ternary", "int8"):
+    name = spec["name"]
+    if name in TERNARY_LIKE or name in ("int8", "binary"):
         codes = q.codes.reshape(-1).to(torch.int16)
-        lo = -1 if spec["name"] == "ternary" else -128
+        lo = -128 if name == "int8" else -1
         counts = torch.bincount((codes - lo).to(torch.int64), minlength=1 - 2 * lo)
         n = codes.numel()
         out["zeros"] = float(counts[-lo]) / n
         out["entropy_bits"] = entropy_bits(counts)
-        if spec["name"] == "ternary":
+        if name != "int8":
             out["minus"], out["plus"] = float(counts[0]) / n, float(counts[2]) / n
-            out["code_bits"] = 8 / (5 if spec.get("packing") == "base3" else 4)
-        else:
-            out["code_bits"] = 8.0
+        out["code_bits"] = CODE_BITS.get(name) or 8 / (5 if spec.get("packing") == "base3" else 4)
         s = q.scales.double()
         out["alpha"] = {"mean": float(s.mean()), "min": float(s.min()), "max": float(s.max()), "count": s.numel()}
     return out
@@ -148,7 +161,7 @@ def latent_stats(w: Tensor, q: QTensor, quantizer: quantizers.Quantizer, band: f
     w = w.detach().double()
     err = (w - quantizer.dequantize(q).double()).pow(2).sum()
     out: dict[str, Any] = {"sqnr_db": None if err == 0 else float(10 * torch.log10(w.pow(2).sum() / err))}
-    if quantizer.name == "ternary":
+    if quantizer.name in ("ternary", "tequila"):  # round-to-nearest thresholds at |W / alpha| = 1/2
         cfg = quantizer.config
         v = ungrouped(grouped(w, cfg.granularity, cfg.group_size) / q.scales.double().unsqueeze(-1), q.shape)
         out["near_threshold"] = float(((v.abs() - 0.5).abs() < band).double().mean())
@@ -161,7 +174,7 @@ def _layer(entry: Entry, q: QTensor, quantizer: quantizers.Quantizer, latent: Te
     stats = LayerStats(
         name=entry.name, block=block, kind=kind, quantizer=entry.spec["name"], spec=entry.spec, rule=entry.rule,
         shape=list(entry.shape), params=entry.params, bits_per_weight=float(entry.bits_per_weight),
-        bytes=entry.nbytes, **code_stats(q, entry.spec),
+        bytes=entry.nbytes, **code_stats(q, entry.spec), method=quantizer.stats(q) or None,
     )
     if latent is not None:
         for k, v in latent_stats(latent, q, quantizer, band).items():
@@ -188,7 +201,7 @@ def _weighted(layers: list[LayerStats], attr: str) -> float | None:
 
 
 def _group(layers: list[LayerStats]) -> dict[str, Any]:
-    ternary = [x for x in layers if x.quantizer == "ternary"]
+    ternary = [x for x in layers if x.quantizer in TERNARY_LIKE]
     alphas = [x.alpha["mean"] for x in ternary if x.alpha]
     return {
         "layers": len(layers),
@@ -215,8 +228,8 @@ def aggregate(analysis: Analysis, n_layers: int, middle: tuple[int, int] | None 
     analysis.kinds = {k: _group([x for x in layers if x.kind == k]) for k in kinds}
     mids = middle_blocks(n_layers, middle)
     bounds = [b for b in range(n_layers) if b not in mids]
-    mid_layers = [x for x in layers if x.block in mids and x.quantizer == "ternary"]
-    bound_layers = [x for x in layers if x.block in bounds and x.quantizer == "ternary"]
+    mid_layers = [x for x in layers if x.block in mids and x.quantizer in TERNARY_LIKE]
+    bound_layers = [x for x in layers if x.block in bounds and x.quantizer in TERNARY_LIKE]
     if mid_layers and bound_layers:
         m, b = _weighted(mid_layers, "zeros"), _weighted(bound_layers, "zeros")
         analysis.middle_vs_boundary = {
@@ -284,9 +297,31 @@ def analyze_checkpoint(
     analysis.totals = {
         "params": plan.params, "bytes": plan.total_bytes, "fp32_bytes": plan.fp32_bytes,
         "compression_vs_fp32": plan.compression, "bytes_by_quantizer": plan.bytes_by_quantizer(),
-        "zeros": _weighted([x for x in layers if x.quantizer == "ternary"], "zeros"),
+        "zeros": _weighted([x for x in layers if x.quantizer in TERNARY_LIKE], "zeros"),
+        **method_totals(layers, plan.total_bytes),
     }
     return analysis
+
+
+def method_totals(layers: list[LayerStats], total_bytes: int) -> dict[str, Any]:
+    """Per quantizer, the parameter-weighted mean of each method statistic (elementwise for lists;
+    bytes summed); and the corrections' bytes and their share of the model's bytes."""
+    methods: dict[str, dict[str, Any]] = {}
+    for name in sorted({x.quantizer for x in layers if x.method}):
+        group = [x for x in layers if x.quantizer == name and x.method]
+        weight = sum(x.params for x in group)
+        agg: dict[str, Any] = {"layers": len(group)}
+        for key in group[0].method:
+            values = [(x.method.get(key), x.params) for x in group if x.method.get(key) is not None]
+            if key.endswith("_bytes"):
+                agg[key] = sum(v for v, _ in values)
+            elif values and isinstance(values[0][0], list):
+                agg[key] = [sum(v[i] * n for v, n in values) / weight for i in range(len(values[0][0]))]
+            elif values and isinstance(values[0][0], (int, float)):
+                agg[key] = sum(v * n for v, n in values) / sum(n for _, n in values)
+        methods[name] = agg
+    correction = sum(x.method.get("correction_bytes", 0) for x in layers if x.method)
+    return {"methods": methods, "correction_bytes": correction, "correction_share": correction / total_bytes}
 
 
 def _quantizer_for(module: nn.Module, entry: Entry) -> quantizers.Quantizer:
@@ -299,5 +334,5 @@ def _quantizer_for(module: nn.Module, entry: Entry) -> quantizers.Quantizer:
     return q
 
 
-__all__ = ["SCHEMA_VERSION", "Analysis", "LayerStats", "analyze_checkpoint", "code_stats", "entropy_bits",
-           "latent_stats", "middle_blocks"]
+__all__ = ["SCHEMA_VERSION", "TERNARY_LIKE", "Analysis", "LayerStats", "analyze_checkpoint", "code_stats",
+           "entropy_bits", "latent_stats", "method_totals", "middle_blocks"]

@@ -6,6 +6,9 @@
     build(spec)      a quantizer instance from a spec: "ternary" or {"name": "ternary", "alpha": ...}
     canonical(spec)  the spec with every option filled in (what checkpoints store)
 
+A spec may carry `correction: {rank: ...}` on top of any quantizer's options: `build` then wraps the
+quantizer in the low-rank gated correction (`correction.py`); its canonical spec keeps the key.
+
 Adding a quantizer: one module in this package that defines a `Quantizer` subclass decorated with
 `@register("name")`, imported at the bottom of this file, plus its tests (docs/adding_a_quantizer.md).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qtoolkit import schema
 from qtoolkit.errors import ConfigError, UnknownNameError, short_repr
 from qtoolkit.quantizers.base import QTensor, Quantizer
 
@@ -53,7 +57,13 @@ def split_spec(spec: Any) -> tuple[str, dict[str, Any]]:
 
 def build(spec: Any, path: str = "") -> Quantizer:
     name, options = split_spec(spec)
-    return get(name).from_options(options, path=path)
+    correction = options.pop("correction", None)
+    quantizer = get(name).from_options(options, path=path)
+    if correction is None:
+        return quantizer
+    where = f"{path}.correction" if path else "correction"
+    config = schema.from_dict(CorrectionConfig, correction, what="correction options", path=where)
+    return Corrected(quantizer, config)
 
 
 _CANONICAL: dict[Any, dict[str, Any]] = {}
@@ -73,6 +83,7 @@ def canonical(spec: Any) -> dict[str, Any]:
 
 
 # Built-in quantizers register themselves on import.
-from qtoolkit.quantizers import floats, int8, ternary  # noqa: E402,F401
+from qtoolkit.quantizers import binary, floats, int8, sherry, tequila, ternary  # noqa: E402,F401
+from qtoolkit.quantizers.correction import Corrected, CorrectionConfig  # noqa: E402
 
-__all__ = ["QTensor", "Quantizer", "available", "build", "canonical", "get", "register", "split_spec"]
+__all__ = ["Corrected", "CorrectionConfig", "QTensor", "Quantizer", "available", "build", "canonical", "get", "register", "split_spec"]

@@ -5,14 +5,33 @@ one weight (see `qtoolkit.layers`). It may own parameters (e.g. a learned scale)
 provides:
 
     forward(w)          fake-quantized weight for training; differentiable (straight-through)
-    quantize_input(x)   fake-quantized layer input (identity unless the spec quantizes activations)
-    quantize(w)         -> QTensor: the integer (or low-precision float) codes and their scales
-    dequantize(q)       QTensor -> float weight; equals forward(w) bit for bit
+    quantize_input(x)   fake-quantized layer input (`self.act`, from the `activations` option)
+    quantize(w)         -> QTensor: the integer (or low-precision float) codes, their scales, and the
+                        `extras` the layer also stores (below)
+    dequantize(q)       QTensor -> float weight; equals forward(w) bit for bit (outside training-only
+                        terms such as Sherry's annealed residual)
     layout(shape)       the packed tensors a weight of that shape is stored as: {suffix: (dtype, shape)}
     pack(q)             QTensor -> {suffix: tensor}, exactly as `layout` says (checked on every pack)
     unpack(tensors, shape)  the inverse of pack, bit-exact
     nbytes(shape)       exact storage bytes = sum of the layout's tensor bytes (codes *and* scales)
     bits_per_weight(shape)  8 * nbytes / numel, as an exact Fraction
+
+A subclass implements the codes-and-scales part: `forward`, `_quantize`, `dequantize`, `_layout`,
+`_pack`, `_unpack`. Methods whose layer computes more than `x_hat @ W_hat^T` add:
+
+    extras(w)           {name: float tensor} stored beside codes and scales, as the layer uses them
+                        (differentiable in training): Tequila's dead-zone bias, a low-rank
+                        correction's factors, a learned activation step. `extras_layout(shape)` gives
+                        their storage dtypes and shapes (part of `layout`, so counted in `nbytes`).
+    output_term(x, extras)  an additive term on the layer output (None by default); the training
+                        layer and the deployed one both call it, with live and stored extras.
+    load_extras(extras) put stored learned state back (the deployed layer's activation quantizer).
+    stats(q)            method-specific statistics of stored codes for `qtool analyze`.
+
+Training progress. A quantizer whose forward depends on how far training has got (Sherry's annealed
+residual) sets `needs_progress = True`; the trainer then calls `set_progress(p)` before every step,
+p = (step + 1) / total_steps in (0, 1] (so the last step sees p = 1). Without a progress (None: any
+other training loop, evaluation) such terms are off.
 
 `nbytes` is derived from `layout`, and `pack` is checked against `layout`, so the bytes the memory
 model predicts (qtoolkit.pack.memory_plan) are the bytes a packed checkpoint holds.
@@ -48,7 +67,8 @@ embeddings. Scales are fp32 and grouped along a row: one per tensor, per row ("c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from typing import Any, ClassVar
 
@@ -57,6 +77,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qtoolkit import schema
+from qtoolkit.quantizers.activations import (  # noqa: F401  (re-exported: the runtime uses them)
+    ActivationOptions,
+    ActivationQuantizer,
+    fake_quant_int8_per_token,
+    int8_per_token_codes,
+)
 
 
 @dataclass(frozen=True)
@@ -79,11 +105,13 @@ class TensorLayout:
 
 @dataclass(frozen=True)
 class QTensor:
-    """A quantized 2-D weight: codes (int8, or fp16/bf16/fp32 for casts) and fp32 scales."""
+    """A quantized 2-D weight: codes (int8, or fp16/bf16/fp32 for casts), fp32 scales, and the
+    extra tensors the layer stores with them (in their storage dtypes; see `Quantizer.extras`)."""
 
     codes: Tensor
     scales: Tensor | None
     shape: tuple[int, ...]
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -101,26 +129,6 @@ class _StraightThrough(torch.autograd.Function):
 def straight_through(x: Tensor, x_quantized: Tensor) -> Tensor:
     """Value of `x_quantized`, gradient of the identity w.r.t. `x` (the STE)."""
     return _StraightThrough.apply(x, x_quantized)
-
-
-# ---------------------------------------------------------------------------- activations
-
-
-def int8_per_token_codes(x: Tensor) -> tuple[Tensor, Tensor]:
-    """BitNet's 8-bit absmax activation quantization, one scale per token (last dim).
-
-    s = 127 / max(max|x|, 1e-5);  codes = clamp(round(x * s), -128, 127);  x_hat = codes / s.
-    Returns (codes as x.dtype, s).
-    """
-    s = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-5)
-    return (x * s).round_().clamp_(-128, 127), s
-
-
-def fake_quant_int8_per_token(x: Tensor) -> Tensor:
-    with torch.no_grad():
-        codes, s = int8_per_token_codes(x)
-        xq = codes.div_(s)
-    return straight_through(x, xq)
 
 
 # ------------------------------------------------------------------------------ grouping
@@ -174,15 +182,20 @@ def group_counts(shape: tuple[int, ...], granularity: str, group_size: int, devi
 
 
 class Quantizer(nn.Module):
-    """Base class. Subclasses set `name` (via `register`) and `Config` (an options dataclass)."""
+    """Base class. Subclasses set `name` (via `register`) and `Config` (an options dataclass that
+    inherits `ActivationOptions`)."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type]
+    needs_progress: ClassVar[bool] = False  # forward depends on training progress (set_progress)
+    linear_only: ClassVar[bool] = False  # its layer computation needs a linear (no embedding lookups)
     calibration: ClassVar[bool] = False  # True: observe()/calibrate() fit state from data (docstring above)
 
     def __init__(self, config: Any = None):
         super().__init__()
         self.config = config if config is not None else self.Config()
+        self.act = ActivationQuantizer(self.config)
+        self.progress: float | None = None
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None = None, path: str = "") -> Quantizer:
@@ -206,19 +219,59 @@ class Quantizer(nn.Module):
         weight of the same shape (None: the weight stays as it is)."""
         raise NotImplementedError(f"{self.name} sets calibration = True but does not implement calibrate()")
 
+    def set_progress(self, progress: float) -> None:
+        """Fraction of training done after the current step, in (0, 1] (see the module docstring)."""
+        self.progress = progress
+
+    # ---------------------------------------------------------------- the layer's computation
+
     def forward(self, w: Tensor) -> Tensor:
         raise NotImplementedError
 
     def quantize_input(self, x: Tensor) -> Tensor:
-        return x
+        return self.act(x)
 
+    @property
+    def has_output_term(self) -> bool:
+        return False
+
+    def extras(self, w: Tensor) -> dict[str, Tensor]:
+        """Float tensors stored beside the codes that the layer's computation uses (fp32 values,
+        exactly representable in their `extras_layout` dtype). Default: the learned activation state."""
+        return dict(self.act.state_tensors())
+
+    def extras_layout(self, shape: tuple[int, ...]) -> dict[str, TensorLayout]:
+        return {k: TensorLayout(torch.float32, s) for k, s in self.act.state_shapes().items()}
+
+    def output_term(self, x: Tensor, extras: dict[str, Tensor]) -> Tensor | None:
+        """Added to the layer output y = x_hat @ W_hat^T (x is the unquantized input)."""
+        return None
+
+    def load_extras(self, extras: dict[str, Tensor]) -> None:
+        """Restore learned state from stored extras (used when a deployed layer is built)."""
+        self.act.load_state_tensors({k: v.float() for k, v in extras.items()})
+
+    # ---------------------------------------------------------------- storage
+
+    @torch.no_grad()
     def quantize(self, w: Tensor) -> QTensor:
+        q = self._quantize(w)
+        layout = self.extras_layout(tuple(w.shape))
+        extras = {k: v.detach().to(layout[k].dtype).reshape(layout[k].shape).cpu().clone()
+                  for k, v in self.extras(w).items()}
+        return dataclasses.replace(q, extras=extras) if extras else q
+
+    def _quantize(self, w: Tensor) -> QTensor:
         raise NotImplementedError
 
     def dequantize(self, q: QTensor) -> Tensor:
         raise NotImplementedError
 
     def layout(self, shape: tuple[int, ...]) -> dict[str, TensorLayout]:
+        shape = tuple(shape)
+        return {**self._layout(shape), **self.extras_layout(shape)}
+
+    def _layout(self, shape: tuple[int, ...]) -> dict[str, TensorLayout]:
         raise NotImplementedError
 
     def _pack(self, q: QTensor) -> dict[str, Tensor]:
@@ -229,7 +282,7 @@ class Quantizer(nn.Module):
 
     def pack(self, q: QTensor) -> dict[str, Tensor]:
         """Storage tensors of a quantized weight; exactly the dtypes and shapes of `layout`."""
-        out = {k: v.contiguous() for k, v in self._pack(q).items()}
+        out = {k: v.contiguous() for k, v in {**self._pack(q), **q.extras}.items()}
         expected = self.layout(q.shape)
         if out.keys() != expected.keys() or not all(expected[k].matches(v) for k, v in out.items()):
             got = {k: (v.dtype, tuple(v.shape)) for k, v in out.items()}
@@ -238,7 +291,8 @@ class Quantizer(nn.Module):
 
     def unpack(self, tensors: dict[str, Tensor], shape: tuple[int, ...]) -> QTensor:
         """Inverse of `pack`. Raises ValueError when the tensors do not match the layout."""
-        expected = self.layout(tuple(shape))
+        shape = tuple(shape)
+        expected = self.layout(shape)
         if tensors.keys() != expected.keys():
             raise ValueError(f"expected tensors {sorted(expected)}, got {sorted(tensors)}")
         for k, t in tensors.items():
@@ -246,7 +300,9 @@ class Quantizer(nn.Module):
                 raise ValueError(
                     f"{k}: expected {expected[k].dtype} {expected[k].shape}, got {t.dtype} {tuple(t.shape)}"
                 )
-        return self._unpack(tensors, tuple(shape))
+        extra_keys = self.extras_layout(shape).keys()
+        q = self._unpack({k: t for k, t in tensors.items() if k not in extra_keys}, shape)
+        return dataclasses.replace(q, extras={k: tensors[k] for k in extra_keys}) if extra_keys else q
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
         return sum(t.nbytes for t in self.layout(tuple(shape)).values())
@@ -254,6 +310,12 @@ class Quantizer(nn.Module):
     def bits_per_weight(self, shape: tuple[int, ...]) -> Fraction:
         numel = shape[0] * shape[1]
         return Fraction(8 * self.nbytes(shape), numel)
+
+    def stats(self, q: QTensor) -> dict[str, Any]:
+        """What is particular to this method in stored codes (reported by `qtool analyze`)."""
+        if self.config.activations == "elastic" and "act_step" in q.extras:
+            return {"act_step": float(q.extras["act_step"]), "act_offset": float(q.extras["act_offset"])}
+        return {}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.spec().items() if k != "name")
@@ -263,7 +325,7 @@ class ScaledIntQuantizer(Quantizer):
     """Integer codes in [-qmax, qmax] times one fp32 scale per group (ternary, int8).
 
     Subclasses give `qmax` and `scales(w)` (one scale per group, shaped like `grouped(w)` with a
-    last dim of 1); the config provides `granularity`, optionally `group_size`, and `activations`.
+    last dim of 1); the config provides `granularity` and optionally `group_size`.
     Fake quantization, `quantize` and `dequantize` are then the same float operations, so
     `dequantize(quantize(w)) == forward(w)` bit for bit.
     """
@@ -287,11 +349,8 @@ class ScaledIntQuantizer(Quantizer):
             w_hat = ungrouped(self.grouped_codes(w, scale).mul_(scale), tuple(w.shape))
         return straight_through(w, w_hat)
 
-    def quantize_input(self, x: Tensor) -> Tensor:
-        return fake_quant_int8_per_token(x) if self.config.activations == "int8" else x
-
     @torch.no_grad()
-    def quantize(self, w: Tensor) -> QTensor:
+    def _quantize(self, w: Tensor) -> QTensor:
         scale = self.scales(w)
         codes = ungrouped(self.grouped_codes(w, scale), tuple(w.shape))
         return QTensor(codes.to(torch.int8), scale.reshape(scale.shape[:2]).float(), tuple(w.shape))

@@ -4,7 +4,8 @@
     backward    dL/dW = dL/dWhat              (identity STE)
 
 Quantization-aware training therefore sees exactly the rounding the stored weight will have. The
-"codes" of a cast are the stored fp16/bf16/fp32 values themselves; there are no scales.
+"codes" of a cast are the stored fp16/bf16/fp32 values themselves; there are no scales. The only
+option is the `activations` option every quantizer shares (`activations.py`; default none).
 Storage (`layout`): "values", the weight in the storage dtype: 2 bytes per weight (fp16, bf16) or 4 (fp32).
 """
 
@@ -17,12 +18,13 @@ import torch
 from torch import Tensor
 
 from qtoolkit.quantizers import register
+from qtoolkit.quantizers.activations import ActivationOptions
 from qtoolkit.quantizers.base import QTensor, Quantizer, TensorLayout, straight_through
 
 
 @dataclass(frozen=True)
-class CastConfig:
-    """Casts take no options."""
+class CastConfig(ActivationOptions):
+    """Casts take only the shared activation options."""
 
 
 class CastQuantizer(Quantizer):
@@ -37,13 +39,13 @@ class CastQuantizer(Quantizer):
         return straight_through(w, w_hat)
 
     @torch.no_grad()
-    def quantize(self, w: Tensor) -> QTensor:
+    def _quantize(self, w: Tensor) -> QTensor:
         return QTensor(w.detach().to(self.dtype), None, tuple(w.shape))
 
     def dequantize(self, q: QTensor) -> Tensor:
         return q.codes.to(torch.float32)
 
-    def layout(self, shape: tuple[int, ...]) -> dict[str, TensorLayout]:
+    def _layout(self, shape: tuple[int, ...]) -> dict[str, TensorLayout]:
         return {"values": TensorLayout(self.dtype, tuple(shape))}
 
     def _pack(self, q: QTensor) -> dict[str, Tensor]:

@@ -7,7 +7,7 @@
 
 `granularity: tensor` uses one scale for the whole weight. `activations: int8` additionally
 fake-quantizes the layer input per token exactly as the ternary quantizer does (W8A8); the default
-is weight-only (W8A16/W8A32).
+is weight-only (W8A16/W8A32); `int4` and `elastic` are the other shared choices (`activations.py`).
 
 Storage (`layout`): "codes", int8 (rows, cols); "scales", float32 (rows, 1) (or (1, 1)).
 """
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from qtoolkit.quantizers import register
+from qtoolkit.quantizers.activations import ActivationOptions
 from qtoolkit.quantizers.base import (
     QTensor,
     ScaledIntQuantizer,
@@ -33,9 +34,8 @@ EPS = 1e-8
 
 
 @dataclass(frozen=True)
-class Int8Config:
+class Int8Config(ActivationOptions):
     granularity: Literal["channel", "tensor"] = "channel"
-    activations: Literal["none", "int8"] = "none"
 
 
 @register("int8")
@@ -48,7 +48,7 @@ class Int8Quantizer(ScaledIntQuantizer):
         g = grouped(w.detach(), self.config.granularity, 0)
         return g.abs().amax(dim=-1, keepdim=True).clamp_min(EPS) / 127.0
 
-    def layout(self, shape: tuple[int, ...]) -> dict[str, TensorLayout]:
+    def _layout(self, shape: tuple[int, ...]) -> dict[str, TensorLayout]:
         return {
             "codes": TensorLayout(torch.int8, tuple(shape)),
             "scales": TensorLayout(torch.float32, num_groups(shape, self.config.granularity, 0)),

@@ -21,6 +21,7 @@ alpha: learned (LSQ-style trainable scale s_G, initialised to the absmean gamma_
 activations: int8 (default, as in BitNet) quantizes the layer input per token (last dim):
     forward     s_t = 127 / max(max_j |x_tj|, 1e-5);  xhat_tj = clamp(round(x_tj * s_t), -128, 127) / s_t
     backward    identity STE
+(`none`, `int4` and `elastic` are the other choices every quantizer shares: see `activations.py`.)
 
 The layer then computes  y = xhat @ What^T.  Because What = gamma * Wt with Wt in {-1, 0, 1}, the
 deployed layer needs only additions of int8 activations and one multiply per output by
@@ -41,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from qtoolkit.quantizers import bitpack, register
+from qtoolkit.quantizers.activations import ActivationOptions
 from qtoolkit.quantizers.base import (
     QTensor,
     ScaledIntQuantizer,
@@ -55,17 +57,18 @@ EPS = 1e-5
 
 
 @dataclass(frozen=True)
-class TernaryConfig:
+class TernaryConfig(ActivationOptions):
+    activations: Literal["none", "int8", "int4", "elastic"] = "int8"
     alpha: Literal["absmean", "learned"] = "absmean"
     granularity: Literal["tensor", "channel", "group"] = "tensor"
     group_size: int = 128
-    activations: Literal["int8", "none"] = "int8"
     packing: Literal["2bit", "base3"] = "2bit"
 
     def check(self) -> list[tuple[str, str]]:
+        errors = super().check()
         if self.group_size < 1:
-            return [("group_size", f"must be >= 1, got {self.group_size}")]
-        return []
+            errors.append(("group_size", f"must be >= 1, got {self.group_size}"))
+        return errors
 
 
 def absmean_scales(w: Tensor, cfg: TernaryConfig) -> Tensor:
@@ -124,7 +127,7 @@ class TernaryQuantizer(ScaledIntQuantizer):
             return _LearnedScaleFakeQuant.apply(w, self.alpha, self.config)
         return super().forward(w)
 
-    def layout(self, shape: tuple[int, ...]) -> dict[str, TensorLayout]:
+    def _layout(self, shape: tuple[int, ...]) -> dict[str, TensorLayout]:
         n = bitpack.packed_len(math.prod(shape), self.config.packing)
         return {
             "codes": TensorLayout(torch.uint8, (n,)),

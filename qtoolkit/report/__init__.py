@@ -7,12 +7,14 @@ Library modules return data or emit progress events; the CLI hands them to these
     tables      the tables and summaries printed after a command
     figures     matplotlib PNGs (analysis, search)
     documents   Markdown and one-file HTML reports
+    glue        GLUE results (`qtool glue`): progress, table, Markdown
 
 Everything is re-exported here, so callers write `report.train_summary(...)`.
 """
 
 from qtoolkit.report.documents import analysis_html, analysis_markdown
 from qtoolkit.report.figures import analysis_figure, save_analysis_plot, save_search_plot
+from qtoolkit.report.glue import GlueProgress, glue_markdown, glue_table
 from qtoolkit.report.progress import (
     BenchProgress,
     KernelBuildNotice,
@@ -62,4 +64,5 @@ __all__ = [
     "print_outputs", "print_renderables", "probe_table", "quantize_summary", "quantizers_table", "recipes_table", "save_analysis_plot",
     "save_search_plot", "search_renderables", "spec_text", "stdout_to_stderr", "stream_generation", "train_summary",
     "warn",
+    "GlueProgress", "glue_markdown", "glue_table",
 ]

@@ -13,6 +13,7 @@ from qtoolkit.report.text import (
     LAYER_COLUMNS,
     _analysis_heading,
     compare_rows,
+    methods_text,
     middle_boundary_text,
     totals_text,
 )
@@ -51,6 +52,7 @@ def analysis_markdown(a, other=None, base=None) -> str:
     for label, x in named:
         parts.append(f"{label + ': ' if label else ''}{_analysis_heading(x, base)}. {middle_boundary_text(x)}. "
                      f"{totals_text(x)}.\n")
+        parts += [f"{line}.\n" for line in methods_text(x)]
     if other is not None:
         headers, rows, total = compare_rows(a, other)
         parts += ["## Comparison, A vs B\n", _md_table(headers, rows + [total]), ""]
@@ -85,7 +87,8 @@ def analysis_html(a, other=None, base=None) -> str:
     named = [("A", a), ("B", other)] if other is not None else [("", a)]
     about = "".join(f"<tr><th>{esc(label or 'checkpoint')}</th><td>{esc(_analysis_heading(x, base))}</td></tr>"
                     f"<tr><th></th><td>{esc(middle_boundary_text(x))}</td></tr>"
-                    f"<tr><th></th><td>{esc(totals_text(x))}</td></tr>" for label, x in named)
+                    f"<tr><th></th><td>{esc(totals_text(x))}</td></tr>"
+                    + "".join(f"<tr><th></th><td>{esc(line)}</td></tr>" for line in methods_text(x)) for label, x in named)
     body = [f"<h1>Quantization analysis</h1><p class='meta'>Made with {esc(_provenance())}</p>",
             f"<table class='about'>{about}</table>", f"<img src='data:image/png;base64,{img}' alt='analysis figure'>"]
     if other is not None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from qtoolkit.evaluate.analyze import TERNARY_LIKE
 from qtoolkit.report.text import as_policy_text, fmt_bytes
 
 _KIND_STYLE = {"q": "C0", "k": "C1", "v": "C2", "o": "C3", "gate": "C4", "up": "C5", "down": "C6"}
-_QUANT_COLORS = {"ternary": "C0", "int8": "C1", "fp16": "C2", "bf16": "C4", "fp32": "C3"}
+_QUANT_COLORS = {"ternary": "C0", "sherry": "C5", "tequila": "C6", "binary": "C7", "int8": "C1", "fp16": "C2",
+                 "bf16": "C4", "fp32": "C3"}
 
 
 def _short_layer(name: str) -> str:
@@ -68,7 +70,7 @@ def analysis_figure(a, other=None):
             if analysis is None:
                 continue
             pts = sorted((x.block, x.zeros) for x in analysis.layers
-                         if x.kind == kind and x.zeros is not None and x.quantizer == "ternary")
+                         if x.kind == kind and x.zeros is not None and x.quantizer in TERNARY_LIKE)
             if pts:
                 ys += [z for _, z in pts]
                 ax.plot(*zip(*pts, strict=True), color=color, label=kind if analysis is a else None, **style)
@@ -95,7 +97,7 @@ def analysis_figure(a, other=None):
     ax.grid(alpha=0.3)
 
     ax = axes[1]
-    ternary = [x for x in a.layers if x.alpha and x.quantizer == "ternary"]
+    ternary = [x for x in a.layers if x.alpha and x.quantizer in TERNARY_LIKE]
     bars = any(x.alpha["count"] > 1 for x in ternary)
     if ternary:
         xs = range(len(ternary))

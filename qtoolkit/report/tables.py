@@ -26,6 +26,7 @@ from qtoolkit.report.text import (
     compare_rows,
     fmt_bytes,
     human_count,
+    methods_text,
     middle_boundary_text,
     outputs_text,
     spec_short,
@@ -154,6 +155,8 @@ def plan_table(plan, title: str, full: bool = False) -> Table:
     table.add_row("[bold]total", f"{plan.params:,}", "", f"{8 * plan.total_bytes / plan.params:.4f}",
                   f"[bold]{plan.total_bytes:,}")
     by_q = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in plan.bytes_by_quantizer().items())
+    if plan.correction_bytes:
+        by_q += f"; of which low-rank corrections {fmt_bytes(plan.correction_bytes)}"
     table.caption = (f"{fmt_bytes(plan.total_bytes)} ({by_q}) vs {fmt_bytes(plan.fp32_bytes)} in fp32: "
                      f"{plan.compression:.2f}x smaller")
     if plan.warnings:
@@ -214,6 +217,7 @@ def analysis_renderables(a, full: bool = False) -> list:
     out.append(kinds)
     out.append(Text(middle_boundary_text(a)))
     out.append(Text(totals_text(a)))
+    out += [Text(line) for line in methods_text(a)]
     return out
 
 
@@ -265,7 +269,8 @@ def probe_table(result, full: bool = False, outputs=()) -> Table:
     return table
 
 
-_FORMAT_COLORS = {"ternary": "cyan", "int8": "yellow", "fp16": "green", "bf16": "green", "fp32": "red"}
+_FORMAT_COLORS = {"ternary": "cyan", "sherry": "blue", "tequila": "magenta", "binary": "bright_blue", "int8": "yellow",
+                  "fp16": "green", "bf16": "green", "fp32": "red"}
 
 
 def search_renderables(result, extra_outputs=()) -> list:

@@ -86,8 +86,14 @@ def spec_text(spec: dict[str, Any] | None) -> str:
     if spec is None:
         return UNQUANTIZED  # no rule assigned it: stored as the fp32 quantizer stores weights
     defaults = quantizers.canonical(spec["name"])
-    opts = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name" and defaults.get(k) != v)
-    return f"{spec['name']}({opts})" if opts else spec["name"]
+    opts = ", ".join(f"{k}={v}" for k, v in spec.items() if k not in ("name", "correction") and defaults.get(k) != v)
+    text = f"{spec['name']}({opts})" if opts else spec["name"]
+    c = spec.get("correction")
+    if c:  # `ternary+lowrank(r=3)`: a low-rank gated correction, its non-default gate options after the rank
+        base = quantizers.CorrectionConfig()
+        extra = "".join(f", {k}={v}" for k, v in c.items() if k != "rank" and getattr(base, k) != v)
+        text += f"+lowrank(r={c['rank']}{extra})"
+    return text
 
 
 def spec_short(spec: dict[str, Any] | None) -> str:
@@ -172,7 +178,7 @@ GROUP_COLUMNS = [  # per block / per kind aggregate rows (compact: fits 80 colum
     ("alpha", lambda g: _num(g["alpha_mean"], ".3g")),
     ("SQNR", lambda g: _num(g["sqnr_db"], ".1f")),
 ]
-GROUP_LEGEND = ("zeros/H/near/alpha over ternary weights; H = code entropy (bits/weight lower bound); "
+GROUP_LEGEND = ("zeros/H/near/alpha over ternary-coded weights (ternary, sherry, tequila); H = code entropy (bits/weight lower bound); "
                 "near = share within the rounding band; SQNR in dB")
 
 
@@ -202,6 +208,31 @@ def middle_boundary_text(a) -> str:
     return (f"middle blocks {mb['middle_blocks'][0]}-{mb['middle_blocks'][-1]}: {_pct(mb['middle_zeros'])} zeros; "
             f"boundary blocks: {_pct(mb['boundary_zeros'])} zeros; difference "
             f"{100 * mb['difference']:+.2f} points")
+
+
+def methods_text(a) -> list[str]:
+    """One line per method with statistics of its own (analysis totals["methods"])."""
+    t = a.totals
+    lines = []
+    for name, m in (t.get("methods") or {}).items():
+        parts = []
+        if "groups_with_one_zero" in m:  # sherry
+            where = "/".join(f"{100 * p:.1f}" for p in m.get("zero_position", []))
+            parts.append(f"zeros {_pct(m['zero_fraction'])}, exactly one zero in {_pct(m['groups_with_one_zero'])} "
+                         f"of the groups of 4 (zero at position 0/1/2/3: {where}%)")
+        if "dead_zone" in m:  # tequila
+            parts.append(f"dead zone {_pct(m['dead_zone'])} of the weights, dead-zone bias |b| mean "
+                         f"{m['bias_abs_mean']:.3g} (max {m['bias_abs_max']:.3g})")
+        if "correction_bytes" in m:
+            parts.append(f"low-rank correction rank {m['correction_rank']:.0f}: {m['correction_bytes']:,} B "
+                         f"({_pct(m['correction_share'])} of these layers' bytes), |gate| {m['gate_abs_mean']:.3g}")
+        if "act_step" in m:
+            parts.append(f"elastic input step {m['act_step']:.3g}, offset {m['act_offset']:+.3g} (means)")
+        if parts:
+            lines.append(f"{name}: " + "; ".join(parts))
+    if t.get("correction_bytes"):
+        lines.append(f"corrections: {t['correction_bytes']:,} B = {_pct(t['correction_share'])} of the model's bytes")
+    return lines
 
 
 def totals_text(a) -> str:

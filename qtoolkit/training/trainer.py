@@ -16,6 +16,8 @@ quantized) under the recipe's policy, quantized exactly as `qtool quantize` woul
 with a fresh optimizer and this recipe's schedule; the init checkpoint's tokenizer is used.
 `train.quant_warmup_steps = K` ramps quantization in: every quantized layer uses
 W + lambda (Q(W) - W) (and likewise its input), lambda = step / K until it reaches 1 (`layers.py`).
+Quantizers that declare `needs_progress` (Sherry's annealed residual) get `set_progress((step + 1) /
+steps)` before every step, so their schedules follow the run (and a resumed run) exactly.
 
 Loss: cross-entropy with label smoothing (the training objective); every reported perplexity is
 exp(plain cross-entropy). Batches are a pure function of (seed, step) and the checkpoint carries
@@ -60,6 +62,7 @@ from qtoolkit.errors import CheckpointError, ConfigError, DataError, TrainingDiv
 from qtoolkit.layers import set_quant_mix
 from qtoolkit.pack import model_from_checkpoint
 from qtoolkit.policy import Coverage, build_model
+from qtoolkit.quantizers import Quantizer
 from qtoolkit.rundir import run_dir_lock
 from qtoolkit.schema import check_int
 from qtoolkit.training.data import (
@@ -161,7 +164,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def _autocast(device: torch.device):
+def progress_quantizers(model: nn.Module) -> list[Quantizer]:
+    """The quantizers whose forward depends on training progress (`Quantizer.needs_progress`)."""
+    return [m for m in model.modules() if isinstance(m, Quantizer) and m.needs_progress]
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision on the CPU (where bf16 matmuls are slower, not faster)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -188,7 +197,7 @@ def evaluate_batches(model: nn.Module, batches, device: torch.device | str = "cp
     try:
         for i, (x, y) in enumerate(batches):
             x, y = x.to(device), y.to(device)
-            with _autocast(device):
+            with autocast(device):
                 logits = model(x)
             _, ce = loss_fn(logits, y, 0.0)
             total_loss += ce.item() * y.numel()
@@ -214,7 +223,7 @@ def finetune(model: nn.Module, train: TokenStream, steps: int, lr: float, batch_
     for step in range(steps):
         x, y = train.batch(step, batch_size, seq_len, seed)
         x, y = x.to(device), y.to(device)
-        with torch.enable_grad(), _autocast(device):
+        with torch.enable_grad(), autocast(device):
             loss, _ = loss_fn(model(x), y, 0.0)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"finetuning: loss became {loss.item()} at step {step + 1}; try a lower learning rate")
@@ -393,6 +402,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
     else:
         model, coverage = build_model(model_config, recipe.policy)
     model.to(device)
+    scheduled = progress_quantizers(model)
 
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps
@@ -477,9 +487,11 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
             for group in optimizer.param_groups:
                 group["lr"] = lr
                 group["weight_decay"] = wd if group["decays"] else 0.0
+            for q in scheduled:  # e.g. Sherry's annealed residual: p = 1 on the last step
+                q.set_progress((step + 1) / cfg.steps)
             x, y = data.train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
             x, y = x.to(device), y.to(device)
-            with _autocast(device):
+            with autocast(device):
                 logits = model(x)
             loss, ce = loss_fn(logits, y, cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -633,6 +645,6 @@ def evaluate_checkpoint(
 
 
 __all__ = [
-    "EvalResult", "TrainEvent", "TrainResult", "evaluate", "evaluate_batches", "evaluate_checkpoint", "finetune",
-    "loss_fn", "lr_and_wd", "train",
+    "EvalResult", "TrainEvent", "TrainResult", "autocast", "evaluate", "evaluate_batches", "evaluate_checkpoint",
+    "finetune", "loss_fn", "lr_and_wd", "param_groups", "train",
 ]

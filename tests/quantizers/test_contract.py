@@ -13,6 +13,7 @@ from qtoolkit.errors import UnknownNameError
 from qtoolkit.quantizers.base import QTensor
 from qtoolkit.schema import SchemaError
 
+CORRECTION = {"rank": 4, "gate": "scalar", "gate_init": 0.1}
 VARIANTS = {
     "ternary": [
         {"granularity": "channel"},
@@ -21,11 +22,35 @@ VARIANTS = {
         {"alpha": "learned", "granularity": "group", "group_size": 16},
         {"packing": "base3"},
         {"activations": "none"},
+        {"activations": "int4"},
+        {"activations": "elastic"},
+        {"activations": "elastic", "elastic_bits": 4},
+        {"correction": CORRECTION},
+        {"correction": {"rank": 0, "gate": "channel", "gate_init": 0.5}},
     ],
-    "int8": [{"granularity": "tensor"}, {"activations": "int8"}],
+    "int8": [{"granularity": "tensor"}, {"activations": "int8"}, {"activations": "elastic"},
+             {"correction": CORRECTION}],
+    "fp16": [{"activations": "int8"}],
+    "binary": [{"granularity": "tensor"}, {"mean": False}, {"activations": "int8"}],
+    "sherry": [
+        {"granularity": "channel"},
+        {"granularity": "tensor"},
+        {"group_size": 8},
+        {"arenas": "none"},
+        {"activations": "int8"},
+        {"correction": CORRECTION},
+    ],
+    "tequila": [
+        {"granularity": "channel"},
+        {"alpha": "learned"},
+        {"packing": "base3"},
+        {"lam": 0.0},
+        {"correction": CORRECTION},
+    ],
 }
 # Relative Frobenius error of W - Q(W) for Gaussian W; loose upper bounds that still catch breakage.
-ERROR_BOUND = {"ternary": 0.65, "int8": 0.02, "fp16": 1e-3, "bf16": 1e-2, "fp32": 0.0}
+ERROR_BOUND = {"binary": 0.65, "ternary": 0.65, "sherry": 0.65, "tequila": 0.65, "int8": 0.02, "fp16": 1e-3, "bf16": 1e-2,
+               "fp32": 0.0}
 SHAPES = [(8, 32), (7, 13), (1, 5), (3, 130), (64, 48)]
 
 
@@ -49,7 +74,7 @@ def make(spec, shape):
 
 
 def test_every_builtin_is_registered():
-    assert set(quantizers.available()) >= {"ternary", "int8", "fp16", "bf16", "fp32"}
+    assert set(quantizers.available()) >= {"ternary", "int8", "fp16", "bf16", "fp32", "sherry", "tequila"}
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
@@ -68,14 +93,18 @@ def test_forward_equals_dequantize_quantize(spec, shape):
 def test_codes_and_scales_types(spec):
     q, w = make(spec, (16, 40))
     qt = q.quantize(w)
-    if spec["name"] in ("ternary", "int8"):
+    base = getattr(q, "base", q)  # a corrected layer stores its base quantizer's codes
+    if qt.scales is not None:  # integer codes times scales
         assert qt.codes.dtype == torch.int8
         assert qt.scales.dtype == torch.float32 and (qt.scales > 0).all()
-        lo = -1 if spec["name"] == "ternary" else -127
-        assert qt.codes.min() >= lo and qt.codes.max() <= -lo
+        assert qt.codes.min() >= -base.qmax and qt.codes.max() <= base.qmax
+        if spec["name"] == "binary":
+            assert (qt.codes.abs() == 1).all()
     else:
         assert qt.scales is None
-        assert qt.codes.dtype == q.dtype
+        assert qt.codes.dtype == base.dtype
+    layout = q.layout((16, 40))
+    assert all(layout[k].matches(t) for k, t in qt.extras.items())
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
@@ -105,14 +134,19 @@ def test_nbytes_counts_codes_and_scales_exactly(spec, shape):
     qt = q.quantize(w)
     numel = math.prod(shape)
     scale_bytes = 0 if qt.scales is None else qt.scales.numel() * 4
+    extra_bytes = sum(t.numel() * t.element_size() for t in qt.extras.values())
+    two_bit = -(-numel // (5 if spec.get("packing") == "base3" else 4))
     code_bytes = {
-        "ternary": -(-numel // (5 if spec.get("packing") == "base3" else 4)),
+        "ternary": two_bit,
+        "tequila": two_bit,
+        "sherry": -(-5 * shape[0] * -(-shape[1] // 4) // 8),  # 5 bits per group of 4
+        "binary": -(-numel // 8),
         "int8": numel,
         "fp16": 2 * numel,
         "bf16": 2 * numel,
         "fp32": 4 * numel,
     }[spec["name"]]
-    assert q.nbytes(shape) == code_bytes + scale_bytes
+    assert q.nbytes(shape) == code_bytes + scale_bytes + extra_bytes
     assert q.bits_per_weight(shape) * numel == 8 * q.nbytes(shape)
 
 
