@@ -32,13 +32,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_inference_model(args.packed, kernels=args.kernels)
-    decoder = model._decoder
-    if decoder is None:
+    if not model.has_decoder:
         raise SystemExit("this model has no one-call decoder (not all-ternary, or no native kernels)")
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
 
     def run(one_call: bool) -> tuple[float, list[int]]:
-        model._decoder = decoder if one_call else None
+        model.use_decoder(one_call)
         cache = model.new_cache(1, args.prompt_len + args.steps)
         token = model(prompt, cache, last_only=True)[0, -1].argmax().view(1, 1)
         out = []
@@ -57,7 +56,7 @@ def main() -> None:
         for p in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
             dt, tokens[p] = run(paths[p])
             times[p].append(dt)
-    model._decoder = decoder
+    model.use_decoder(True)
     res = {p: {"ms_per_token": {"min": 1e3 * min(v), "median": 1e3 * statistics.median(v), "max": 1e3 * max(v)},
                "tok_s_median": 1 / statistics.median(v)} for p, v in times.items()}
     print(json.dumps({"packed": args.packed, "backend": model.backend.name, "threads": torch.get_num_threads(),

@@ -216,7 +216,7 @@ def test_one_call_decode_step_is_bit_identical_to_the_op_by_op_path(packed, vari
     if kernels.ISA_CODES[isa] > kernels.ext().best_isa():
         pytest.skip(f"this CPU lacks {isa}")
     m = InferenceModel.from_packed(load_checkpoint(packed[variant]), isa)
-    assert m._decoder is not None
+    assert m.has_decoder
     x = torch.randint(0, m.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
     threads = torch.get_num_threads()
     try:
@@ -224,10 +224,9 @@ def test_one_call_decode_step_is_bit_identical_to_the_op_by_op_path(packed, vari
             torch.set_num_threads(n)
             caches, outs = [], []
             for one_call in (True, False):
-                decoder, m._decoder = m._decoder, (m._decoder if one_call else None)
+                assert m.use_decoder(one_call).has_decoder == one_call
                 cache = m.new_cache(1, 12)
                 steps = [m(x[:, :6], cache)] + [m(x[:, t:t + 1], cache) for t in range(6, 12)]
-                m._decoder = decoder
                 caches.append(cache)
                 outs.append(torch.cat(steps, dim=1))
             assert torch.equal(outs[0], outs[1]), n
@@ -238,9 +237,10 @@ def test_one_call_decode_step_is_bit_identical_to_the_op_by_op_path(packed, vari
 
 def test_one_call_decode_step_only_for_all_ternary_models(packed):
     needs_native()
-    assert InferenceModel.from_packed(load_checkpoint(packed["mixed"]), "auto")._decoder is None
-    assert InferenceModel.from_packed(load_checkpoint(packed["middle_learned_base3"]), "auto")._decoder is None
-    assert InferenceModel.from_packed(load_checkpoint(packed["ternary_all"]), "reference")._decoder is None
+    assert not InferenceModel.from_packed(load_checkpoint(packed["mixed"]), "auto").has_decoder
+    assert not InferenceModel.from_packed(load_checkpoint(packed["middle_learned_base3"]), "auto").has_decoder
+    assert not InferenceModel.from_packed(load_checkpoint(packed["ternary_all"]), "reference").has_decoder
+    assert not InferenceModel.from_packed(load_checkpoint(packed["ternary_all"]), "auto").use_decoder(False).has_decoder
 
 
 @pytest.mark.parametrize("path", ["auto", "reference"])

@@ -329,10 +329,21 @@ class InferenceModel(nn.Module):
         self._decoder = self._build_decoder() if self._ext is not None else None
         return self
 
+    def use_decoder(self, enabled: bool) -> InferenceModel:
+        """Run batch-1 decode steps through the C++ `Decoder` (the default where it applies) or op by op
+        (same logits, bit for bit; for comparisons). Returns the model; `has_decoder` says which runs."""
+        self._decoder = self._build_decoder() if enabled and self._ext is not None else None
+        return self
+
+    @property
+    def has_decoder(self) -> bool:
+        return self._decoder is not None
+
     def _build_decoder(self):
         """The C++ `Decoder` (one call per batch-1 decode step, bit-identical to the op-by-op fused
         path) when every block linear is a packed ternary kernel op and embed/head are int8 weight-only
-        on the CPU; else None (the op-by-op path runs)."""
+        on the CPU; else None (the op-by-op path runs). It holds the model's weight tensors, not copies:
+        after replacing a weight tensor (not its values), call `use_decoder(True)` again."""
         def ternary(op) -> bool:
             return isinstance(op, TernaryLinear) and op.mode == "kernel"
 
@@ -364,7 +375,7 @@ class InferenceModel(nn.Module):
         limit = cache.max_len if cache is not None else self.config.max_seq_len
         if pos + T > limit:
             raise ConfigError(f"{pos + T} positions exceed the {'cache' if cache else 'model'} length {limit}")
-        if self._decoder is not None and cache is not None and B == 1 and T == 1:
+        if self._decoder is not None and cache is not None and B == 1 and T == 1 and cache.k.device.type == "cpu":
             logits = self._decoder.step(idx, cache.k, cache.v, pos)  # the whole step in C++
             cache.length = pos + 1
             return logits

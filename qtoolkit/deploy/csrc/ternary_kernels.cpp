@@ -1148,6 +1148,7 @@ class Decoder {
     const int64_t tok = idx.data_ptr<int64_t>()[0];
     TORCH_CHECK(tok >= 0 && tok < embed_codes_.size(0), "token id ", tok, " outside the vocabulary");
     const int64_t nl = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(k_cache.device().is_cpu() && v_cache.device().is_cpu(), "the decoder's caches must be CPU tensors");
     TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                     k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
                     k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == nl && k_cache.size(1) == 1 &&
