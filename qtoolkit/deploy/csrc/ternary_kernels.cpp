@@ -1137,6 +1137,8 @@ class Decoder {
       maxKp_ = std::max({maxKp_, L.qkv.Kp, L.o.Kp, L.gate_up.Kp, L.down.Kp});
       layers_.push_back(std::move(L));
     }
+    // every phase of a step has at least one item (a phase without items would never complete)
+    TORCH_CHECK(C_ > 0 && V_ > 0 && (layers_.empty() || F_ > 0), "empty model dimensions");
     if (isa_ == kAvx512Vnni) head_wsum_ = int8_row_sums(head_codes_.data_ptr<int8_t>(), V_, C_);
   }
 
