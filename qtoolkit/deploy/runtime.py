@@ -24,8 +24,10 @@ with every linear replaced by an op that computes from the stored format:
     bias, a low-rank correction)                     quantizer.output_term(x, stored extras).
 
 When the C++ extension is loaded, attention (RoPE, cache write, softmax), SwiGLU and RMSNorm run as
-single calls into it (`use_fused_ops`), a decode step being ~10 calls per block; otherwise they are
-the training model's PyTorch ops.
+single calls into it (`use_fused_ops`), ~10 calls per block; otherwise they are the training model's
+PyTorch ops. For all-ternary models (packed ternary block linears, int8 embed/head) a batch-1 decode
+step is one call into the extension's `Decoder`, bit-identical to the op-by-op path (`use_decoder`;
+its scheduling is described in csrc/ternary_kernels.cpp and docs/inference.md).
 
 Layers of a block that read the same input with the same format are fused into one op:
 q/k/v -> `qkv` (one activation quantization, one kernel call) and gate/up -> `gate_up`. The same
