@@ -290,7 +290,7 @@ def eval_(
         report.console.print(report.eval_summary(result, written))
 
 
-@app.command(short_help="Exact stored bytes of a recipe's model, per layer.")
+@app.command(short_help="Post-training quantization of a checkpoint under a policy.")
 @user_errors
 def quantize(
     ckpt: Ckpt,
@@ -333,7 +333,7 @@ def _policy_label(policy: str | None, overrides: list[str] | None) -> str:
     return "quantized"
 
 
-@app.command()
+@app.command(short_help="Exact stored bytes of a recipe's model, per layer.")
 @user_errors
 def plan(
     recipe: Annotated[str, typer.Option(help="Recipe name or YAML path (its model and policy are used).")] = "ternary_all",
@@ -623,7 +623,7 @@ def bench(
         report.console.print(report.bench_table(result, written))
 
 
-@app.command()
+@app.command(short_help="Finetune and score on GLUE (MRPC, SST-2, CoLA).")
 @user_errors
 def glue(
     ckpt: Ckpt,
@@ -678,7 +678,7 @@ def glue(
         report.print_outputs([*outputs.values(), *written])
 
 
-@app.command("import")
+@app.command("import", short_help="Import a Hugging Face Llama model as a checkpoint.")
 @user_errors
 def import_(
     hf_dir: Annotated[Path, typer.Argument(help="Local Hugging Face model directory (config.json, safetensors, "
@@ -700,7 +700,7 @@ def import_(
         report.print_outputs([result.path, *written])
 
 
-@app.command()
+@app.command(short_help="Export to GGUF (llama.cpp) or a transformers directory.")
 @user_errors
 def export(
     ckpt: Ckpt,
