@@ -150,7 +150,7 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 CalibTokens = Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens (fixed, seeded training windows).")]
 Data = Annotated[str | None, typer.Option(help="Local text file or directory of .txt files.  "
                                                "[default: the checkpoint's data]", show_default=False)]
-Formats = Annotated[str, typer.Option(help="Candidate formats: ternary,int8,fp16 or a YAML list of specs.")]
+Formats = Annotated[str, typer.Option(help="Candidate formats: names or aliases (ternary,ptqtp,int4,gptq3,int8,fp16; `qtool quantizers` lists them) or a YAML list of specs.")]
 Units = Annotated[str, typer.Option(help="layer (each linear) or group (a block's attn / mlp).")]
 
 
@@ -232,6 +232,7 @@ def train(
     json_: Json = None,
 ) -> None:
     """Quantization-aware training of a language model from a recipe (from scratch or from a checkpoint)."""
+    from qtoolkit.training.distributed import is_main_process
     from qtoolkit.training.recipe import load_recipe
     from qtoolkit.training.trainer import train as run_train
 
@@ -247,6 +248,9 @@ def train(
         overrides.append(f"train.device={device}")
     r = load_recipe(recipe, overrides)
     out = out or Path("runs") / f"{r.name}-{r.preset}"
+    if not is_main_process():  # under torchrun: rank 0 reports and writes (training.distributed)
+        result = run_train(r, out, resume=resume, init=init, init_calib_tokens=calib_tokens)
+        raise typer.Exit(130 if result.interrupted else 0)
     with _human_output(json_):
         try:
             with report.TrainProgress() as progress:
@@ -333,7 +337,7 @@ def _policy_label(policy: str | None, overrides: list[str] | None) -> str:
     return "quantized"
 
 
-@app.command(short_help="Exact stored bytes of a recipe's model, per layer.")
+@app.command(short_help="Exact stored bytes of a recipe's model per layer; --train: peak training memory.")
 @user_errors
 def plan(
     recipe: Annotated[str, typer.Option(help="Recipe name or YAML path (its model and policy are used).")] = "ternary_all",
@@ -344,15 +348,32 @@ def plan(
     packing: Annotated[str | None, typer.Option(help="Ternary packing for every ternary layer: 2bit or base3.  "
                                                      "[default: each layer's own, 2bit]", show_default=False)] = None,
     full: Annotated[bool, typer.Option(help="List every parameter (norms too) in the table.")] = False,
+    train: Annotated[bool, typer.Option("--train", help="Also estimate peak training memory on --device (weights, "
+                                                        "gradients, optimizer, activations, logits) and the "
+                                                        "micro-batch `qtool train` would run.")] = False,
+    device: Device = "auto",
     json_: Json = None,
 ) -> None:
-    """Exact stored bytes of a recipe's model, layer by layer, without training anything."""
+    """Exact stored bytes of a recipe's model, layer by layer, without training anything (with --train:
+    the peak memory training it needs, and the micro-batch that fits)."""
+    from qtoolkit.device import resolve_device
     from qtoolkit.pack import memory_plan
     from qtoolkit.training.recipe import load_recipe
 
     _json_target(json_)
     r = load_recipe(recipe, list(set_ or []) + ([f"model.preset={model}"] if model else []))
     p = memory_plan(r.model_config(), r.policy, _packing(packing))
+    if train:
+        from qtoolkit.training.memory import plan_training_memory
+
+        t = plan_training_memory(r, resolve_device(device))
+        with _human_output(json_):
+            written = _write_json(json_, {"recipe": r.name, "preset": r.preset, "packing": packing, **p.to_dict(),
+                                          "training": t.to_dict()})
+            report.console.print(report.plan_table(p, f"{r.name} on {r.preset}", full=full))
+            report.console.print(report.train_memory_table(t.to_dict(), f"training memory: {r.name} on {r.preset}"))
+            report.print_outputs(written)
+        return
     with _human_output(json_):
         written = _write_json(json_, {"recipe": r.name, "preset": r.preset, "packing": packing, **p.to_dict()})
         report.console.print(report.plan_table(p, f"{r.name} on {r.preset}", full=full))
@@ -550,12 +571,10 @@ def recipes(json_: Json = None) -> None:
 @app.command("quantizers")
 @user_errors
 def list_quantizers(json_: Json = None) -> None:
-    """List the registered quantizers and their default options."""
+    """List the registered quantizers and their aliases (int4, gptq4, ...): default options, bits per
+    weight on a 768x768 weight (codes, scales and zero points counted exactly), whether they calibrate."""
     _json_target(json_)
-    rows = []
-    for name in quantizers.available():
-        q = quantizers.build(name)
-        rows.append({"name": name, "spec": q.spec(), "bits_per_weight_768x768": float(q.bits_per_weight((768, 768)))})
+    rows = quantizers.catalog()
     with _human_output(json_):
         written = _write_json(json_, rows)
         report.console.print(report.quantizers_table(rows))
@@ -744,3 +763,7 @@ def export(
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
+
+
+if __name__ == "__main__":  # `python -m qtoolkit.cli`, which torchrun launches: `torchrun ... -m qtoolkit.cli train`
+    main()

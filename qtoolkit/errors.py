@@ -35,6 +35,11 @@ class TrainingDiverged(QToolkitError, RuntimeError):
     """A non-finite loss; the run stopped before applying the update."""
 
 
+class InsufficientMemory(QToolkitError, MemoryError):
+    """A run whose estimated peak memory does not fit the device even at the smallest setting it may
+    choose by itself; the message names the options that would make it fit."""
+
+
 class ConversionError(QToolkitError, ValueError):
     """A model that cannot be imported or exported as asked (an architecture, option or layer format
     the other side lacks); the message names the field or layer."""

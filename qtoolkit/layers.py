@@ -53,13 +53,24 @@ class QuantLinear(nn.Linear):
     def quantized_weight(self) -> Tensor:
         return _mix(self.weight, self.quantizer(self.weight), self.quant_mix)
 
+    def linear_operands(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(input, weight, bias) of the `F.linear` this layer computes for x (the chunked loss of
+        `training.loss` multiplies them chunk by chunk)."""
+        return _mix(x, self.quantizer.quantize_input(x), self.quant_mix), self.quantized_weight(), self.bias
+
     def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(*self.linear_operands(x))
+        term = self.output_term(x)
+        return y if term is None else y + term
+
+    def output_term(self, x: Tensor, extras: dict[str, Tensor] | None = None) -> Tensor | None:
+        """The quantizer's additive output term for x (None when it has none), scaled by the warmup
+        blend; `extras` as `quantizer.extras(weight)` (computed here when not given)."""
         q = self.quantizer
-        y = F.linear(_mix(x, q.quantize_input(x), self.quant_mix), self.quantized_weight(), self.bias)
-        if q.has_output_term:
-            term = q.output_term(x, q.extras(self.weight))
-            y = y + (term if self.quant_mix == 1 else self.quant_mix * term)
-        return y
+        if not q.has_output_term:
+            return None
+        term = q.output_term(x, q.extras(self.weight) if extras is None else extras)
+        return term if self.quant_mix == 1 else self.quant_mix * term
 
 
 class QuantEmbedding(nn.Embedding):

@@ -26,6 +26,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from qtoolkit.config import ModelConfig
 from qtoolkit.errors import ConfigError
@@ -126,6 +127,8 @@ class Block(nn.Module):
 
 
 class DecoderLM(nn.Module):
+    activation_checkpointing: bool = False  # recompute each block in the backward (`hidden_states`); not state
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -160,14 +163,21 @@ class DecoderLM(nn.Module):
 
     def hidden_states(self, idx: Tensor) -> Tensor:
         """idx (B, T) token ids -> final normalized hidden states (B, T, d_model): lm_head's input
-        (what a classification head reads, see qtoolkit.evaluate.classifier)."""
+        (what a classification head reads, see qtoolkit.evaluate.classifier; the chunked loss of
+        training.loss reads them too).
+
+        With `activation_checkpointing` set (the trainer's `train.activation_checkpointing`), each
+        block keeps only its input for the backward and recomputes its activations there
+        (`torch.utils.checkpoint`): activation memory drops from every block's to one block's plus
+        a (B, T, d_model) tensor per block, for one more forward of the blocks per step."""
         T = idx.shape[1]
         if T > self.config.max_seq_len:
             raise ConfigError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed(idx)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = checkpoint(block, x, cos, sin, use_reentrant=False) if recompute else block(x, cos, sin)
         return self.norm(x)
 
     def forward(self, idx: Tensor) -> Tensor:

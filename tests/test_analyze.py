@@ -163,3 +163,24 @@ def test_what_is_particular_to_each_method(tmp_path):
         assert a.totals["correction_bytes"] == corr and a.totals["correction_share"] == corr / a.totals["bytes"]
         text = "\n".join(methods_text(a))
         assert "exactly one zero in 100.0%" in text and "dead zone" in text and "corrections:" in text
+
+
+def test_issue_12_formats_report_sqnr_codes_and_entropy(tmp_path):
+    """intn: entropy of its 2^b codes and code bits; ptqtp: trit fractions over both planes; SQNR
+    for all, and it orders the formats as their bits do (same weights, as-if policies)."""
+    ckpt = save_untrained_checkpoint(tmp_path / "c.pt", overrides=[
+        "policy.blocks[0].*=int3", "policy.blocks[1].*={name: ptqtp, group_size: 32}"])
+    for a in (analyze_checkpoint(ckpt), analyze_checkpoint(pack_checkpoint(ckpt, tmp_path / "p.safetensors").path)):
+        x = a.layer("blocks.0.mlp.up_proj")
+        assert x.quantizer == "intn" and x.code_bits == 3.0 and 2.0 < x.entropy_bits <= 3.0
+        assert x.method["levels"] == 8 and x.method["levels_used"] <= 8
+        p = a.layer("blocks.1.mlp.up_proj")
+        assert p.quantizer == "ptqtp" and p.code_bits == 3.2
+        assert p.zeros + p.plus + p.minus == pytest.approx(1.0) and 0 < p.entropy_bits <= math.log2(9)
+        assert p.method["plane1_zeros"] >= 0 and p.method["scale_ratio"] > 0
+    a = analyze_checkpoint(ckpt)
+    assert a.layer("blocks.0.mlp.up_proj").sqnr_db > 0 and a.layer("blocks.1.mlp.up_proj").sqnr_db > 0
+    sqnr = {f: analyze_checkpoint(ckpt, as_policy=f).layer("blocks.0.attn.q_proj").sqnr_db
+            for f in ("binary", "int2", "int3", "ptqtp", "int4", "int6")}
+    assert sqnr["binary"] < sqnr["int3"] < sqnr["int4"] < sqnr["int6"]
+    assert sqnr["int2"] < sqnr["ptqtp"] < sqnr["int4"]

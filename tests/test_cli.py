@@ -241,7 +241,7 @@ def test_quantize_then_every_command_accepts_the_result(fp32_ckpt, corpus_dir, t
 
 @pytest.mark.parametrize("args, message", [
     (["--policy", "{_default: ternary, blocks.5.attn.q_proj: int8}"], "blocks.5.attn.q_proj: matches no quantizable"),
-    (["--policy", "int5"], "--policy 'int5' is not a policy file"),
+    (["--policy", "int9"], "--policy 'int9' is not a policy file"),
     ([], "no policy given"),
 ])
 def test_quantize_user_errors(fp32_ckpt, tmp_path, args, message):

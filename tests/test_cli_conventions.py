@@ -23,8 +23,9 @@ COMMANDS = dict(GROUP.commands)
 # listed here with the reason.
 NO_JSON: dict[str, str] = {}
 # Commands that run a model on a device. bench measures CPU inference (threads, resident memory and
-# the CPU kernels), so it takes no --device; plan, pack and analyze compute on the CPU by design.
-DEVICE_COMMANDS = {"train", "eval", "probe", "search", "generate"}
+# the CPU kernels), so it takes no --device; pack and analyze compute on the CPU by design (plan takes
+# --device for its --train estimate).
+DEVICE_COMMANDS = {"train", "eval", "probe", "search", "generate", "plan"}
 # One spelling per idea: option -> (required companion spellings, python type of its values)
 CANONICAL = {"--out": {"-o"}, "-o": {"--out"}}
 # Spellings replaced by a convention: allowed only as hidden, deprecated aliases.

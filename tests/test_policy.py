@@ -84,7 +84,7 @@ def test_block_selector_out_of_range():
 
 def test_errors_are_all_reported_with_key_paths():
     with pytest.raises(SchemaError) as e:
-        Policy.load({"_default": "int4", "lm_head": {"name": "ternary", "alpha": "x"}, "re:(": "int8"})
+        Policy.load({"_default": "int9", "lm_head": {"name": "ternary", "alpha": "x"}, "re:(": "int8"})
     paths = [p for p, _ in e.value.errors]
     assert paths == ["policy._default", "policy.lm_head.alpha", "policy.re:("]
 

@@ -47,8 +47,10 @@ def test_parse_formats():
     assert [f.key for f in fs] == ["ternary(packing=base3)", "fp16"]
     with pytest.raises(ConfigError, match="twice"):
         parse_formats("int8,int8")
-    with pytest.raises(Exception, match="unknown quantizer 'int3'"):
-        parse_formats("int3")
+    with pytest.raises(Exception, match="unknown quantizer 'int9'"):
+        parse_formats("int9")
+    fs = parse_formats("[int3, gptq4, ptqtp, {name: intn, bits: 3, group_size: 64}]")  # aliases key as themselves
+    assert [f.key for f in fs] == ["int3", "gptq4", "ptqtp", "intn(bits=3,group_size=64)"]
 
 
 def test_quantized_context_restores_the_model():

@@ -218,3 +218,23 @@ def test_existing_output_is_never_replaced(fp32_ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="already exists"):
         quantize_checkpoint(fp32_ckpt, {"_default": "ternary"}, out)
     assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_gptq_through_qtool_quantize_packs_and_continues(fp32_ckpt, tmp_path):
+    """`qtool quantize --policy gptq3`: GPTQ calibrates every linear on the checkpoint's data, the
+    written checkpoint evaluates as the in-memory model, packs to its bytes, and a second quantize
+    with the same spec adopts the fitted scales instead of recalibrating."""
+    policy = policy_source("gptq3")
+    result = quantize_checkpoint(fp32_ckpt, policy, tmp_path / "q", calib_tokens=256)
+    assert len(result.calibration["layers"]) == 2 * 7 + 1  # blocks' linears and the lm_head
+    ckpt = load_checkpoint(result.path)
+    assert ckpt["policy"] == {"_default": "gptq3"} and "blocks.0.attn.q_proj.quantizer.scale" in ckpt["model"]
+    model, _ = model_from_checkpoint(ckpt)
+    direct = qtoolkit.quantize(fp32_ckpt, policy, calib_tokens=256)
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), direct(x), rtol=0, atol=0)
+    packed = pack_checkpoint(result.path, tmp_path / "p.safetensors")
+    assert packed.tensor_bytes == result.total_bytes
+    again = quantize_checkpoint(result.path, policy, tmp_path / "q2", calib_tokens=256)
+    assert again.calibration["layers"] == [] and "blocks.0.attn.q_proj" in again.adopted

@@ -40,7 +40,7 @@ def test_all_errors_reported_at_once_with_key_paths():
 
 
 def test_cross_field_errors_after_types_pass():
-    raw = {"name": "x", "policy": {"_default": "int4"}, "model": {"preset": "tiny", "n_heads": 5},
+    raw = {"name": "x", "policy": {"_default": "int9"}, "model": {"preset": "tiny", "n_heads": 5},
            "train": {"lr": -1.0, "warmup_steps": 10, "steps": 5, "seq_len": 999}, "data": {"val_fraction": 2.0}}
     with pytest.raises(SchemaError) as e:
         load_recipe(raw)

@@ -68,6 +68,11 @@ VARIANTS = {
         "correction: {rank: 2, gate: channel}}",
         "model.tie_embeddings=true", "policy.embed={name: tequila, granularity: channel}",
         "policy.lm_head={name: tequila, granularity: channel}"]),
+    # issue 12's formats on the reference path, odd sizes: 3-bit codes across byte boundaries,
+    # trit-planes, GPTQ's scale buffers (uncalibrated: its RTN state), a 5-bit embedding
+    "intn_ptqtp_odd": ("ternary_all", [*ODD, "policy.blocks[0].*=int3", "policy.blocks[1].*={name: ptqtp, group_size: 16}",
+                                       "policy.blocks[2].*={name: gptq4, group_size: 16, symmetric: true}",
+                                       "policy.embed=int5"]),
     "int4_elastic": ("ternary_all", ["policy.blocks[0].*={name: ternary, activations: int4}",
                                      "policy.blocks[1].*={name: int8, activations: elastic, elastic_bits: 6}"]),
 }

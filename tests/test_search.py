@@ -154,6 +154,22 @@ def test_search_with_issue_13_formats_finishes_within_budget(fp32_ckpt, tmp_path
     assert memory_plan(ModelConfig.from_name("tiny"), str(policy_file)).total_bytes == res.best["bytes"]
 
 
+def test_search_with_issue_12_formats_finishes_within_budget(fp32_ckpt, tmp_path):
+    """intn aliases (RTN and GPTQ, which calibrates on the search's calibration windows) and ptqtp
+    are candidates like any format: exact costs, probes, the exact MILP seed over all of them."""
+    formats = parse_formats("ternary,ptqtp,int4,gptq3,int8")
+    assert [f.key for f in formats] == ["ternary", "ptqtp", "int4", "gptq3", "int8"]
+    budget = 100_000
+    res = run_search(fp32_ckpt, budget, formats, tmp_path / "out", trials=6, calib_tokens=256, eval_batches=2)
+    assert res.best is not None and res.best["bytes"] <= budget
+    assert set(res.probe.measured["blocks.0.mlp.up_proj"]) == {"ternary", "ptqtp", "int4", "gptq3", "int8"}
+    data = json.loads((tmp_path / "out" / "search.json").read_text())
+    complete = [t for t in data["trials"] if t["state"] == "COMPLETE"]
+    assert complete[0]["source"].startswith("milp") and all(t["bytes"] <= budget for t in complete)
+    policy_file = tmp_path / "out" / "policy.yaml"
+    assert memory_plan(ModelConfig.from_name("tiny"), str(policy_file)).total_bytes == res.best["bytes"]
+
+
 # ------------------------------------------------------------------------------ --apply
 
 

@@ -18,8 +18,8 @@ with every linear replaced by an op that computes from the stored format:
     fp16 / bf16 / fp32                               nn.Linear on the dequantized fp32 weight.
     ternary with `activations: none`                Int8Linear (weight-only) on the codes.
     sherry / tequila with tensor or channel scales   as ternary: their codes are ternary too.
-    group scales, binary, int4 or elastic            ReferenceLinear: the fake-quant formula on the
-    activations                                      dequantized weight (not accelerated).
+    group scales, binary, intn (int2..int6, GPTQ),   ReferenceLinear: the fake-quant formula on the
+    ptqtp, int4 or elastic activations               dequantized weight (not accelerated).
     a method's output term (Tequila's dead-zone      WithOutputTerm around the layer's op: op(x) +
     bias, a low-rank correction)                     quantizer.output_term(x, stored extras).
 

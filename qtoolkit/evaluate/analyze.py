@@ -21,7 +21,8 @@ the stored codes look like:
                          elastic activations: act_step, act_offset
 
 Ternary-like formats (ternary, sherry, tequila) all report zeros/plus/minus/entropy; binary reports
-plus/minus.
+plus/minus; ptqtp reports zeros/plus/minus over the trits of both planes and the entropy of the nine
+(T1, T2) pairs; intn the entropy of its 2^b codes. Every format reports `sqnr_db`.
 
 `near_threshold` and `sqnr_db` need the latent float weights, so they are None for packed
 checkpoints; everything else agrees exactly between a packed checkpoint and the training
@@ -56,6 +57,7 @@ from qtoolkit.model import layer_position
 from qtoolkit.pack import Entry, memory_plan, model_from_checkpoint, unpack_layers
 from qtoolkit.policy import Policy
 from qtoolkit.quantizers.base import QTensor, grouped, ungrouped
+from qtoolkit.quantizers.ptqtp import PTQTPQuantizer
 
 SCHEMA_VERSION = 3  # 2: qtoolkit_version and recipe; 3: layers[].method, totals.methods / correction_bytes / correction_share
 TERNARY_LIKE = ("ternary", "sherry", "tequila")  # int8 codes in {-1, 0, +1}
@@ -151,6 +153,19 @@ def code_stats(q: QTensor, spec: dict[str, Any]) -> dict[str, Any]:
         if name != "int8":
             out["minus"], out["plus"] = float(counts[0]) / n, float(counts[2]) / n
         out["code_bits"] = CODE_BITS.get(name) or 8 / (5 if spec.get("packing") == "base3" else 4)
+    elif name == "ptqtp":  # two ternary planes: trit fractions over both, entropy of the 9 (T1, T2) pairs
+        t1, t2 = PTQTPQuantizer.planes(q.codes)
+        trits = torch.cat([t1.reshape(-1), t2.reshape(-1)]).to(torch.int64) + 1
+        counts = torch.bincount(trits, minlength=3)
+        n = trits.numel()
+        out["zeros"], out["minus"], out["plus"] = (float(counts[i]) / n for i in (1, 0, 2))
+        out["entropy_bits"] = entropy_bits(torch.bincount(q.codes.reshape(-1).to(torch.int64) + 4, minlength=9))
+        out["code_bits"] = 2 * 8 / (5 if spec.get("packing") == "base3" else 4)
+    elif name == "intn":
+        half = 2 ** (spec["bits"] - 1)
+        out["entropy_bits"] = entropy_bits(torch.bincount(q.codes.reshape(-1).to(torch.int64) + half, minlength=2 * half))
+        out["code_bits"] = float(spec["bits"])
+    if "code_bits" in out:
         s = q.scales.double()
         out["alpha"] = {"mean": float(s.mean()), "min": float(s.min()), "max": float(s.max()), "count": s.numel()}
     return out

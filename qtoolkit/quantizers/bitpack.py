@@ -17,6 +17,17 @@ the tail of the last byte is filled with u = 1 (code 0). Unpacking needs only th
     a 243 x 5 lookup table.
 
 Both are exact: `unpack_*(pack_*(c), c.numel()) == c.flatten()` for any element count (tested).
+
+`pack_uint` / `unpack_uint` — unsigned b-bit integers (1 <= b <= 8) as one continuous bit stream,
+with no padding between codes (so 3-, 5-, 6- and 7-bit codes waste nothing). Code i occupies stream
+bits i*b .. i*b + b - 1, least significant bit first, and stream bit k is bit k % 8 of byte k // 8.
+For b = 3:
+
+        byte 0:  bit  7 6 | 5 4 3 | 2 1 0        byte 1:  bit  7 | 6 5 4 | 3 2 1 | 0
+                     u2.1 u2.0|  u1   |  u0                    u5.0|  u4   |  u3   | u2.2
+
+    (u_j.k = bit k of code j). Eight codes fill exactly b bytes; the stream is ceil(n*b / 8) bytes
+    long and the unused high bits of the last byte are 0.
 """
 
 from __future__ import annotations
@@ -75,6 +86,29 @@ def unpack_base3(packed: Tensor, n: int) -> Tensor:
         raise ValueError("corrupted base3 data: a byte value above 242")
     table = _base3_table().to(packed.device)
     return table[packed.reshape(-1).long()].reshape(-1)[:n]
+
+
+def uint_packed_len(n: int, bits: int) -> int:
+    """Bytes holding `n` codes of `bits` bits each."""
+    return -(-n * bits // 8)
+
+
+def pack_uint(values: Tensor, bits: int) -> Tensor:
+    """Integers in [0, 2^bits) -> uint8 bit stream (layout in the module docstring)."""
+    v = values.reshape(-1).to(torch.int16)
+    n = v.numel()
+    v = torch.cat([v, v.new_zeros((-n) % 8)])
+    shifts = torch.arange(bits, dtype=torch.int16, device=v.device)
+    stream = ((v.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1, 8)  # (8 codes * bits) / 8 rows
+    byte = (stream << torch.arange(8, dtype=torch.uint8, device=v.device)).sum(dim=1, dtype=torch.uint8)
+    return byte[: uint_packed_len(n, bits)]
+
+
+def unpack_uint(packed: Tensor, n: int, bits: int) -> Tensor:
+    """Inverse of `pack_uint`: the first `n` codes, int16."""
+    stream = (packed.reshape(-1, 1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    stream = stream.reshape(-1)[: n * bits].to(torch.int16).reshape(n, bits)
+    return (stream << torch.arange(bits, dtype=torch.int16, device=packed.device)).sum(dim=1, dtype=torch.int16)
 
 
 def pack(codes: Tensor, packing: str) -> Tensor:

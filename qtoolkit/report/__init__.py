@@ -32,6 +32,7 @@ from qtoolkit.report.tables import (
     gguf_export_table,
     hf_export_table,
     import_summary,
+    memory_summary,
     pack_summary,
     plan_table,
     probe_table,
@@ -39,6 +40,7 @@ from qtoolkit.report.tables import (
     quantizers_table,
     recipes_table,
     search_renderables,
+    train_memory_table,
     train_summary,
 )
 from qtoolkit.report.text import (
@@ -59,7 +61,7 @@ from qtoolkit.report.text import (
 __all__ = [
     "BenchProgress", "StageProgress", "TrainProgress", "analysis_figure", "analysis_html", "analysis_markdown",
     "KernelBuildNotice", "analysis_renderables", "bench_table", "compare_table", "console", "coverage_table",
-    "display_path", "err_console", "error", "eval_summary", "fmt_bytes", "generation_summary", "gguf_export_table",
+    "display_path", "err_console", "error", "eval_summary", "memory_summary", "train_memory_table", "fmt_bytes", "generation_summary", "gguf_export_table",
     "hf_export_table", "human_count", "import_summary", "outputs_text", "pack_summary", "plan_table",
     "print_outputs", "print_renderables", "probe_table", "quantize_summary", "quantizers_table", "recipes_table", "save_analysis_plot",
     "save_search_plot", "search_renderables", "spec_text", "stdout_to_stderr", "stream_generation", "train_summary",

@@ -18,7 +18,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from qtoolkit.report.tables import coverage_table
+from qtoolkit.report.tables import coverage_table, memory_summary
 from qtoolkit.report.text import console, err_console, human_count
 
 
@@ -74,6 +74,9 @@ class TrainProgress:
         if task is None:
             task = self._data_tasks[d["stage"]] = self.progress.add_task(d["stage"], total=d["total"], info=unit)
         self.progress.update(task, completed=d["done"], total=d["total"])
+
+    def _on_memory(self, event) -> None:
+        self._print(memory_summary(event.data))
 
     def _on_start(self, event) -> None:
         for task in self._data_tasks.values() if self.live else ():  # close streaming tasks

@@ -111,13 +111,21 @@ def recipes_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def quantizers_table(rows: list[dict[str, Any]]) -> Table:
-    """Rows: {"name", "spec" (default options), "bits_per_weight_768x768"}."""
+    """Rows: {"name", "spec" (default options), "bits_per_weight_768x768", optional "alias_of" and
+    "calibration"}; an alias shows the options that differ from its quantizer's defaults."""
     table = Table(title="Quantizers", title_justify="left")
-    for col in ("name", "default options", "bits/weight (768x768)"):
+    for col in ("name", "default options", "bits/weight (768x768)", "data"):
         table.add_column(col, overflow="fold", justify="right" if col.startswith("bits") else "left")
+    defaults = {r["name"]: r["spec"] for r in rows if not r.get("alias_of")}
     for r in rows:
-        opts = ", ".join(f"{k}={v}" for k, v in r["spec"].items() if k != "name") or "-"
-        table.add_row(r["name"], escape(opts), f"{r['bits_per_weight_768x768']:.4f}")
+        if r.get("alias_of"):
+            base = defaults.get(r["alias_of"], {})
+            opts = f"= {r['alias_of']} " + (", ".join(f"{k}={v}" for k, v in r["spec"].items()
+                                                       if k != "name" and base.get(k) != v) or "(defaults)")
+        else:
+            opts = ", ".join(f"{k}={v}" for k, v in r["spec"].items() if k != "name") or "-"
+        table.add_row(r["name"], escape(opts), f"{r['bits_per_weight_768x768']:.4f}",
+                      "calibrates" if r.get("calibration") else "")
     return table
 
 
@@ -476,5 +484,71 @@ def hf_export_table(result) -> Table:
              "embedding and norms: float32; policy and this table: README.md in the directory"]
     lines += [f"not exact: {n}" for n in result.notes]
     table.caption = escape("\n".join(lines))
+    table.caption_justify = "left"
+    return table
+
+
+# ------------------------------------------------------------------------------ training memory
+
+_MEMORY_PARTS = {
+    "weights": "latent weights, quantizer parameters, buffers",
+    "gradients": "one fp32 gradient per trainable parameter",
+    "optimizer": "AdamW exp_avg + exp_avg_sq",
+    "activations": "saved for the backward, one micro-batch (measured per block)",
+    "logits": "the loss's working set (chunked with train.ce_chunk)",
+    "runtime": "this process (interpreter, libraries)",
+}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+def memory_summary(plan: dict) -> str:
+    """One or two lines for the start of `qtool train`: the estimate, what is available, and the
+    micro-batch chosen (`plan` is `TrainingMemoryPlan.to_dict()` plus the trainer's fields)."""
+    est, fitted = plan["estimate"], plan.get("fitted") or plan["estimate"]
+    batch, micro = est["batch_size"], plan.get("micro_batch_size") or fitted["micro_batch_size"]
+    processes = plan.get("processes", 1)
+    of = f"{batch * processes} ({batch} per process)" if processes > 1 else f"{batch}"
+    line = (f"memory: ~{_gib(fitted['total'])} estimated peak at micro-batch {micro} of {of} "
+            f"({_gib(plan['available'])} available: {plan['available_source']})")
+    if plan.get("changed"):
+        line += (f"\n[yellow]the batch of {of} at once needs ~{_gib(est['total'])}: running {batch // micro} "
+                 f"micro-batches of {micro} per step (train.micro_batch_size={micro}); same global batch and schedule")
+    elif not plan["fits"]:
+        line += (f"\n[yellow]the estimate exceeds {plan['safety']:.0%} of the available memory and "
+                 "train.fit_memory is false: the run may be killed for memory")
+    return line
+
+
+def train_memory_table(plan: dict, title: str) -> Table:
+    """The parts of a training-memory estimate (`TrainingMemoryPlan.to_dict()`), at the recipe's
+    micro-batch and, when it differs, at the one that fits."""
+    est, fitted = plan["estimate"], plan.get("fitted")
+    show_fitted = fitted is not None and fitted["micro_batch_size"] != est["micro_batch_size"]
+    table = Table(title=title, title_justify="left")
+    table.add_column("part", no_wrap=True)
+    table.add_column(f"micro-batch {est['micro_batch_size']}", justify="right")
+    if show_fitted:
+        table.add_column(f"micro-batch {fitted['micro_batch_size']}", justify="right")
+    table.add_column("what")
+    for part, what in _MEMORY_PARTS.items():
+        row = [part, _gib(est["parts"][part])] + ([_gib(fitted["parts"][part])] if show_fitted else [])
+        table.add_row(*row, what)
+    table.add_section()
+    total = ["[bold]peak (estimate)", f"[bold]{_gib(est['total'])}"] + ([f"[bold]{_gib(fitted['total'])}"]
+                                                                         if show_fitted else [])
+    table.add_row(*total, f"on {est['device']}; batch {est['batch_size']} x {est['seq_len']} tokens")
+    table.add_row("available", _gib(plan["available"]), *([""] if show_fitted else []), plan["available_source"])
+    if plan["fits"]:
+        verdict = "fits"
+    elif fitted is not None:
+        verdict = (f"does not fit: qtool train runs {est['batch_size'] // fitted['micro_batch_size']} micro-batches "
+                   f"of {fitted['micro_batch_size']} (train.micro_batch_size={fitted['micro_batch_size']})")
+    else:
+        verdict = ("does not fit even at micro-batch 1: set train.ce_chunk, train.activation_checkpointing, "
+                   "or a smaller seq_len or model")
+    table.caption = f"{verdict} (a micro-batch fits when its estimate is at most {plan['safety']:.0%} of what is available)"
     table.caption_justify = "left"
     return table

@@ -497,7 +497,7 @@ def _search(ckpt_path, ckpt, cfg, space, budget, formats, out_dir, data_path, tr
     model = float_model(ckpt).to(dev)
     recipe = ckpt.get("recipe") or {}
     train_cfg = recipe.get("train") or {}
-    calibrated = [f.key for f in formats if quantizers.get(f.spec["name"]).calibration]
+    calibrated = [f.key for f in formats if quantizers.build(f.spec).calibration]  # per spec: intn calibrates with gptq only
     data = prepare_data(checkpoint_data_config(ckpt, data_path), cfg.vocab_size,
                         tokenizer=tokenizer_from_json(ckpt["tokenizer"]), need_train=finetune_steps > 0 or bool(calibrated),
                         progress=progress)

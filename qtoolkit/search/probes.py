@@ -79,6 +79,10 @@ class Format:
 
 
 def format_key(spec: dict[str, Any]) -> str:
+    """"ternary", "ternary(packing=base3)"; an alias's spec is keyed by the alias ("int4", "gptq3")."""
+    alias = quantizers.alias_of(spec)
+    if alias is not None:
+        return alias
     defaults = quantizers.canonical(spec["name"])
     opts = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name" and defaults.get(k) != v)
     return f"{spec['name']}({opts})" if opts else spec["name"]

@@ -112,7 +112,7 @@ def _policy_value(text: str) -> dict[str, Any]:
     except UnknownNameError:
         raise UnknownNameError(
             f"--policy {text!r} is not a policy file, a shipped recipe ({', '.join(available_recipes())}), "
-            f"a quantizer ({', '.join(quantizers.available())}) or an inline mapping like "
+            f"a quantizer ({', '.join(quantizers.available() + list(quantizers.aliases()))}) or an inline mapping like "
             "'{_default: ternary, embed: int8}'"
         ) from None
     return {"_default": text}

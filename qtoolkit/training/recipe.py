@@ -35,7 +35,11 @@ HUB_TINYSTORIES = "roneneldan/TinyStories"
 @dataclass
 class TrainConfig:
     steps: int | None = None  # total optimizer steps (also the schedule's horizon)
-    batch_size: int | None = None
+    batch_size: int | None = None  # the global batch (sequences per optimizer step)
+    # Sequences per forward/backward: the batch runs as batch_size / micro_batch_size micro-batches whose
+    # gradients add up to the whole batch's (gradient accumulation). None: the whole batch at once
+    # (or, with fit_memory, the largest micro-batch that fits in memory).
+    micro_batch_size: int | None = None
     seq_len: int | None = None
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
@@ -55,6 +59,15 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Memory savers (docs/training.md states their cost): the loss over `ce_chunk` tokens at a time
+    # without the full logits (0: off), and per-block activation checkpointing.
+    ce_chunk: int = 0
+    activation_checkpointing: bool = False
+    # Before the first step: estimate peak memory (training.memory); when it exceeds what the device
+    # has free (or memory_gib), run the largest micro-batch that fits, or stop with a message. false:
+    # only report the estimate.
+    fit_memory: bool = True
+    memory_gib: float | None = None  # memory the run may use, GiB (default: what the device has free)
 
     def check(self) -> list[tuple[str, str]]:
         errors = []
@@ -65,6 +78,16 @@ class TrainConfig:
         for name in ("eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 errors.append((name, f"must be >= 1, got {getattr(self, name)}"))
+        if self.micro_batch_size is not None:
+            if self.micro_batch_size < 1:
+                errors.append(("micro_batch_size", f"must be >= 1, got {self.micro_batch_size}"))
+            elif self.batch_size is not None and self.batch_size % self.micro_batch_size:
+                errors.append(("micro_batch_size", f"must divide batch_size ({self.batch_size}), "
+                                                   f"got {self.micro_batch_size}"))
+        if self.ce_chunk < 0:
+            errors.append(("ce_chunk", f"must be >= 0 (0 = off), got {self.ce_chunk}"))
+        if self.memory_gib is not None and not self.memory_gib > 0:
+            errors.append(("memory_gib", f"must be > 0, got {self.memory_gib}"))
         if self.warmup_steps is not None and self.warmup_steps < 0:
             errors.append(("warmup_steps", f"must be >= 0, got {self.warmup_steps}"))
         if self.quant_warmup_steps < 0:

@@ -19,8 +19,14 @@ W + lambda (Q(W) - W) (and likewise its input), lambda = step / K until it reach
 Quantizers that declare `needs_progress` (Sherry's annealed residual) get `set_progress((step + 1) /
 steps)` before every step, so their schedules follow the run (and a resumed run) exactly.
 
-Loss: cross-entropy with label smoothing (the training objective); every reported perplexity is
-exp(plain cross-entropy). Batches are a pure function of (seed, step) and the checkpoint carries
+Loss: cross-entropy with label smoothing (the training objective, `training.loss`); every reported
+perplexity is exp(plain cross-entropy).
+
+Memory: before reading data `training.memory.fit_recipe` estimates the step's peak memory and, when
+it does not fit, picks the largest micro-batch that does (or refuses with `InsufficientMemory`); a
+step runs `batch_size / micro_batch_size` micro-batches whose scaled gradients add up to the whole
+batch's. `train.ce_chunk` and `train.activation_checkpointing` trade compute for memory.
+Under torchrun each process trains on its share of every batch (`training.distributed`). Batches are a pure function of (seed, step) and the checkpoint carries
 optimizer and RNG state, so `resume=True` reaches bit-identical weights to an uninterrupted run.
 Nothing lost (docs/reliability.md):
   * the run holds `out_dir`'s lock (`qtoolkit.rundir`) from start to end: a second run into the
@@ -52,7 +58,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qtoolkit import schema
@@ -73,13 +78,22 @@ from qtoolkit.training.data import (
     prepare_eval_data,
     tokenizer_from_json,
 )
+from qtoolkit.training.distributed import (
+    World,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    process_group,
+)
+from qtoolkit.training.loss import chunked_loss, loss_fn
+from qtoolkit.training.memory import fit_recipe
 from qtoolkit.training.recipe import Recipe, TrainConfig, checkpoint_data_config, save_recipe
 from qtoolkit.training.resume import resume_recipe
 
 
 @dataclass
 class TrainEvent:
-    kind: str  # "data" | "start" | "step" | "eval" | "checkpoint" | "stop"
+    kind: str  # "memory" | "data" | "start" | "step" | "eval" | "checkpoint" | "stop"
     step: int = 0
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -140,17 +154,6 @@ def lr_and_wd(step: int, cfg: TrainConfig) -> tuple[float, float]:
     return lr, wd
 
 
-def loss_fn(logits: Tensor, targets: Tensor, label_smoothing: float) -> tuple[Tensor, Tensor]:
-    """(training loss with label smoothing, plain cross-entropy), both means over tokens."""
-    logp = F.log_softmax(logits.float().flatten(0, -2), dim=-1)
-    nll = -logp.gather(-1, targets.reshape(-1, 1)).squeeze(-1)
-    ce = nll.mean()
-    if label_smoothing == 0:
-        return ce, ce
-    smooth = -logp.mean(dim=-1)
-    return (1 - label_smoothing) * ce + label_smoothing * smooth.mean(), ce
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on weight matrices only; not on norms or quantizer scales."""
     decay, no_decay = [], []
@@ -177,17 +180,22 @@ def autocast(device: torch.device):
 
 
 def evaluate(model: nn.Module, val: TokenStream, batch_size: int, seq_len: int, max_batches: int | None,
-             device: torch.device | str = "cpu", progress: Progress | None = None) -> dict[str, float]:
+             device: torch.device | str = "cpu", progress: Progress | None = None,
+             micro_batch_size: int | None = None, ce_chunk: int = 0) -> dict[str, float]:
     """Mean plain cross-entropy over fixed validation windows, and its perplexity. `max_batches=None`
     scores the whole stream (`TokenStream.eval_batches`); `progress("evaluating", done, total)` is
-    called after every batch."""
+    called after every batch. `micro_batch_size`: run each batch that many sequences at a time (the
+    same windows and the same mean; the logits of one micro-batch in memory, as in training);
+    `ce_chunk`: the loss `ce_chunk` tokens at a time (`training.loss.chunked_loss`)."""
     n_batches, _ = val.eval_windows(batch_size, seq_len, max_batches)
-    return evaluate_batches(model, val.eval_batches(batch_size, seq_len, max_batches), device, progress, n_batches)
+    return evaluate_batches(model, val.eval_batches(batch_size, seq_len, max_batches), device, progress, n_batches,
+                            micro_batch_size, ce_chunk)
 
 
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, batches, device: torch.device | str = "cpu",
-                     progress: Progress | None = None, total: int | None = None) -> dict[str, float]:
+                     progress: Progress | None = None, total: int | None = None,
+                     micro_batch_size: int | None = None, ce_chunk: int = 0) -> dict[str, float]:
     """Mean plain cross-entropy (and perplexity) over (x, y) batches: the one loss that `qtool eval`,
     training evaluations and the search's trials all report."""
     device = torch.device(device)
@@ -195,13 +203,19 @@ def evaluate_batches(model: nn.Module, batches, device: torch.device | str = "cp
     model.eval()
     total_loss, count = 0.0, 0
     try:
-        for i, (x, y) in enumerate(batches):
-            x, y = x.to(device), y.to(device)
-            with autocast(device):
-                logits = model(x)
-            _, ce = loss_fn(logits, y, 0.0)
-            total_loss += ce.item() * y.numel()
-            count += y.numel()
+        for i, (xb, yb) in enumerate(batches):
+            for x, y in zip(xb.split(micro_batch_size or len(xb)), yb.split(micro_batch_size or len(yb)), strict=True):
+                x, y = x.to(device), y.to(device)
+                if ce_chunk:
+                    with autocast(device):
+                        _, ce = chunked_loss(model.hidden_states(x), model.lm_head, y, 0.0, ce_chunk)
+                else:
+                    with autocast(device):
+                        logits = model(x)
+                    _, ce = loss_fn(logits, y, 0.0)
+                    del logits
+                total_loss += ce.item() * y.numel()
+                count += y.numel()
             if progress is not None:
                 progress("evaluating", i + 1, total)
     finally:
@@ -340,12 +354,25 @@ def train(
     `init_calib_tokens`: calibration tokens for quantizers that need data (default
     `training.ptq.DEFAULT_CALIB_TOKENS`)."""
     out_dir = Path(out_dir)
+    world = World.from_env()  # several processes under torchrun (training.distributed); rank 0 writes
+    if not world.main:
+        return _train(recipe, out_dir, resume, _noop, stop, init, init_calib_tokens, world)
     with run_dir_lock(out_dir, f"qtool train, recipe {recipe.name}"):
-        return _train(recipe, out_dir, resume, callback, stop, init, init_calib_tokens)
+        return _train(recipe, out_dir, resume, callback, stop, init, init_calib_tokens, world)
 
 
 def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop: threading.Event | None,
-           init: str | Path | None, init_calib_tokens: int | None) -> TrainResult:
+           init: str | Path | None, init_calib_tokens: int | None, world: World) -> TrainResult:
+    device = resolve_device(recipe.train.device, "train.device")
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    with process_group(world, device):
+        return _train_in_group(recipe, out_dir, resume, callback, stop, init, init_calib_tokens, world, device)
+
+
+def _train_in_group(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop: threading.Event | None,
+                    init: str | Path | None, init_calib_tokens: int | None, world: World,
+                    device: torch.device) -> TrainResult:
     ckpt_path = out_dir / "ckpt.pt"
     metrics_path = out_dir / "metrics.jsonl"
 
@@ -370,8 +397,23 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
     if cfg.quant_warmup_steps > cfg.steps:
         raise ConfigError(f"train.quant_warmup_steps={cfg.quant_warmup_steps} exceeds train.steps={cfg.steps}: "
                           "the model would never be trained fully quantized")
+    if cfg.batch_size % world.size:
+        raise ConfigError(f"train.batch_size={cfg.batch_size} is not divisible by the {world.size} processes: each "
+                          "takes an equal share of the batch")
+    local_batch = cfg.batch_size // world.size
+    if cfg.micro_batch_size is not None and local_batch % cfg.micro_batch_size:
+        per = f" / {world.size} processes = {local_batch}" if world.distributed else ""
+        raise ConfigError(f"train.micro_batch_size={cfg.micro_batch_size} does not divide train.batch_size="
+                          f"{cfg.batch_size}{per}: choose a divisor of the batch size")
 
-    device = resolve_device(cfg.device, "train.device")
+    # The peak memory of a step and the micro-batch that fits, or a refusal: before any data is read,
+    # and again once the data and tokenizer are in memory (below). Rank 0 decides for every process.
+    asked_micro = cfg.micro_batch_size
+    memory = None
+    if world.main:
+        recipe, memory = fit_recipe(recipe, device, None, world.size, world.local_size)
+    recipe = broadcast_object(recipe, world)
+    cfg = recipe.train
     torch.manual_seed(cfg.seed)
     model_config = recipe.model_config()
     init_ckpt = _load_init(init, model_config) if init is not None and ckpt is None else None
@@ -382,7 +424,11 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
     tokens_needed = cfg.steps * cfg.batch_size * cfg.seq_len
     tokenizer_src = ckpt or init_ckpt
     tokenizer = tokenizer_from_json(tokenizer_src["tokenizer"]) if tokenizer_src else None
+    if not world.main:  # rank 0 prepares the data (tokenizer, token cache) first; the others read its cache
+        barrier(world)
     data = prepare_data(recipe.data, model_config.vocab_size, tokens_needed, tokenizer, progress=data_progress)
+    if world.main:
+        barrier(world)
     try:  # before any work, not at the first evaluation
         data.train.require_window(cfg.seq_len)
         data.val.require_window(cfg.seq_len)
@@ -395,6 +441,14 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
             f"{recipe.data.path or recipe.data.dataset} ({short_repr(data.info.get('source'), 60)}); resume on the "
             "run's own data"
         )
+    if world.main:  # from the micro-batch asked for, so that the plan states what that one needs
+        asked = dataclasses.replace(recipe, train=dataclasses.replace(cfg, micro_batch_size=asked_micro))
+        recipe, memory = fit_recipe(asked, device, memory, world.size, world.local_size)
+        callback(TrainEvent("memory", 0, {**memory.to_dict(), "micro_batch_size": recipe.train.micro_batch_size,
+                                          "changed": recipe.train.micro_batch_size != asked_micro,
+                                          "fit_memory": cfg.fit_memory, "processes": world.size}))
+    recipe = broadcast_object(recipe, world)
+    cfg = recipe.train
     init_record = None
     if init_ckpt is not None:
         model, coverage, init_record = _init_model(init_ckpt, recipe, model_config, data, init_calib_tokens,
@@ -413,9 +467,12 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
         _load_resume_state(ckpt, model, optimizer)
         step = ckpt["step"]
         last_eval = dict(ckpt.get("metrics") or {})
-        _rewrite_metrics(metrics_path, step)
-    stale = None if ckpt is not None else _set_aside(metrics_path)  # a run that crashed before its first checkpoint
-    save_recipe(recipe, out_dir / "recipe.yaml")
+        if world.main:
+            _rewrite_metrics(metrics_path, step)
+    stale = None
+    if world.main:
+        stale = None if ckpt is not None else _set_aside(metrics_path)  # a run that crashed before its first checkpoint
+        save_recipe(recipe, out_dir / "recipe.yaml")
     last_good = {"step": step if ckpt is not None else None}
 
     def diverged(what: str) -> TrainingDiverged:
@@ -444,7 +501,8 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
         init_info = init_record or (ckpt or {}).get("init")
         if init_info:
             state["init"] = init_info
-        save_checkpoint(state, ckpt_path)
+        if world.main:  # the state is the same on every rank
+            save_checkpoint(state, ckpt_path)
         last_good["step"] = step
         callback(TrainEvent("checkpoint", step, {"path": str(ckpt_path)}))
 
@@ -454,14 +512,15 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
 
     def run_eval() -> dict[str, float]:
         quant_mix(step)  # the model as the next step would use it (lambda = 1 once the warmup is over)
-        return evaluate(model, data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device)
+        return evaluate(model, data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device,
+                        micro_batch_size=cfg.micro_batch_size, ce_chunk=cfg.ce_chunk)
 
     n_params = sum(p.numel() for p in model.parameters())
     callback(TrainEvent("start", step, {
         "total_steps": cfg.steps, "params": n_params, "coverage": coverage, "device": str(device),
         "data": data.description, "data_info": data.info, "recipe": recipe.name,
         "tokens_per_step": cfg.batch_size * cfg.seq_len, "resumed": ckpt is not None, "init": init_record,
-        "stale_metrics": str(stale) if stale else None,
+        "stale_metrics": str(stale) if stale else None, "processes": world.size,
     }))
 
     t_start = time.perf_counter()
@@ -470,15 +529,46 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
     tok_per_s = live_rate = 0.0
     interrupted = False
     params = [p for p in model.parameters() if p.requires_grad]
+    micro = cfg.micro_batch_size or local_batch
+
+    def forward_loss(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x, y = x.to(device), y.to(device)
+        if cfg.ce_chunk:  # the loss without the full logits (training.loss)
+            with autocast(device):
+                return chunked_loss(model.hidden_states(x), model.lm_head, y, cfg.label_smoothing, cfg.ce_chunk)
+        with autocast(device):
+            logits = model(x)
+        return loss_fn(logits, y, cfg.label_smoothing)
+
+    def accumulate_gradients(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Backward of the batch's mean loss, `micro` sequences at a time; returns (loss, ce) of the
+        whole batch. Every micro-batch holds micro * seq_len tokens, so the batch mean is the mean of
+        the micro-batch means: each backward is scaled by micro / batch_size and the gradients add up
+        to the whole batch's (up to float rounding; one micro-batch is the unscaled loss itself)."""
+        if micro == x.shape[0]:
+            loss, ce = forward_loss(x, y)
+            loss.backward()
+            return loss.detach(), ce.detach()
+        weight = micro / x.shape[0]
+        total = torch.zeros(2, device=device)
+        for xm, ym in zip(x.split(micro), y.split(micro), strict=True):
+            loss, ce = forward_loss(xm, ym)
+            (loss * weight).backward()
+            total += torch.stack([loss.detach(), ce.detach()]).float() * weight
+        return total[0], total[1]
+
+    model.activation_checkpointing = cfg.activation_checkpointing
     model.train()
-    with _StopFlag(stop) as stop_flag, open(metrics_path, "a") as log:
+    stop_all = False  # under torchrun: a stop any rank saw, agreed on in the step's all-reduce
+    with _StopFlag(stop) as stop_flag, (open(metrics_path, "a") if world.main else contextlib.nullcontext()) as log:
 
         def log_line(record: dict[str, Any]) -> None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
 
         while step < cfg.steps:
-            if stop_flag.is_set():
+            if stop_all or (not world.distributed and stop_flag.is_set()):
                 interrupted = True
                 break
             t_step = time.perf_counter()
@@ -490,12 +580,17 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
             for q in scheduled:  # e.g. Sherry's annealed residual: p = 1 on the last step
                 q.set_progress((step + 1) / cfg.steps)
             x, y = data.train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
-            x, y = x.to(device), y.to(device)
-            with autocast(device):
-                logits = model(x)
-            loss, ce = loss_fn(logits, y, cfg.label_smoothing)
+            x, y = world.share(x), world.share(y)  # this process's rows of the global batch (all of it alone)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, ce = accumulate_gradients(x, y)
+            if world.distributed:  # average gradients, losses and the stop flag over the processes
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                flag = torch.tensor(float(stop_flag.is_set()), device=device)
+                loss, ce, stop_any = all_reduce_mean([p.grad for p in params],
+                                                     torch.stack([loss.float(), ce.float(), flag]), world)
+                stop_all = bool(stop_any > 0)
             # The global gradient norm (clipped to grad_clip when set): a non-finite one means the
             # update would write NaN/inf into the weights. One host sync reads it with the losses.
             grad_norm_t = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -510,7 +605,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
             window["loss"] += loss_v
             window["ce"] += ce_v
             window["n"] += 1
-            window["tokens"] += y.numel()
+            window["tokens"] += y.numel() * world.size
             now = time.perf_counter()
             if step % cfg.log_every == 0 or step == cfg.steps:
                 tok_per_s = window["tokens"] / max(now - window["t"], 1e-9)
@@ -518,7 +613,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: bool, callback: Callback, stop
                 log_line({"type": "train", "step": step, "loss": window["loss"] / window["n"], "ce": recent_ce,
                           "lr": lr, "tokens_per_s": tok_per_s, "grad_norm": grad_norm, "elapsed": now - t_start})
                 window = {"loss": 0.0, "ce": 0.0, "n": 0, "t": now, "tokens": 0}
-            rate = y.numel() / max(now - t_step, 1e-9)
+            rate = y.numel() * world.size / max(now - t_step, 1e-9)
             live_rate = rate if live_rate == 0 else 0.9 * live_rate + 0.1 * rate  # smoothed for display
             callback(TrainEvent("step", step, {"loss": loss_v, "ce": ce_v, "lr": lr,
                                                "tokens_per_s": live_rate, "total_steps": cfg.steps}))
