@@ -2,7 +2,7 @@
 
     flock /work/heavy.lock python benchmarks/llamacpp.py --llama-bench PATH [--ckpt CKPT] [--ppl-ckpt CKPT]
         [--types tq2_0,tq1_0,q8_0] [--rounds 5] [--threads 2] [--prompt-len 128] [--new-tokens 64]
-        [--text FILE] [--ctx 256] [--chunks 40] [--out-dir DIR] [--json PATH]
+        [--text FILE] [--ctx 256] [--chunks 40] [--out-dir DIR] [--before SRC_TREE] [--json PATH]
 
 Needs a llama.cpp build (`--llama-bench` = the llama-bench binary or its directory; llama-perplexity is
 taken from beside it). Without one it prints {"skipped": ...} and exits 0. Build llama.cpp's CPU tools
@@ -122,16 +122,35 @@ def llama_bench(binary: Path, model: str, threads: int, args: list[str]) -> tupl
     return float(rec["samples_ts"][0]), rec.get("build_commit", "?")
 
 
-def measure_speed(bench: Path, files: dict, packed: Path, rounds: int, threads: int, P: int, N: int) -> tuple[dict, str]:
+def bench_other_source(src: Path, packed: Path, threads: int, P: int, N: int) -> tuple[float, float]:
+    """`qtool bench`'s measurement of the packed file by another qtoolkit source tree (e.g. an older
+    commit's `git archive`), in its own process: (prefill, decode) tokens/s."""
+    code = ("import json, sys; from qtoolkit.deploy.bench import run_bench; "
+            f"r = run_bench({str(packed)!r}, (), threads={threads}, prompt_len={P}, new_tokens={N}, repeats=1).results[0]; "
+            "print(json.dumps([r.prefill_tok_s, r.decode_tok_s]))")
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(src))
+    if run.returncode:
+        raise RuntimeError(f"qtoolkit from {src} failed: {run.stderr[-2000:]}")
+    pre, dec = json.loads(run.stdout.strip().splitlines()[-1])
+    return pre, dec
+
+
+def measure_speed(bench: Path, files: dict, packed: Path, rounds: int, threads: int, P: int, N: int,
+                  before: Path | None = None) -> tuple[dict, str]:
     from qtoolkit.deploy.bench import run_bench
 
     engines = [f"llama.cpp {t}" for t in files if t.startswith("T") or t == "Q8_0"] + ["qtoolkit packed"]
+    if before:
+        engines.append("qtoolkit packed (before)")
     results = {e: {"prefill_tok_s": [], "decode_tok_s": []} for e in engines}
     build = "?"
     for r in range(rounds):
         order = engines[r % len(engines):] + engines[:r % len(engines)]
         for engine in order:
-            if engine == "qtoolkit packed":
+            if engine == "qtoolkit packed (before)":
+                pre, dec = bench_other_source(before, packed, threads, P, N)
+            elif engine == "qtoolkit packed":
                 res = run_bench(packed, (), threads=threads, prompt_len=P, new_tokens=N, repeats=1).results[0]
                 pre, dec = res.prefill_tok_s, res.decode_tok_s
             else:
@@ -313,6 +332,8 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=20)
     ap.add_argument("--out-dir", type=Path, default=Path(tempfile.gettempdir()) / "qtoolkit-llamacpp")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--before", type=Path, help="another qtoolkit source tree (e.g. `git archive` of an older commit) "
+                    "measured as the engine 'qtoolkit packed (before)' in the same rounds")
     ap.add_argument("--json", type=Path, help="also write the JSON here")
     args = ap.parse_args()
     args.types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
@@ -330,15 +351,22 @@ def main() -> None:
     if not args.skip_speed:
         ckpt = args.ckpt or random_132m(args.out_dir, args.data / "tinystories_train_first2MiB.txt")
         files, packed = export_all(ckpt, args.types, args.out_dir, "speed")
-        speed, build = measure_speed(bench, files, packed, args.rounds, args.threads, args.prompt_len, args.new_tokens)
+        speed, build = measure_speed(bench, files, packed, args.rounds, args.threads, args.prompt_len, args.new_tokens,
+                                     args.before)
         q = speed["qtoolkit packed"]
+        if args.before:
+            b = speed["qtoolkit packed (before)"]
+            report["qtoolkit_over_before"] = {k: q[k]["median"] / b[k]["median"] for k in ("prefill_tok_s", "decode_tok_s")}
+            report["before_over_llama_cpp"] = {
+                e: {k: b[k]["median"] / v[k]["median"] for k in ("prefill_tok_s", "decode_tok_s")}
+                for e, v in speed.items() if e.startswith("llama.cpp")}
         report.update({
             "llama_cpp_build": build,
             "speed_checkpoint": str(ckpt) + ("" if args.ckpt else " (random init: speed does not depend on the values)"),
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds, "files": files,
             "speed": speed, "llama_bench_without_repack": sorted(NO_REPACK),
             "qtoolkit_over_llama_cpp": {e: {k: q[k]["median"] / v[k]["median"] for k in ("prefill_tok_s", "decode_tok_s")}
-                                        for e, v in speed.items() if e != "qtoolkit packed"},
+                                        for e, v in speed.items() if e.startswith("llama.cpp")},
         })
     if args.ppl_ckpt:
         report["perplexity"] = measure_perplexity(args, perplexity_bin, args.out_dir)

@@ -211,6 +211,43 @@ def test_kernel_and_fallback_paths_agree(packed, variant):
     assert torch.equal(fast.blocks[0].qkv(h), slow.blocks[0].qkv(h))
 
 
+@pytest.mark.parametrize("variant", ["ternary_all", "channel_subln_tied_odd", "gqa"])
+@pytest.mark.parametrize("isa", ["avx512-vnni", "avx2"])
+def test_one_call_decode_step_is_bit_identical_to_the_op_by_op_path(packed, variant, isa):
+    """The C++ Decoder (a whole batch-1 decode step in one parallel region) computes exactly what the
+    op-by-op fused path computes, whatever the thread count (rows split unevenly over 3 threads too),
+    including the k/v it writes into the cache."""
+    needs_native()
+    if kernels.ISA_CODES[isa] > kernels.ext().best_isa():
+        pytest.skip(f"this CPU lacks {isa}")
+    m = InferenceModel.from_packed(load_checkpoint(packed[variant]), isa)
+    assert m.has_decoder
+    x = torch.randint(0, m.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            caches, outs = [], []
+            for one_call in (True, False):
+                assert m.use_decoder(one_call).has_decoder == one_call
+                cache = m.new_cache(1, 12)
+                steps = [m(x[:, :6], cache)] + [m(x[:, t:t + 1], cache) for t in range(6, 12)]
+                caches.append(cache)
+                outs.append(torch.cat(steps, dim=1))
+            assert torch.equal(outs[0], outs[1]), n
+            assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_one_call_decode_step_only_for_all_ternary_models(packed):
+    needs_native()
+    assert not InferenceModel.from_packed(load_checkpoint(packed["mixed"]), "auto").has_decoder
+    assert not InferenceModel.from_packed(load_checkpoint(packed["middle_learned_base3"]), "auto").has_decoder
+    assert not InferenceModel.from_packed(load_checkpoint(packed["ternary_all"]), "reference").has_decoder
+    assert not InferenceModel.from_packed(load_checkpoint(packed["ternary_all"]), "auto").use_decoder(False).has_decoder
+
+
 @pytest.mark.parametrize("path", ["auto", "reference"])
 def test_kv_cache_decoding_matches_the_full_forward(packed, path):
     if path == "auto":

@@ -24,8 +24,10 @@ with every linear replaced by an op that computes from the stored format:
     bias, a low-rank correction)                     quantizer.output_term(x, stored extras).
 
 When the C++ extension is loaded, attention (RoPE, cache write, softmax), SwiGLU and RMSNorm run as
-single calls into it (`use_fused_ops`), a decode step being ~10 calls per block; otherwise they are
-the training model's PyTorch ops.
+single calls into it (`use_fused_ops`), ~10 calls per block; otherwise they are the training model's
+PyTorch ops. For all-ternary models (packed ternary block linears, int8 embed/head) a batch-1 decode
+step is one call into the extension's `Decoder`, bit-identical to the op-by-op path (`use_decoder`;
+its scheduling is described in csrc/ternary_kernels.cpp and docs/inference.md).
 
 Layers of a block that read the same input with the same format are fused into one op:
 q/k/v -> `qkv` (one activation quantization, one kernel call) and gate/up -> `gate_up`. The same
@@ -310,6 +312,8 @@ class InferenceModel(nn.Module):
         self.register_buffer("rope_cos", cos.to(device))
         self.register_buffer("rope_sin", sin.to(device))
         self.tokenizer: Any = None
+        self._ext = None  # the C++ extension while its fused ops are on (use_fused_ops)
+        self._decoder = None  # its Decoder: batch-1 decode steps in one call each
         self.eval()
 
     @property
@@ -323,7 +327,44 @@ class InferenceModel(nn.Module):
         for block in self.blocks:
             block.fused_ops = enabled and block.fused_qkv and block.fused_gate_up
             block._ext = ext
+        self._ext = ext if enabled and all(b.fused_ops for b in self.blocks) else None
+        self._decoder = self._build_decoder() if self._ext is not None else None
         return self
+
+    def use_decoder(self, enabled: bool) -> InferenceModel:
+        """Run batch-1 decode steps through the C++ `Decoder` (the default where it applies) or op by op
+        (same logits, bit for bit; for comparisons). Returns the model; `has_decoder` says which runs."""
+        self._decoder = self._build_decoder() if enabled and self._ext is not None else None
+        return self
+
+    @property
+    def has_decoder(self) -> bool:
+        return self._decoder is not None
+
+    def _build_decoder(self):
+        """The C++ `Decoder` (one call per batch-1 decode step, bit-identical to the op-by-op fused
+        path) when every block linear is a packed ternary kernel op and embed/head are int8 weight-only
+        on the CPU; else None (the op-by-op path runs). It holds the model's weight tensors, not copies:
+        after replacing a weight tensor (not its values), call `use_decoder(True)` again."""
+        def ternary(op) -> bool:
+            return isinstance(op, TernaryLinear) and op.mode == "kernel"
+
+        ok = (self.device.type == "cpu" and self.backend.native and isinstance(self.embed, Int8Embedding)
+              and isinstance(self.head, Int8Linear) and self.head.mode == "kernel" and not self.head.act_int8
+              and all(ternary(b.qkv) and ternary(b.o) and ternary(b.gate_up) and ternary(b.down) for b in self.blocks))
+        if not ok:
+            return None
+        layers = []
+        for b in self.blocks:
+            layer = [b.qkv.packed, b.qkv.gamma, b.o.packed, b.o.gamma, b.gate_up.packed, b.gate_up.gamma,
+                     b.down.packed, b.down.gamma, b.attn_norm, b.mlp_norm]
+            if b.subln:
+                layer += [b.attn_sub_norm, b.mlp_sub_norm]
+            layers.append(layer)
+        cfg = self.config
+        return self._ext.Decoder(layers, self.embed.codes, self.embed.scale.reshape(-1), self.norm, self.head.codes,
+                                 self.head.scale, self.rope_cos, self.rope_sin, cfg.n_heads, cfg.n_kv_heads,
+                                 cfg.norm_eps, self.backend.isa)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, batch, max_len or self.config.max_seq_len, self.device)
@@ -336,6 +377,10 @@ class InferenceModel(nn.Module):
         limit = cache.max_len if cache is not None else self.config.max_seq_len
         if pos + T > limit:
             raise ConfigError(f"{pos + T} positions exceed the {'cache' if cache else 'model'} length {limit}")
+        if self._decoder is not None and cache is not None and B == 1 and T == 1 and cache.k.device.type == "cpu":
+            logits = self._decoder.step(idx, cache.k, cache.v, pos)  # the whole step in C++
+            cache.length = pos + 1
+            return logits
         rope = (self.rope_cos, self.rope_sin)
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):
@@ -345,7 +390,10 @@ class InferenceModel(nn.Module):
         if last_only:
             x = x[:, -1:]
         C = self.config.d_model
-        x = F.rms_norm(x, (C,), self.norm, self.config.norm_eps)
+        if self._ext is not None:  # the C++ RMSNorm, as in the blocks (and the Decoder)
+            x = self._ext.rms_norm(x.contiguous(), self.norm, self.config.norm_eps)
+        else:
+            x = F.rms_norm(x, (C,), self.norm, self.config.norm_eps)
         return self.head(x.reshape(-1, C)).view(B, x.shape[1], -1)
 
     def weight_bytes(self) -> int:

@@ -49,8 +49,12 @@
 
 #include <cpuid.h>
 #include <immintrin.h>
+#include <omp.h>
+
+#include <sched.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -527,6 +531,104 @@ QT_AVX512 void w8_rows_range_avx512(const Int8Args& a, int64_t r0, int64_t r1) {
   for (; i < r1; ++i) w8_rows_avx512<1>(a, i, wf.data());
 }
 
+// ---- one token through INT8 weights on AVX-512 VNNI, exactly (to float rounding) the float product
+//
+// Widening int8 weights to fp32 costs 3-4 instructions per 16 weights, which for the 23 MB LM head is
+// more work than all the ternary layers together. Instead the float input is written as three byte
+// planes and multiplied by the int8 rows with vpdpbusd (64 products per instruction), exactly:
+//
+//   t_j = x_j * s,  s = 127 / amax (as the activation codes)     t_j = a_j + b_j / 256 + c_j / 65536 + e_j
+//   a_j = floor(t_j) in [-128, 127] (stored + 128 as u8)         b_j = floor(256 (t_j - a_j)) in [0, 255]
+//   c_j = min(255, rint(65536 (t_j - a_j) - 256 b_j))            |e_j| <= 2^-16 (the only approximation)
+//
+// The subtractions and the scalings by 256 are exact in fp32, so x_j is represented to ~24 bits, as
+// well as fp32 holds it. Per row: A = sum (a_j + 128) w_j, B = sum b_j w_j, Cc = sum c_j w_j (int32,
+// exact), W = sum w_j, and y = scale_i / s * ((A - 128 W) + B / 256 + Cc / 65536), the bracket exact in
+// int64 and the product in double, rounded once to fp32. The fp32 weight-only path sums in another
+// order; the two agree to float rounding (the tests' tolerance for the head, rtol 1e-5).
+
+QT_AVX512 void w8_planes_avx512(const float* x, int64_t K, int64_t Kp, uint8_t* planes, float* s_out) {
+  // planes: 3 x Kp bytes (a + 128, b, c), Kp = K rounded up to 64; bytes beyond K are 0 (the weights
+  // there are masked to 0 anyway)
+  __m512 vmax = _mm512_setzero_ps();
+  for (int64_t j = 0; j < K; j += 16) {
+    const __mmask16 m = K - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - j)) - 1u);
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + j)));
+  }
+  const float s = token_scale(_mm512_reduce_max_ps(vmax));
+  const __m512 vs = _mm512_set1_ps(s), k256 = _mm512_set1_ps(256.0f);
+  const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f), c255 = _mm512_set1_ps(255.0f);
+  for (int64_t j = 0; j < Kp; j += 16) {
+    const __mmask16 m = j >= K ? 0 : (K - j >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                                   : static_cast<__mmask16>((1u << (K - j)) - 1u));
+    const __m512 t = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + j), vs);
+    const __m512 fa = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 u = _mm512_mul_ps(_mm512_sub_ps(t, fa), k256);
+    const __m512 fb = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 v = _mm512_mul_ps(_mm512_sub_ps(u, fb), k256);
+    const __m512 fc = _mm512_min_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), c255);
+    const __m512i a = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(fa, lo), hi)), _mm512_set1_epi32(128));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(planes + j), _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(m, a)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(planes + Kp + j), _mm512_cvtepi32_epi8(_mm512_maskz_cvtps_epi32(m, fb)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(planes + 2 * Kp + j), _mm512_cvtepi32_epi8(_mm512_maskz_cvtps_epi32(m, fc)));
+  }
+  *s_out = s;
+}
+
+inline float w8_vnni_out(int32_t A, int32_t B, int32_t Cc, int32_t W, float scale, float s) {
+  const int64_t t = (static_cast<int64_t>(A) - 128 * static_cast<int64_t>(W)) * 65536 + static_cast<int64_t>(B) * 256 + Cc;
+  return static_cast<float>(static_cast<double>(t) * (static_cast<double>(scale) / (static_cast<double>(s) * 65536.0)));
+}
+
+// R rows of one token; `wsum` (N,) row sums of the codes, or null to compute them here (one more vpdpbusd).
+template <int R>
+QT_AVX512 void w8_gemv_vnni(const Int8Args& a, int64_t i, const uint8_t* planes, int64_t Kp, float s,
+                            const int32_t* wsum) {
+  const int64_t K = a.K;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i A[R], B[R], Cc[R], W[R];
+  for (int r = 0; r < R; ++r) A[r] = B[r] = Cc[r] = W[r] = _mm512_setzero_si512();
+  const bool nta = a.N * K >= kStreamBytes && i + R + 8 <= a.N;
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 m = K - k >= 64 ? ~__mmask64{0} : ((__mmask64{1} << (K - k)) - 1);
+    const __m512i pa = _mm512_loadu_si512(planes + k), pb = _mm512_loadu_si512(planes + Kp + k);
+    const __m512i pc = _mm512_loadu_si512(planes + 2 * Kp + k);
+    if (nta)
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(a.w + (i + r + 8) * K + k), _MM_HINT_NTA);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512i w = _mm512_maskz_loadu_epi8(m, a.w + (i + r) * K + k);
+      A[r] = _mm512_dpbusd_epi32(A[r], pa, w);
+      B[r] = _mm512_dpbusd_epi32(B[r], pb, w);
+      Cc[r] = _mm512_dpbusd_epi32(Cc[r], pc, w);
+      if (!wsum) W[r] = _mm512_dpbusd_epi32(W[r], ones, w);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int32_t wr = wsum ? wsum[i + r] : _mm512_reduce_add_epi32(W[r]);
+    a.out[i + r] = w8_vnni_out(_mm512_reduce_add_epi32(A[r]), _mm512_reduce_add_epi32(B[r]),
+                               _mm512_reduce_add_epi32(Cc[r]), wr, a.scale[i + r], s);
+  }
+}
+
+QT_AVX512 void w8_gemv_range_vnni(const Int8Args& a, int64_t r0, int64_t r1, const uint8_t* planes, int64_t Kp,
+                                  float s, const int32_t* wsum) {
+  int64_t i = r0;
+  for (; i + 4 <= r1; i += 4) w8_gemv_vnni<4>(a, i, planes, Kp, s, wsum);
+  for (; i < r1; ++i) w8_gemv_vnni<1>(a, i, planes, Kp, s, wsum);
+}
+
+// Row sums of int8 codes (N, K), for w8_gemv_vnni.
+std::vector<int32_t> int8_row_sums(const int8_t* w, int64_t N, int64_t K) {
+  std::vector<int32_t> out(N);
+  for (int64_t i = 0; i < N; ++i) {
+    int32_t t = 0;
+    for (int64_t k = 0; k < K; ++k) t += w[i * K + k];
+    out[i] = t;
+  }
+  return out;
+}
+
 QT_AVX2 inline float hsum_ps_256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -572,6 +674,16 @@ QT_AVX2 void w8_rows_range_avx2(const Int8Args& a, int64_t r0, int64_t r1) {
 
 void run_int8(const Int8Args& a, int64_t isa) {
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / (a.K * a.M));
+  if (a.M == 1 && isa == kAvx512Vnni) {  // one token: byte planes and vpdpbusd (w8_gemv_vnni)
+    const int64_t Kp = (a.K + 63) / 64 * 64;
+    std::vector<uint8_t> planes(3 * Kp);
+    float s = 0.f;
+    w8_planes_avx512(a.x, a.K, Kp, planes.data(), &s);
+    at::parallel_for(0, a.N, grain, [&](int64_t r0, int64_t r1) {
+      w8_gemv_range_vnni(a, r0, r1, planes.data(), Kp, s, nullptr);
+    });
+    return;
+  }
   at::parallel_for(0, a.N, grain, [&](int64_t r0, int64_t r1) {
     if (isa == kAvx512Vnni)
       w8_rows_range_avx512(a, r0, r1);
@@ -736,21 +848,22 @@ QT_AVX2 void attend_group(const float* qkv, int64_t T, int64_t C, int64_t Ckv, i
   }
 }
 
-QT_AVX2 void silu_mul_rows(const float* gu, int64_t M, int64_t F, float* out) {
-  // out = silu(g) * u = g / (1 + exp(-g)) * u  for each row [g (F) | u (F)]
-  for (int64_t m = 0; m < M; ++m) {
-    const float* g = gu + m * 2 * F;
-    const float* u = g + F;
-    float* o = out + m * F;
-    int64_t i = 0;
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (; i + 8 <= F; i += 8) {
-      const __m256 gv = _mm256_loadu_ps(g + i);
-      const __m256 sv = _mm256_div_ps(gv, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
-      _mm256_storeu_ps(o + i, _mm256_mul_ps(sv, _mm256_loadu_ps(u + i)));
-    }
-    for (; i < F; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+// o = silu(g) * u = g / (1 + exp(-g)) * u over n elements. Element i's result depends on whether it falls
+// in the 8-wide part or the tail, so a caller splitting a row starts every piece at a multiple of 8.
+QT_AVX2 void silu_mul_span(const float* g, const float* u, int64_t n, float* o) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 sv = _mm256_div_ps(gv, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(sv, _mm256_loadu_ps(u + i)));
   }
+  for (; i < n; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+QT_AVX2 void silu_mul_rows(const float* gu, int64_t M, int64_t F, float* out) {
+  // each row of gu is [g (F) | u (F)]
+  for (int64_t m = 0; m < M; ++m) silu_mul_span(gu + m * 2 * F, gu + m * 2 * F + F, F, out + m * F);
 }
 
 // ----------------------------------------------------------------------------------- torch ops
@@ -935,6 +1048,288 @@ at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& d, const at::Tens
   return rms_norm(x, w, eps);
 }
 
+// ------------------------------------------------------------------ a whole decode step, one call
+//
+// Batch-1 decode of a model whose block linears are all packed ternary (fused qkv and gate/up), with
+// an int8 embedding and an int8 weight-only head: the same kernels and the same float operations, in
+// the same order per element, as the op-by-op path (RuntimeBlock._fused_forward), so the logits are
+// bit-identical to it. What changes is the scheduling. The op-by-op path makes ~10 Python calls and
+// ~5 OpenMP fork/joins per layer, and a fork/join waits for every thread: on a shared machine, where
+// one of the two threads is often descheduled for milliseconds, a token then costs tens of
+// milliseconds. Here the step is one call and one parallel region, cut into phases of independent
+// work items (row tiles of a linear, k/v heads of attention):
+//
+//   per layer   qkv rows | attention heads | o rows | gate+up rows and their silu | down rows
+//   then        head rows (int8 weights; on VNNI the byte-plane kernel w8_gemv_vnni)
+//
+// A thread takes the next item of the current phase from an atomic counter; the thread that
+// completes a phase's last item runs the phase's small serial tail (residual add, RMSNorm, the next
+// linear's activation codes: C or F floats) and opens the next phase. Nobody waits for a thread that
+// is not working: a descheduled thread holds no item, the others do its share, and it rejoins
+// wherever the step has got to. Items are ~64K weights (a few microseconds), so a phase ends at most
+// one item after its work is done. The result of a row never depends on which thread computes it.
+
+struct PhaseState {
+  std::atomic<int64_t> next{0}, done{0};
+  std::atomic<int> complete{0};
+};
+
+// Spin briefly (the other thread is usually mid-item), then give the core away.
+inline void wait_for(const std::atomic<int>& flag) {
+  for (int spins = 0; !flag.load(std::memory_order_acquire); ++spins) {
+    if (spins < 1000)
+      _mm_pause();
+    else
+      sched_yield();
+  }
+}
+
+struct PackedTernary {
+  at::Tensor packed, gamma;  // (N, Kp / 4) uint8 kernel layout, (N,) fp32
+  int64_t N = 0, K = 0, Kp = 0;
+};
+
+struct DecoderLayer {
+  PackedTernary qkv, o, gate_up, down;
+  at::Tensor attn_norm, mlp_norm, attn_sub_norm, mlp_sub_norm;  // sub-norms defined only with subln
+};
+
+class Decoder {
+ public:
+  Decoder(const std::vector<std::vector<at::Tensor>>& layers, at::Tensor embed_codes, at::Tensor embed_scale,
+          at::Tensor norm, at::Tensor head_codes, at::Tensor head_scale, at::Tensor cos, at::Tensor sin,
+          int64_t n_heads, int64_t n_kv_heads, double eps, int64_t isa)
+      : embed_codes_(std::move(embed_codes)), embed_scale_(std::move(embed_scale)), norm_(std::move(norm)),
+        head_codes_(std::move(head_codes)), head_scale_(std::move(head_scale)), cos_(std::move(cos)),
+        sin_(std::move(sin)), nh_(n_heads), nkv_(n_kv_heads), eps_(static_cast<float>(eps)), isa_(checked_isa(isa)) {
+    check_2d(embed_codes_, at::kChar, "embedding codes");
+    check_2d(head_codes_, at::kChar, "head codes");
+    check_2d(cos_, at::kFloat, "cos");
+    check_2d(sin_, at::kFloat, "sin");
+    C_ = embed_codes_.size(1);
+    V_ = head_codes_.size(0);
+    hd_ = 2 * cos_.size(1);
+    TORCH_CHECK(nkv_ > 0 && nh_ % nkv_ == 0 && nh_ * hd_ == C_, "heads, head_dim and d_model disagree");
+    TORCH_CHECK(head_codes_.size(1) == C_, "head codes must be (vocab, d_model)");
+    TORCH_CHECK(embed_scale_.numel() == embed_codes_.size(0) && embed_scale_.is_contiguous() &&
+                    embed_scale_.scalar_type() == at::kFloat, "embedding scale must be fp32, one per row");
+    TORCH_CHECK(head_scale_.numel() == V_ && head_scale_.is_contiguous() && head_scale_.scalar_type() == at::kFloat,
+                "head scale must be fp32, one per row");
+    TORCH_CHECK(norm_.numel() == C_ && norm_.is_contiguous() && norm_.scalar_type() == at::kFloat, "final norm");
+    Ckv_ = nkv_ * hd_;
+    for (const auto& t : layers) {
+      TORCH_CHECK(t.size() == 10 || t.size() == 12, "a layer is [qkv, qkv_gamma, o, o_gamma, gate_up, gate_up_gamma, "
+                  "down, down_gamma, attn_norm, mlp_norm(, attn_sub_norm, mlp_sub_norm)]");
+      DecoderLayer L;
+      L.qkv = linear(t[0], t[1], C_);
+      L.o = linear(t[2], t[3], C_);
+      L.gate_up = linear(t[4], t[5], C_);
+      TORCH_CHECK(L.gate_up.N % 2 == 0, "gate_up must have an even number of rows");
+      F_ = L.gate_up.N / 2;
+      L.down = linear(t[6], t[7], F_);
+      TORCH_CHECK(L.qkv.N == C_ + 2 * Ckv_ && L.o.N == C_ && L.down.N == C_, "layer shapes disagree with the model");
+      L.attn_norm = norm_weight(t[8], C_);
+      L.mlp_norm = norm_weight(t[9], C_);
+      if (t.size() == 12) {
+        L.attn_sub_norm = norm_weight(t[10], C_);
+        L.mlp_sub_norm = norm_weight(t[11], F_);
+      }
+      maxKp_ = std::max({maxKp_, L.qkv.Kp, L.o.Kp, L.gate_up.Kp, L.down.Kp});
+      layers_.push_back(std::move(L));
+    }
+    // every phase of a step has at least one item (a phase without items would never complete)
+    TORCH_CHECK(C_ > 0 && V_ > 0 && (layers_.empty() || F_ > 0), "empty model dimensions");
+    if (isa_ == kAvx512Vnni) head_wsum_ = int8_row_sums(head_codes_.data_ptr<int8_t>(), V_, C_);
+  }
+
+  // idx (1, 1) int64; caches (n_layers, 1, n_kv_heads, max_len, head_dim) fp32; writes position pos of
+  // every layer's cache and returns the logits (1, 1, V).
+  at::Tensor step(const at::Tensor& idx, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos) {
+    RECORD_FUNCTION("qtoolkit::decode_step", std::vector<c10::IValue>());
+    TORCH_CHECK(idx.numel() == 1 && idx.scalar_type() == at::kLong && idx.device().is_cpu(), "idx must be one int64 id");
+    const int64_t tok = idx.data_ptr<int64_t>()[0];
+    TORCH_CHECK(tok >= 0 && tok < embed_codes_.size(0), "token id ", tok, " outside the vocabulary");
+    const int64_t nl = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(k_cache.device().is_cpu() && v_cache.device().is_cpu(), "the decoder's caches must be CPU tensors");
+    TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                    k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
+                    k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == nl && k_cache.size(1) == 1 &&
+                    k_cache.size(2) == nkv_ && k_cache.size(4) == hd_,
+                "caches must be contiguous fp32 (n_layers, 1, n_kv_heads, max_len, head_dim)");
+    const int64_t Lmax = k_cache.size(3);
+    TORCH_CHECK(pos >= 0 && pos < Lmax && pos < cos_.size(0), "position ", pos, " beyond the cache");
+    at::Tensor logits = at::empty({1, 1, V_}, head_scale_.options());
+    const int64_t C = C_, F = F_, Ckv = Ckv_, hd = hd_, r = nh_ / nkv_, isa = isa_;
+    // shared state: the residual stream x, the current linear's input codes, each op's output
+    std::vector<float> x(C), h(std::max(C, F)), qkv(C + 2 * Ckv), y(C), o(C), gu(2 * F), m(F), d(C);
+    std::vector<int8_t> q(maxKp_);
+    float s = 0.f;
+    int32_t qsum = 0;
+    const int64_t Kp_head = (C + 63) / 64 * 64;  // the head's input as byte planes (VNNI, w8_gemv_vnni)
+    std::vector<uint8_t> planes(3 * Kp_head);
+    float s_head = 0.f;
+    float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>(), *out = logits.data_ptr<float>();
+    const float *cs = cos_.data_ptr<float>(), *sn = sin_.data_ptr<float>();
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+
+    auto quantize = [&](const PackedTernary& w, const float* in) {
+      quantize_rows(in, 1, w.K, w.Kp, q.data(), &s, &qsum, isa);
+    };
+    auto rows = [&](const PackedTernary& w, float* dst, int64_t r0, int64_t r1) {
+      TernaryArgs a{w.packed.data_ptr<uint8_t>(), w.N, w.Kp, 1, q.data(), &qsum, nullptr, dst,
+                    w.gamma.data_ptr<float>(), &s};
+      if (isa == kAvx512Vnni)
+        ternary_rows_vnni(a, r0, r1);
+      else
+        ternary_rows_avx2(a, r0, r1);
+    };
+    // rows per work item: ~64K weights (a few microseconds), a multiple of 8
+    auto rows_per_item = [](int64_t K) { return std::max<int64_t>(8, (int64_t{1} << 16) / K / 8 * 8); };
+    auto items = [](int64_t n, int64_t per) { return (n + per - 1) / per; };
+
+    // The phases of the step. Phase kind k of layer l is phase 5 l + k; the last one is the head.
+    enum Kind { kQkv = 0, kAttention = 1, kO = 2, kGateUp = 3, kDown = 4 };
+    const int64_t nphases = 5 * nl + 1;
+    std::vector<int64_t> n_items(nphases), per_item(nphases);
+    for (int64_t l = 0; l < nl; ++l) {
+      const DecoderLayer& L = layers_[l];
+      const int64_t per[5] = {rows_per_item(L.qkv.Kp), 1, rows_per_item(L.o.Kp), rows_per_item(L.gate_up.Kp),
+                              rows_per_item(L.down.Kp)};
+      const int64_t n[5] = {L.qkv.N, nkv_, C, F, C};
+      for (int k = 0; k < 5; ++k) {
+        per_item[5 * l + k] = per[k];
+        n_items[5 * l + k] = items(n[k], per[k]);
+      }
+    }
+    per_item[nphases - 1] = rows_per_item(C);
+    n_items[nphases - 1] = items(V_, per_item[nphases - 1]);
+
+    auto work = [&](int64_t phase, int64_t i) {  // work item i of a phase
+      const int64_t per = per_item[phase];
+      if (phase == nphases - 1) {
+        Int8Args a{head_codes_.data_ptr<int8_t>(), V_, C, 1, h.data(), head_scale_.data_ptr<float>(), out};
+        if (isa == kAvx512Vnni)
+          w8_gemv_range_vnni(a, i * per, std::min(V_, (i + 1) * per), planes.data(), Kp_head, s_head,
+                             head_wsum_.data());
+        else
+          w8_rows_range_avx2(a, i * per, std::min(V_, (i + 1) * per));
+        return;
+      }
+      const int64_t l = phase / 5;
+      const DecoderLayer& L = layers_[l];
+      switch (phase % 5) {
+        case kQkv: rows(L.qkv, qkv.data(), i * per, std::min(L.qkv.N, (i + 1) * per)); break;
+        case kAttention: {
+          std::vector<float> qrot(hd), p(pos + 1);
+          const int64_t off = ((l * nkv_) + i) * Lmax * hd;
+          attend_group(qkv.data(), 1, C, Ckv, hd, i, r, kc + off, vc + off, cs, sn, hd / 2, pos, scale, y.data(), qrot, p);
+          break;
+        }
+        case kO: rows(L.o, o.data(), i * per, std::min(C, (i + 1) * per)); break;
+        case kGateUp: {
+          const int64_t lo = i * per, hi = std::min(F, (i + 1) * per);
+          rows(L.gate_up, gu.data(), lo, hi);          // gate rows
+          rows(L.gate_up, gu.data(), F + lo, F + hi);  // up rows
+          silu_mul_span(gu.data() + lo, gu.data() + F + lo, hi - lo, m.data() + lo);
+          break;
+        }
+        case kDown: rows(L.down, d.data(), i * per, std::min(C, (i + 1) * per)); break;
+      }
+    };
+    // norm + codes of the residual stream for layer l's qkv (l == nl: the final norm, the head's input)
+    auto enter_layer = [&](int64_t l) {
+      if (l == nl) {
+        rms_norm_row(x.data(), norm_.data_ptr<float>(), C, eps_, h.data());
+        if (isa == kAvx512Vnni) w8_planes_avx512(h.data(), C, Kp_head, planes.data(), &s_head);
+        return;
+      }
+      rms_norm_row(x.data(), layers_[l].attn_norm.data_ptr<float>(), C, eps_, h.data());
+      quantize(layers_[l].qkv, h.data());
+    };
+    auto finish = [&](int64_t phase) {  // run once, by the thread that completes the phase's last item
+      if (phase == nphases - 1) return;
+      const int64_t l = phase / 5;
+      const DecoderLayer& L = layers_[l];
+      switch (phase % 5) {
+        case kQkv: break;
+        case kAttention:
+          if (L.attn_sub_norm.defined()) {
+            rms_norm_row(y.data(), L.attn_sub_norm.data_ptr<float>(), C, eps_, h.data());
+            quantize(L.o, h.data());
+          } else {
+            quantize(L.o, y.data());
+          }
+          break;
+        case kO:
+          add_rows(x.data(), o.data(), C);
+          rms_norm_row(x.data(), L.mlp_norm.data_ptr<float>(), C, eps_, h.data());
+          quantize(L.gate_up, h.data());
+          break;
+        case kGateUp:
+          if (L.mlp_sub_norm.defined()) {
+            rms_norm_row(m.data(), L.mlp_sub_norm.data_ptr<float>(), F, eps_, h.data());
+            quantize(L.down, h.data());
+          } else {
+            quantize(L.down, m.data());
+          }
+          break;
+        case kDown:
+          add_rows(x.data(), d.data(), C);
+          enter_layer(l + 1);
+          break;
+      }
+    };
+
+    {  // embedding: codes[tok] * scale[tok]; then layer 0's input
+      const int8_t* e = embed_codes_.data_ptr<int8_t>() + tok * C;
+      const float es = embed_scale_.data_ptr<float>()[tok];
+      for (int64_t j = 0; j < C; ++j) x[j] = static_cast<float>(e[j]) * es;
+      enter_layer(0);
+    }
+    std::vector<PhaseState> state(nphases);
+    const int nthreads = std::max(1, at::get_num_threads());
+#pragma omp parallel num_threads(nthreads)
+    {
+      for (int64_t ph = 0; ph < nphases; ++ph) {
+        PhaseState& st = state[ph];
+        for (int64_t i; (i = st.next.fetch_add(1, std::memory_order_relaxed)) < n_items[ph];) {
+          work(ph, i);
+          if (st.done.fetch_add(1, std::memory_order_acq_rel) + 1 == n_items[ph]) {
+            finish(ph);
+            st.complete.store(1, std::memory_order_release);
+          }
+        }
+        wait_for(st.complete);
+      }
+    }
+    return logits;
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  static PackedTernary linear(const at::Tensor& packed, const at::Tensor& gamma, int64_t K) {
+    check_packed(packed);
+    PackedTernary w{packed, gamma, packed.size(0), K, packed.size(1) * 4};
+    TORCH_CHECK(w.Kp >= K && w.Kp - K < kBlock, "packed weight does not match its input size");
+    TORCH_CHECK(gamma.dim() == 1 && gamma.size(0) == w.N && gamma.scalar_type() == at::kFloat && gamma.is_contiguous(),
+                "gamma must be a contiguous float32 vector, one per output row");
+    return w;
+  }
+  static at::Tensor norm_weight(const at::Tensor& w, int64_t n) {
+    TORCH_CHECK(w.numel() == n && w.is_contiguous() && w.scalar_type() == at::kFloat, "norm weight of the wrong size");
+    return w;
+  }
+
+  std::vector<DecoderLayer> layers_;
+  std::vector<int32_t> head_wsum_;  // row sums of the head's codes (VNNI head kernel)
+  at::Tensor embed_codes_, embed_scale_, norm_, head_codes_, head_scale_, cos_, sin_;
+  int64_t nh_, nkv_;
+  float eps_;
+  int64_t isa_;
+  int64_t C_ = 0, V_ = 0, hd_ = 0, Ckv_ = 0, F_ = 0, maxKp_ = 0;
+};
+
 }  // namespace
 
 // A plain pybind11 module: a call costs ~0.2 us, against ~3 us through the torch.ops dispatcher,
@@ -951,4 +1346,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (M, 2F) gate/up output");
   m.def("rms_norm", &rms_norm, "RMSNorm of the rows of x");
   m.def("add_rms_norm", &add_rms_norm, "x += delta (in place), then RMSNorm of x");
+  pybind11::class_<Decoder>(m, "Decoder", "batch-1 decode steps of an all-ternary model in one call each")
+      .def(pybind11::init<const std::vector<std::vector<at::Tensor>>&, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                          at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, double, int64_t>())
+      .def("step", &Decoder::step, "logits (1, 1, V) of one token; writes its k/v at `pos` of every layer",
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def_property_readonly("num_layers", &Decoder::num_layers);
 }
