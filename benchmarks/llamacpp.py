@@ -96,7 +96,7 @@ def export_all(ckpt: Path, types: list[str], out_dir: Path, tag: str) -> tuple[d
                             "fallbacks": [f"{x.name} -> {x.ggml_type}" for x in r.fallbacks],
                             "max_scale_rel_err": r.to_dict()["max_scale_rel_err"]}
     packed = out_dir / f"{tag}-packed-2bit.safetensors"
-    p = pack_checkpoint(ckpt, packed, "2bit")
+    p = pack_checkpoint(ckpt, packed, "2bit", overwrite=True)  # the benchmark's own file, rebuilt each run
     files["qtoolkit packed 2bit"] = {"path": str(packed), "file_bytes": p.file_bytes, "tensor_bytes": p.tensor_bytes}
     return files, packed
 

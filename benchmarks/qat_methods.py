@@ -125,7 +125,7 @@ def run_one(args, recipe_name: str, seed: int) -> dict[str, Any]:
         res = train(recipe, out, resume=resume, callback=progress)
         train_s = time.perf_counter() - t
         ev = evaluate_checkpoint(out / "ckpt.pt", batches=args.eval_batches, device="cpu")
-        packed = pack_checkpoint(out / "ckpt.pt", out / "packed.safetensors")
+        packed = pack_checkpoint(out / "ckpt.pt", out / "packed.safetensors", overwrite=True)
         pev = evaluate_checkpoint(packed.path, batches=args.eval_batches, device="cpu")
     plan = memory_plan(recipe.model_config(), recipe.policy)
     rates = [json.loads(line)["tokens_per_s"] for line in (out / "metrics.jsonl").read_text().splitlines()

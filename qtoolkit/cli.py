@@ -396,6 +396,7 @@ def pack(
                                              "beside CKPT]", show_default=False)] = None,
     packing: Annotated[str | None, typer.Option(help="Store ternary layers as 2bit or base3 (same codes).  "
                                                      "[default: each layer's own, 2bit]", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
     json_: Json = None,
 ) -> None:
     """Write a deployment checkpoint whose bytes are the packed weights."""
@@ -403,7 +404,7 @@ def pack(
 
     _check_outputs(json_, [ckpt])
     src = ckpt if ckpt.is_file() else ckpt / "ckpt.pt"
-    result = pack_checkpoint(ckpt, out or src.with_name("packed.safetensors"), _packing(packing))
+    result = pack_checkpoint(ckpt, out or src.with_name("packed.safetensors"), _packing(packing), overwrite)
     with _human_output(json_):
         written = _write_json(json_, result.to_dict())
         report.console.print(report.pack_summary(result, written))

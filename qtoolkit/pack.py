@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from qtoolkit import quantizers
 from qtoolkit.checkpoint import load_checkpoint, write_packed
 from qtoolkit.config import ModelConfig
-from qtoolkit.errors import CheckpointError
+from qtoolkit.errors import CheckpointError, OutputError
 from qtoolkit.layers import FROZEN_MODULES, QUANT_MODULES, FrozenQuantEmbedding, FrozenQuantLinear
 from qtoolkit.model import DecoderLM, meta_model
 from qtoolkit.outputs import check_outputs
@@ -293,9 +293,14 @@ def save_packed(model: nn.Module, path: str | Path, coverage: Coverage | None = 
     return PackResult(path, plan.total_bytes, tensor_bytes, os.path.getsize(path), plan.fp32_bytes, plan)
 
 
-def pack_checkpoint(ckpt_path: str | Path, out: str | Path, packing: str | None = None) -> PackResult:
-    """Write the packed (deployment) form of a training checkpoint."""
+def pack_checkpoint(ckpt_path: str | Path, out: str | Path, packing: str | None = None,
+                    overwrite: bool = False) -> PackResult:
+    """Write the packed (deployment) form of a training checkpoint. An existing file at `out` is
+    refused unless `overwrite` (a packed file packed from an earlier state of a run is not lost)."""
     check_outputs([("output", out, "packed")], [ckpt_path])
+    if Path(out).exists() and not overwrite:
+        raise OutputError(f"{out} already exists; pass --overwrite to replace it or -o another path "
+                          "(nothing was written)")
     ckpt = load_checkpoint(ckpt_path)
     if ckpt["kind"] != "train":
         raise CheckpointError(f"{ckpt['path']}: already a packed checkpoint")

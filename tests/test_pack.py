@@ -212,3 +212,15 @@ def test_memory_model_counts_the_corrections_and_new_formats_by_hand():
     sherry_blocks = L * (4 * (5 * d * d // 32 + 4 * d * (d // 128)) + 2 * (5 * f * d // 32 + 4 * f * (d // 128))
                          + (5 * d * f // 32 + 4 * d * -(-f // 128)))
     assert sherry.total_bytes - plain.total_bytes == sherry_blocks - ternary_blocks
+
+
+def test_pack_never_replaces_an_existing_file_unless_asked(trained, tmp_path):
+    from qtoolkit.errors import OutputError
+
+    out = tmp_path / "p.safetensors"
+    out.write_bytes(b"an earlier packing")
+    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+        pack_checkpoint(trained["ternary_all"], out)
+    assert out.read_bytes() == b"an earlier packing"  # untouched
+    res = pack_checkpoint(trained["ternary_all"], out, overwrite=True)
+    assert res.tensor_bytes == res.predicted_bytes and load_checkpoint(out)["kind"] == "packed"
