@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from qtoolkit.errors import ConfigError
+from qtoolkit.procfs import STATUS, proc_bytes
 
 VARIANTS = ("packed", "fp32", "int8-dynamic")
 BASELINES = ("fp32", "int8-dynamic")
@@ -342,19 +343,9 @@ def profile_decode(ckpt: str | Path, threads: int | None = None, prompt_len: int
             "top_ops": ops[:top]}
 
 
-def _proc_status(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def rss_bytes() -> int:
     """Current resident memory of this process (VmRSS; the peak where /proc is missing)."""
-    now = _proc_status("VmRSS")
+    now = proc_bytes(STATUS, "VmRSS")
     return now if now is not None else peak_rss_bytes()
 
 
@@ -362,7 +353,7 @@ def peak_rss_bytes() -> int:
     """Peak resident memory of this process: VmHWM on Linux. (`ru_maxrss` would do elsewhere, but
     Linux carries it across exec, so a child started by a large parent would report the parent's
     resident size at fork time as its own peak.)"""
-    peak = _proc_status("VmHWM")
+    peak = proc_bytes(STATUS, "VmHWM")
     if peak is not None:
         return peak
     import resource

@@ -58,6 +58,7 @@ from qtoolkit.config import ModelConfig
 from qtoolkit.errors import ConfigError, InsufficientMemory
 from qtoolkit.model import rope_tables
 from qtoolkit.policy import build_model
+from qtoolkit.procfs import MEMINFO, STATUS, proc_bytes
 from qtoolkit.training.recipe import Recipe
 
 GIB = 1024**3
@@ -126,23 +127,11 @@ class TrainingMemoryPlan:
 
 def _rss() -> int:
     """This process's resident set (bytes), from /proc/self/status (0 where there is none)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_bytes(STATUS, "VmRSS") or 0
 
 
 def _meminfo_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_bytes(MEMINFO, "MemAvailable")
 
 
 def _cgroup_room() -> int | None:
