@@ -126,6 +126,14 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+FP16_MIN, FP16_MAX = 2.0**-14, 65504.0  # the normal fp16 range stored scales are clamped to
+
+
+def fp16_scales(s: Tensor) -> Tensor:
+    """Positive scales as they are stored in fp16 (clamped to the normal range, rounded), in fp32."""
+    return s.clamp(FP16_MIN, FP16_MAX).half().float()
+
+
 def straight_through(x: Tensor, x_quantized: Tensor) -> Tensor:
     """Value of `x_quantized`, gradient of the identity w.r.t. `x` (the STE)."""
     return _StraightThrough.apply(x, x_quantized)

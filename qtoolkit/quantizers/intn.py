@@ -65,13 +65,13 @@ from qtoolkit.quantizers.base import (
     QTensor,
     Quantizer,
     TensorLayout,
+    fp16_scales,
     grouped,
     num_groups,
     straight_through,
     ungrouped,
 )
 
-FP16_MIN, FP16_MAX = 2.0**-14, 65504.0
 EPS = 1e-8
 
 
@@ -109,7 +109,7 @@ def quant_params(g: Tensor, bits: int, symmetric: bool, scale_dtype: str) -> tup
         lo = g.amin(dim=-1, keepdim=True).clamp_max(0)
         hi = g.amax(dim=-1, keepdim=True).clamp_min(0)
         s = (hi - lo) / levels
-    s = s.clamp(FP16_MIN, FP16_MAX).half().float() if scale_dtype == "fp16" else s.clamp_min(EPS)
+    s = fp16_scales(s) if scale_dtype == "fp16" else s.clamp_min(EPS)
     if symmetric:
         return s, torch.zeros_like(s)
     return s, (-lo / s).round().clamp(0, levels) - 2 ** (bits - 1)

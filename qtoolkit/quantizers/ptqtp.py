@@ -57,6 +57,7 @@ from qtoolkit.quantizers.base import (
     QTensor,
     Quantizer,
     TensorLayout,
+    fp16_scales,
     group_counts,
     grouped,
     num_groups,
@@ -64,7 +65,6 @@ from qtoolkit.quantizers.base import (
     ungrouped,
 )
 
-FP16_MIN, FP16_MAX = 2.0**-14, 65504.0
 EPS = 1e-8
 RIDGE = 1e-6  # relative to the planes' mean squared norm
 
@@ -145,7 +145,7 @@ def fit(g: Tensor, counts: Tensor | float, max_iters: int, tol: float, scale_dty
         if done:
             break
     if scale_dtype == "fp16":
-        a1, a2 = (a.clamp(FP16_MIN, FP16_MAX).half().float() for a in (a1, a2))
+        a1, a2 = fp16_scales(a1), fp16_scales(a2)
     else:
         a1, a2 = a1.clamp_min(EPS), a2.clamp_min(EPS)
     t1, t2 = _best_planes(g, a1, a2)
