@@ -2,7 +2,7 @@
 
     python benchmarks/qat_methods.py --data ../shared/data/tinystories [--steps 600] [--seeds 0,1] [--preset small]
         [--recipes fp32_baseline,ternary_all,...] [--out runs/qat_methods] [--lock /work/heavy.lock]
-        [--markdown]
+        [--batch-size B] [--threads N] [--markdown]
 
 For every recipe and seed it trains `small` from scratch (the recipe's policy and schedule, with
 `train.steps`, `train.seed` and the data set on the command line), then measures on the whole
@@ -97,8 +97,9 @@ def heavy_lock(path: str | None):
 
 
 def overrides(args, seed: int) -> list[str]:
+    extra = [f"train.batch_size={args.batch_size}"] if args.batch_size else []
     return [f"model.preset={args.preset}", f"data.path={args.data}", f"train.steps={args.steps}", f"train.seed={seed}",
-            f"train.eval_every={args.steps}", "train.ckpt_every=50", "train.device=cpu"]
+            f"train.eval_every={args.steps}", "train.ckpt_every=50", "train.device=cpu", *extra]
 
 
 def block_bits(plan) -> float:
@@ -131,7 +132,8 @@ def run_one(args, recipe_name: str, seed: int) -> dict[str, Any]:
     rates = [json.loads(line)["tokens_per_s"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if line.strip() and json.loads(line).get("type") == "train"]
     result = {
-        "recipe": recipe_name, "seed": seed, "steps": res.steps, "val_loss": ev.val_loss,
+        "recipe": recipe_name, "seed": seed, "steps": res.steps,
+        "batch_size": recipe.resolved().train.batch_size, "val_loss": ev.val_loss,
         "val_tokens": ev.val_tokens, "packed_val_loss": pev.val_loss,
         "bytes": plan.total_bytes, "packed_tensor_bytes": packed.tensor_bytes,
         "bits_per_weight_blocks": block_bits(plan), "bits_per_weight_model": 8 * plan.total_bytes / plan.params,
@@ -256,8 +258,13 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=64, help="validation windows of 16 x 256 tokens (64 = all)")
     ap.add_argument("--timing-rounds", type=int, default=6)
     ap.add_argument("--lock", default=None, help="flock this file around every heavy phase (e.g. /work/heavy.lock)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="sequences per step (default: the preset's, 16 on small); fewer = a cheaper, shorter run")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
     if "fp32_baseline" not in recipes:
@@ -267,6 +274,7 @@ def main() -> None:
     timing = step_times(args, recipes) if args.timing_rounds > 0 else None
     rows = summarize(results, timing, recipes, seeds)
     doc = {"benchmark": "qat_methods", "preset": args.preset, "steps": args.steps, "seeds": seeds,
+           "batch_size": load_recipe("fp32_baseline", overrides(args, 0)).resolved().train.batch_size,
            "data": args.data, "eval_batches": args.eval_batches, "runs": results, "timing": timing,
            "summary": rows, "torch": torch.__version__, "machine": platform.machine()}
     print(json.dumps(doc, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
