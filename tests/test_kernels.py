@@ -7,6 +7,10 @@ is always tested against the same references.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -162,6 +166,24 @@ def test_int8_one_token_byte_planes_are_as_exact_as_fp32(k):
     err, err_fp32 = (y - exact).abs().max(), (fp32 - exact).abs().max()
     assert err <= 4 * err_fp32 + 1e-7 * float(exact.abs().max()), (float(err), float(err_fp32))
 
+
+
+def test_int8_one_token_streamed_past_the_cache_gives_the_same_values(tmp_path):
+    """A head-sized matrix (>= 8 MB) read with non-temporal prefetches (chosen when the last-level cache
+    cannot hold a token's weights; forced here by QTOOLKIT_LLC_BYTES=1 in a child process) gives the
+    same values bit for bit: prefetching changes what the caches keep, not the arithmetic."""
+    b = backend("avx512-vnni")
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randint(-128, 128, (11000, 768), dtype=torch.int8, generator=gen)  # 8.4 MB
+    scale = torch.rand(11000, generator=gen) / 127
+    x = torch.randn(1, 768, generator=gen)
+    torch.save({"w": w, "scale": scale, "x": x}, tmp_path / "in.pt")
+    code = ("import sys, torch; from qtoolkit.deploy import kernels; from qtoolkit.deploy.kernels import Backend; "
+            "d = torch.load(sys.argv[1]); "
+            "torch.save(kernels.int8_linear(d['x'], d['w'], d['scale'], Backend('avx512-vnni', 't')), sys.argv[2])")
+    env = {**os.environ, "QTOOLKIT_LLC_BYTES": "1", "OMP_NUM_THREADS": "2"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], env=env, check=True)
+    assert torch.equal(torch.load(tmp_path / "out.pt"), kernels.int8_linear(x, w, scale, b))
 
 def test_selection_env_and_argument(monkeypatch):
     monkeypatch.setenv("QTOOLKIT_KERNELS", "reference")

@@ -52,10 +52,13 @@
 #include <omp.h>
 
 #include <sched.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -445,18 +448,38 @@ void run_ternary(const TernaryArgs& a, int64_t isa) {
 
 // ------------------------------------------------------------ INT8 weights, float activations
 
-// A weight matrix at least this large (the LM head of a 30k vocabulary: 23 MB) is read with
-// non-temporal prefetches in decode: its lines then bypass the L2 -> L3 victim path and do not evict
-// the ternary blocks (21 MB at 132M), which stay resident in a 32 MB L3 from one token to the next.
-// Measured on an EPYC with 32 MB L3: 330 -> 410 tokens/s for ternarylm-132m.
+// Streaming a large int8 matrix past the caches. In decode, a weight matrix at least kStreamBytes
+// large (the LM head of a 30k vocabulary: 23 MB) may be read with non-temporal prefetches: its lines
+// then bypass the L2 -> L3 victim path and do not evict the other weights (the ternary blocks, 21 MB
+// at 132M) from the last-level cache. That pays only where the cache cannot hold a token's weights
+// anyway (measured on an EPYC with a 32 MB L3: 330 -> 410 tokens/s for ternarylm-132m). Where it can,
+// it costs: the head then comes from DRAM on every token instead of from the L3 (a Xeon with a 480 MB
+// L3: 7 GB/s instead of 23 GB/s from one core, 3.3 ms instead of 1.0 ms per token for that head).
 constexpr int64_t kStreamBytes = int64_t{8} << 20;
+
+// The last-level cache's size (sysconf; QTOOLKIT_LLC_BYTES overrides it, e.g. to compare both modes).
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    if (const char* env = std::getenv("QTOOLKIT_LLC_BYTES")) return static_cast<int64_t>(std::atoll(env));
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return static_cast<int64_t>(l3 > 0 ? l3 : (l2 > 0 ? l2 : 0));
+  }();
+  return bytes;
+}
+
+// Whether a matrix of `bytes` is streamed past the caches when a token reads `token_bytes` in all.
+bool stream_past_cache(int64_t bytes, int64_t token_bytes) {
+  return bytes >= kStreamBytes && token_bytes > last_level_cache_bytes();
+}
 
 struct Int8Args {
   const int8_t* w;  // (N, K)
   int64_t N, K, M;
-  const float* x;      // (M, K)
-  const float* scale;  // (N,)
-  float* out;          // (M, N)
+  const float* x;       // (M, K)
+  const float* scale;   // (N,)
+  float* out;           // (M, N)
+  bool stream = false;  // one token: read w with non-temporal prefetches (stream_past_cache)
 };
 
 template <int R>
@@ -490,42 +513,8 @@ QT_AVX512 void w8_rows_avx512(const Int8Args& a, int64_t i, float* wf) {
   }
 }
 
-template <int R>
-QT_AVX512 void w8_gemv_avx512(const Int8Args& a, int64_t i) {
-  // One token: int8 -> fp32 in registers, straight from the weight rows (same sums as above).
-  const int64_t K = a.K;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (K % 16)) - 1u);
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  int64_t k = 0;
-  const bool nta = a.N * K >= kStreamBytes && i + R + 8 <= a.N;
-  for (; k + 16 <= K; k += 16) {
-    const __m512 xv = _mm512_loadu_ps(a.x + k);
-    if (nta && (k & 63) == 0)
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(a.w + (i + r + 8) * K + k), _MM_HINT_NTA);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m128i w8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.w + (i + r) * K + k));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w8)), xv, acc[r]);
-    }
-  }
-  if (k < K) {
-    const __m512 xv = _mm512_maskz_loadu_ps(tail, a.x + k);
-    for (int r = 0; r < R; ++r) {
-      const __m128i w8 = _mm_maskz_loadu_epi8(tail, a.w + (i + r) * K + k);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w8)), xv, acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) a.out[i + r] = _mm512_reduce_add_ps(acc[r]) * a.scale[i + r];
-}
-
 QT_AVX512 void w8_rows_range_avx512(const Int8Args& a, int64_t r0, int64_t r1) {
-  int64_t i = r0;
-  if (a.M == 1) {
-    for (; i + 4 <= r1; i += 4) w8_gemv_avx512<4>(a, i);
-    for (; i < r1; ++i) w8_gemv_avx512<1>(a, i);
-    return;
-  }
+  int64_t i = r0;  // several tokens (one token on AVX-512 VNNI: w8_gemv_vnni_rows)
   std::vector<float> wf(4 * a.K);
   for (; i + 4 <= r1; i += 4) w8_rows_avx512<4>(a, i, wf.data());
   for (; i < r1; ++i) w8_rows_avx512<1>(a, i, wf.data());
@@ -580,45 +569,70 @@ inline float w8_vnni_out(int32_t A, int32_t B, int32_t Cc, int32_t W, float scal
   return static_cast<float>(static_cast<double>(t) * (static_cast<double>(scale) / (static_cast<double>(s) * 65536.0)));
 }
 
-// R rows of one token; `wsum` (N,) row sums of the codes, or null to compute them here (one more vpdpbusd).
-template <int R>
-QT_AVX512 void w8_gemv_vnni(const Int8Args& a, int64_t i, const uint8_t* planes, int64_t Kp, float s,
-                            const int32_t* wsum) {
+// R = 1 or 4 rows of one token; `wsum` (N,) row sums of the codes, or (Sums) computed here with one
+// more vpdpbusd against ones. The accumulators are named registers, not arrays: with arrays GCC kept
+// a stack copy of each, one 64-byte store per vpdpbusd, and those stores (stuck behind the loads
+// that miss the cache) filled the store buffer and stalled the core, which then kept too few of the
+// head's 23 MB of loads in flight (7 GB/s from one core against 29 GB/s for a plain read).
+template <int R, bool Sums, bool Stream>
+QT_AVX512 void w8_gemv_vnni_rows(const Int8Args& a, int64_t i, const uint8_t* planes, int64_t Kp, float s,
+                                 const int32_t* wsum) {
+  static_assert(R == 1 || R == 4, "1 or 4 rows");
   const int64_t K = a.K;
+  const int8_t* w = a.w + i * K;
   const __m512i ones = _mm512_set1_epi8(1);
-  __m512i A[R], B[R], Cc[R], W[R];
-  for (int r = 0; r < R; ++r) A[r] = B[r] = Cc[r] = W[r] = _mm512_setzero_si512();
-  const bool nta = a.N * K >= kStreamBytes && i + R + 8 <= a.N;
+  __m512i A0 = _mm512_setzero_si512(), B0 = A0, C0 = A0, W0 = A0, A1 = A0, B1 = A0, C1 = A0, W1 = A0;
+  __m512i A2 = A0, B2 = A0, C2 = A0, W2 = A0, A3 = A0, B3 = A0, C3 = A0, W3 = A0;
   for (int64_t k = 0; k < K; k += 64) {
-    const __mmask64 m = K - k >= 64 ? ~__mmask64{0} : ((__mmask64{1} << (K - k)) - 1);
+    const __mmask64 m = K - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;
     const __m512i pa = _mm512_loadu_si512(planes + k), pb = _mm512_loadu_si512(planes + Kp + k);
     const __m512i pc = _mm512_loadu_si512(planes + 2 * Kp + k);
-    if (nta)
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(a.w + (i + r + 8) * K + k), _MM_HINT_NTA);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m512i w = _mm512_maskz_loadu_epi8(m, a.w + (i + r) * K + k);
-      A[r] = _mm512_dpbusd_epi32(A[r], pa, w);
-      B[r] = _mm512_dpbusd_epi32(B[r], pb, w);
-      Cc[r] = _mm512_dpbusd_epi32(Cc[r], pc, w);
-      if (!wsum) W[r] = _mm512_dpbusd_epi32(W[r], ones, w);
+    if constexpr (Stream)  // 8 rows ahead: the 4-row tile after next
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (r + 8) * K + k), _MM_HINT_NTA);
+#define QT_W8_ROW(r)                                                    \
+  {                                                                     \
+    const __m512i x = _mm512_maskz_loadu_epi8(m, w + (r) * K + k);      \
+    A##r = _mm512_dpbusd_epi32(A##r, pa, x);                            \
+    B##r = _mm512_dpbusd_epi32(B##r, pb, x);                            \
+    C##r = _mm512_dpbusd_epi32(C##r, pc, x);                            \
+    if constexpr (Sums) W##r = _mm512_dpbusd_epi32(W##r, ones, x);      \
+  }
+    QT_W8_ROW(0)
+    if constexpr (R == 4) {
+      QT_W8_ROW(1)
+      QT_W8_ROW(2)
+      QT_W8_ROW(3)
     }
+#undef QT_W8_ROW
   }
+  const __m512i acc[4][4] = {{A0, B0, C0, W0}, {A1, B1, C1, W1}, {A2, B2, C2, W2}, {A3, B3, C3, W3}};
   for (int r = 0; r < R; ++r) {
-    const int32_t wr = wsum ? wsum[i + r] : _mm512_reduce_add_epi32(W[r]);
-    a.out[i + r] = w8_vnni_out(_mm512_reduce_add_epi32(A[r]), _mm512_reduce_add_epi32(B[r]),
-                               _mm512_reduce_add_epi32(Cc[r]), wr, a.scale[i + r], s);
+    const int32_t wr = Sums ? _mm512_reduce_add_epi32(acc[r][3]) : wsum[i + r];
+    a.out[i + r] = w8_vnni_out(_mm512_reduce_add_epi32(acc[r][0]), _mm512_reduce_add_epi32(acc[r][1]),
+                               _mm512_reduce_add_epi32(acc[r][2]), wr, a.scale[i + r], s);
   }
+}
+
+template <bool Sums, bool Stream>
+QT_AVX512 void w8_gemv_range_vnni_t(const Int8Args& a, int64_t r0, int64_t r1, const uint8_t* planes, int64_t Kp,
+                                    float s, const int32_t* wsum) {
+  int64_t i = r0;
+  for (; i + 4 <= r1 && i + 12 <= a.N; i += 4) w8_gemv_vnni_rows<4, Sums, Stream>(a, i, planes, Kp, s, wsum);
+  for (; i + 4 <= r1; i += 4) w8_gemv_vnni_rows<4, Sums, false>(a, i, planes, Kp, s, wsum);  // no prefetch past N
+  for (; i < r1; ++i) w8_gemv_vnni_rows<1, Sums, false>(a, i, planes, Kp, s, wsum);
 }
 
 QT_AVX512 void w8_gemv_range_vnni(const Int8Args& a, int64_t r0, int64_t r1, const uint8_t* planes, int64_t Kp,
                                   float s, const int32_t* wsum) {
-  int64_t i = r0;
-  for (; i + 4 <= r1; i += 4) w8_gemv_vnni<4>(a, i, planes, Kp, s, wsum);
-  for (; i < r1; ++i) w8_gemv_vnni<1>(a, i, planes, Kp, s, wsum);
+  if (wsum)
+    a.stream ? w8_gemv_range_vnni_t<false, true>(a, r0, r1, planes, Kp, s, wsum)
+             : w8_gemv_range_vnni_t<false, false>(a, r0, r1, planes, Kp, s, wsum);
+  else
+    a.stream ? w8_gemv_range_vnni_t<true, true>(a, r0, r1, planes, Kp, s, wsum)
+             : w8_gemv_range_vnni_t<true, false>(a, r0, r1, planes, Kp, s, wsum);
 }
 
-// Row sums of int8 codes (N, K), for w8_gemv_vnni.
+// Row sums of int8 codes (N, K), for w8_gemv_vnni_rows.
 std::vector<int32_t> int8_row_sums(const int8_t* w, int64_t N, int64_t K) {
   std::vector<int32_t> out(N);
   for (int64_t i = 0; i < N; ++i) {
@@ -674,7 +688,7 @@ QT_AVX2 void w8_rows_range_avx2(const Int8Args& a, int64_t r0, int64_t r1) {
 
 void run_int8(const Int8Args& a, int64_t isa) {
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / (a.K * a.M));
-  if (a.M == 1 && isa == kAvx512Vnni) {  // one token: byte planes and vpdpbusd (w8_gemv_vnni)
+  if (a.M == 1 && isa == kAvx512Vnni) {  // one token: byte planes and vpdpbusd (w8_gemv_vnni_rows)
     const int64_t Kp = (a.K + 63) / 64 * 64;
     std::vector<uint8_t> planes(3 * Kp);
     float s = 0.f;
@@ -942,6 +956,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   Int8Args a{w.data_ptr<int8_t>(), N, K, M, x.data_ptr<float>(), scale.data_ptr<float>(), out.data_ptr<float>()};
+  // one layer alone does not know the model: assume the rest of a token's weights are as large as it
+  // (the head of ternarylm-132m: 23 MB, its ternary blocks: 21 MB)
+  a.stream = M == 1 && stream_past_cache(N * K, 2 * N * K);
   run_int8(a, isa);
   return out;
 }
@@ -1060,7 +1077,7 @@ at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& d, const at::Tens
 // work items (row tiles of a linear, k/v heads of attention):
 //
 //   per layer   qkv rows | attention heads | o rows | gate+up rows and their silu | down rows
-//   then        head rows (int8 weights; on VNNI the byte-plane kernel w8_gemv_vnni)
+//   then        head rows (int8 weights; on VNNI the byte-plane kernel w8_gemv_vnni_rows)
 //
 // A thread takes the next item of the current phase from an atomic counter; the thread that
 // completes a phase's last item runs the phase's small serial tail (residual add, RMSNorm, the next
@@ -1140,6 +1157,10 @@ class Decoder {
     // every phase of a step has at least one item (a phase without items would never complete)
     TORCH_CHECK(C_ > 0 && V_ > 0 && (layers_.empty() || F_ > 0), "empty model dimensions");
     if (isa_ == kAvx512Vnni) head_wsum_ = int8_row_sums(head_codes_.data_ptr<int8_t>(), V_, C_);
+    int64_t token_bytes = V_ * C_;  // weight bytes a step reads
+    for (const auto& L : layers_)
+      for (const PackedTernary* w : {&L.qkv, &L.o, &L.gate_up, &L.down}) token_bytes += w->packed.numel();
+    stream_head_ = stream_past_cache(V_ * C_, token_bytes);
   }
 
   // idx (1, 1) int64; caches (n_layers, 1, n_kv_heads, max_len, head_dim) fp32; writes position pos of
@@ -1165,7 +1186,7 @@ class Decoder {
     std::vector<int8_t> q(maxKp_);
     float s = 0.f;
     int32_t qsum = 0;
-    const int64_t Kp_head = (C + 63) / 64 * 64;  // the head's input as byte planes (VNNI, w8_gemv_vnni)
+    const int64_t Kp_head = (C + 63) / 64 * 64;  // the head's input as byte planes (VNNI, w8_gemv_vnni_rows)
     std::vector<uint8_t> planes(3 * Kp_head);
     float s_head = 0.f;
     float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>(), *out = logits.data_ptr<float>();
@@ -1207,7 +1228,8 @@ class Decoder {
     auto work = [&](int64_t phase, int64_t i) {  // work item i of a phase
       const int64_t per = per_item[phase];
       if (phase == nphases - 1) {
-        Int8Args a{head_codes_.data_ptr<int8_t>(), V_, C, 1, h.data(), head_scale_.data_ptr<float>(), out};
+        Int8Args a{head_codes_.data_ptr<int8_t>(), V_, C, 1, h.data(), head_scale_.data_ptr<float>(), out,
+                   stream_head_};
         if (isa == kAvx512Vnni)
           w8_gemv_range_vnni(a, i * per, std::min(V_, (i + 1) * per), planes.data(), Kp_head, s_head,
                              head_wsum_.data());
@@ -1287,6 +1309,8 @@ class Decoder {
       enter_layer(0);
     }
     std::vector<PhaseState> state(nphases);
+    std::vector<int64_t> ends(nphases);  // when each phase completed (ns since the step began)
+    const auto t0 = std::chrono::steady_clock::now();
     const int nthreads = std::max(1, at::get_num_threads());
 #pragma omp parallel num_threads(nthreads)
     {
@@ -1296,16 +1320,21 @@ class Decoder {
           work(ph, i);
           if (st.done.fetch_add(1, std::memory_order_acq_rel) + 1 == n_items[ph]) {
             finish(ph);
+            ends[ph] = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
             st.complete.store(1, std::memory_order_release);
           }
         }
         wait_for(st.complete);
       }
     }
+    last_phase_ends_ns_ = std::move(ends);
     return logits;
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+  // When each phase of the last step completed, in ns from the start of its parallel region: phase
+  // 5 l + k is kind k (qkv, attention, o, gate_up, down) of layer l; the last one is the head.
+  std::vector<int64_t> last_phase_ends_ns() const { return last_phase_ends_ns_; }
 
  private:
   static PackedTernary linear(const at::Tensor& packed, const at::Tensor& gamma, int64_t K) {
@@ -1322,6 +1351,8 @@ class Decoder {
   }
 
   std::vector<DecoderLayer> layers_;
+  std::vector<int64_t> last_phase_ends_ns_;
+  bool stream_head_ = false;        // read the head with non-temporal prefetches (stream_past_cache)
   std::vector<int32_t> head_wsum_;  // row sums of the head's codes (VNNI head kernel)
   at::Tensor embed_codes_, embed_scale_, norm_, head_codes_, head_scale_, cos_, sin_;
   int64_t nh_, nkv_;
@@ -1351,5 +1382,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, double, int64_t>())
       .def("step", &Decoder::step, "logits (1, 1, V) of one token; writes its k/v at `pos` of every layer",
            pybind11::call_guard<pybind11::gil_scoped_release>())
-      .def_property_readonly("num_layers", &Decoder::num_layers);
+      .def_property_readonly("num_layers", &Decoder::num_layers)
+      .def_property_readonly("last_phase_ends_ns", &Decoder::last_phase_ends_ns,
+                             "when each phase of the last step completed (ns from its start): 5 per layer "
+                             "(qkv, attention, o, gate_up, down), then the head");
 }
