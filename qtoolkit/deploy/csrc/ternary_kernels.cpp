@@ -1365,6 +1365,10 @@ class Decoder {
   // When each phase of the last step completed, in ns from the start of its parallel region: phase
   // 5 l + k is kind k (qkv, attention, o, gate_up, down) of layer l; the last one is the head.
   std::vector<int64_t> last_phase_ends_ns() const { return last_phase_ends_ns_; }
+  // Whether steps read the head with non-temporal prefetches (default: stream_past_cache); settable, to
+  // compare both on one machine. Only what the caches keep changes, never a value.
+  bool stream_head() const { return stream_head_; }
+  void set_stream_head(bool on) { stream_head_ = on; }
 
  private:
   static PackedTernary linear(const at::Tensor& packed, const at::Tensor& gamma, int64_t K) {
@@ -1413,6 +1417,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step", &Decoder::step, "logits (1, 1, V) of one token; writes its k/v at `pos` of every layer",
            pybind11::call_guard<pybind11::gil_scoped_release>())
       .def_property_readonly("num_layers", &Decoder::num_layers)
+      .def_property("stream_head", &Decoder::stream_head, &Decoder::set_stream_head,
+                    "read the LM head with non-temporal prefetches (default: only where the last-level cache "
+                    "cannot hold a step's weights); values are the same either way")
       .def_property_readonly("last_phase_ends_ns", &Decoder::last_phase_ends_ns,
                              "when each phase of the last step completed (ns from its start): 5 per layer "
                              "(qkv, attention, o, gate_up, down), then the head");
