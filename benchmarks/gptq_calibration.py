@@ -62,7 +62,7 @@ def main() -> None:
         w = modules[name].weight.detach()
         ref = x_test @ w.double().T
 
-        def err(wq: torch.Tensor) -> float:
+        def err(wq: torch.Tensor, x_test: torch.Tensor = x_test, ref: torch.Tensor = ref) -> float:
             return float(((x_test @ wq.double().T - ref) ** 2).mean() / (ref ** 2).mean())
 
         row: dict[str, float] = {"inputs": w.shape[1]}
