@@ -1191,6 +1191,7 @@ class Decoder {
     for (const auto& L : layers_)
       for (const PackedTernary* w : {&L.qkv, &L.o, &L.gate_up, &L.down}) token_bytes += w->packed.numel();
     stream_head_ = stream_past_cache(V_ * C_, token_bytes);
+    auto_stream_ = V_ * C_ >= kStreamBytes;  // smaller heads are never streamed
   }
 
   // idx (1, 1) int64; caches (n_layers, 1, n_kv_heads, max_len, head_dim) fp32; writes position pos of
@@ -1210,6 +1211,7 @@ class Decoder {
     const int64_t Lmax = k_cache.size(3);
     TORCH_CHECK(pos >= 0 && pos < Lmax && pos < cos_.size(0), "position ", pos, " beyond the cache");
     at::Tensor logits = at::empty({1, 1, V_}, head_scale_.options());
+    const bool stream = step_streams_head();  // how this step reads the head
     const int64_t C = C_, F = F_, Ckv = Ckv_, hd = hd_, r = nh_ / nkv_, isa = isa_;
     // shared state: the residual stream x, the current linear's input codes, each op's output
     std::vector<float> x(C), h(std::max(C, F)), qkv(C + 2 * Ckv), y(C), o(C), gu(2 * F), m(F), d(C);
@@ -1259,7 +1261,7 @@ class Decoder {
       const int64_t per = per_item[phase];
       if (phase == nphases - 1) {
         Int8Args a{head_codes_.data_ptr<int8_t>(), V_, C, 1, h.data(), head_scale_.data_ptr<float>(), out,
-                   stream_head_};
+                   stream};
         if (isa == kAvx512Vnni)
           w8_gemv_range_vnni(a, i * per, std::min(V_, (i + 1) * per), planes.data(), Kp_head, s_head,
                              head_wsum_.data());
@@ -1357,6 +1359,7 @@ class Decoder {
         wait_for(st.complete);
       }
     }
+    record_step(ends.back());
     last_phase_ends_ns_ = std::move(ends);
     return logits;
   }
@@ -1365,10 +1368,19 @@ class Decoder {
   // When each phase of the last step completed, in ns from the start of its parallel region: phase
   // 5 l + k is kind k (qkv, attention, o, gate_up, down) of layer l; the last one is the head.
   std::vector<int64_t> last_phase_ends_ns() const { return last_phase_ends_ns_; }
-  // Whether steps read the head with non-temporal prefetches (default: stream_past_cache); settable, to
-  // compare both on one machine. Only what the caches keep changes, never a value.
+  // Whether steps read the head with non-temporal prefetches: first stream_past_cache's guess, then
+  // what the trials below measure. Setting it fixes the choice (to compare both on one machine); only
+  // what the caches keep changes, never a value.
   bool stream_head() const { return stream_head_; }
-  void set_stream_head(bool on) { stream_head_ = on; }
+  void set_stream_head(bool on) {
+    stream_head_ = on;
+    auto_stream_ = false;
+  }
+  bool auto_stream_head() const { return auto_stream_; }
+  void set_auto_stream_head(bool on) {
+    auto_stream_ = on && V_ * C_ >= kStreamBytes;
+    steps_ = 0;
+  }
 
  private:
   static PackedTernary linear(const at::Tensor& packed, const at::Tensor& gamma, int64_t K) {
@@ -1385,6 +1397,35 @@ class Decoder {
   }
 
   std::vector<DecoderLayer> layers_;
+  // Which way a step reads the head, measured. The last-level cache a process really gets (a share of
+  // a host's L3, other tenants, the KV cache growing) decides whether streaming the head pays, and
+  // sysconf cannot say. So every kRetuneSteps steps, kTrialSteps trial steps in blocks of 4 alternate
+  // the current choice and the other; the last 3 steps of each block are timed (the first runs on the
+  // cache state the previous block left), and the other choice is kept if its median is 3% faster.
+  static constexpr int64_t kRetuneSteps = 1024, kTrialSteps = 16;
+  bool step_streams_head() const {
+    const int64_t s = steps_ % kRetuneSteps;
+    if (!auto_stream_ || s >= kTrialSteps) return stream_head_;
+    return (s / 4) % 2 ? !stream_head_ : stream_head_;
+  }
+  void record_step(int64_t ns) {
+    if (!auto_stream_) return;
+    const int64_t s = steps_++ % kRetuneSteps;
+    if (s >= kTrialSteps) return;
+    if (s % 4) trial_ns_[(s / 4) % 2].push_back(ns);
+    if (s == kTrialSteps - 1) {
+      auto median = [](std::vector<int64_t>& v) {
+        std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+        return static_cast<double>(v[v.size() / 2]);
+      };
+      if (median(trial_ns_[1]) < 0.97 * median(trial_ns_[0])) stream_head_ = !stream_head_;
+      trial_ns_[0].clear();
+      trial_ns_[1].clear();
+    }
+  }
+  bool auto_stream_ = false;
+  int64_t steps_ = 0;
+  std::vector<int64_t> trial_ns_[2];  // step times of the current choice [0] and the other [1]
   std::vector<int64_t> last_phase_ends_ns_;
   bool stream_head_ = false;        // read the head with non-temporal prefetches (stream_past_cache)
   std::vector<int32_t> head_wsum_;  // row sums of the head's codes (VNNI head kernel)
@@ -1418,8 +1459,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::call_guard<pybind11::gil_scoped_release>())
       .def_property_readonly("num_layers", &Decoder::num_layers)
       .def_property("stream_head", &Decoder::stream_head, &Decoder::set_stream_head,
-                    "read the LM head with non-temporal prefetches (default: only where the last-level cache "
-                    "cannot hold a step's weights); values are the same either way")
+                    "whether steps read the LM head with non-temporal prefetches (first guess: where the "
+                    "last-level cache cannot hold a step's weights; then measured, see auto_stream_head); "
+                    "setting it fixes the choice; values are the same either way")
+      .def_property("auto_stream_head", &Decoder::auto_stream_head, &Decoder::set_auto_stream_head,
+                    "re-measure stream_head every 1024 steps (16 trial steps; heads of 8 MB or more)")
       .def_property_readonly("last_phase_ends_ns", &Decoder::last_phase_ends_ns,
                              "when each phase of the last step completed (ns from its start): 5 per layer "
                              "(qkv, attention, o, gate_up, down), then the head");
