@@ -212,7 +212,8 @@ def unpack_ternary(packed: Tensor, k: int) -> Tensor:
     """Inverse of `pack_ternary`: (N, Kp / 4) uint8 -> (N, k) int8 codes."""
     n, nbytes = packed.shape
     p = packed.view(n, nbytes // 64, 1, 64)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).view(1, 1, 4, 1)
+    # arange, not torch.tensor([0, 2, 4, 6]): no host-to-device copy, so a CUDA graph can capture it
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=packed.device).view(1, 1, 4, 1)
     u = (p >> shifts) & 3  # (N, blocks, 4, 64)
     return (u.reshape(n, -1)[:, :k].to(torch.int8) - 1)
 
