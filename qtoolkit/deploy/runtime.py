@@ -466,10 +466,14 @@ class InferenceModel(nn.Module):
         `static_step` driven by a `StaticDecoder` (sampling on the device, one host read per token),
         captured once per (batch, max_len, sampler) as a CUDA graph and replayed (`cuda_graphs`, CUDA
         only; the CPU runs the same step eagerly), optionally through `torch.compile` first
-        (`compile`). Disabled: the dynamic step (`forward` with T = 1), as on the CPU."""
+        (`compile`). Disabled: the dynamic step (`forward` with T = 1), as on the CPU. Decoders
+        already captured are kept (keyed by these settings too); `release_static_decoders` frees them."""
         self.static_decode, self.cuda_graphs, self.compile_step = enabled, cuda_graphs, compile
-        self._static.clear()
         return self
+
+    def release_static_decoders(self) -> None:
+        """Drop the captured decoders (their KV caches and CUDA-graph memory)."""
+        self._static.clear()
 
     @torch.inference_mode()
     def static_step(self, token: Tensor, pos: Tensor, cache: KVCache) -> Tensor:
