@@ -23,6 +23,12 @@ with every linear replaced by an op that computes from the stored format:
     a method's output term (Tequila's dead-zone      WithOutputTerm around the layer's op: op(x) +
     bias, a low-rank correction)                     quantizer.output_term(x, stored extras).
 
+On a GPU (`weights="auto"` there = bf16) every layer is instead one `DenseLinear`: its weight
+dequantized once at load to bf16/fp16/fp32 (integer codes kept as exact 16-bit integers with fp32
+scales), one GEMM per call; `weights="packed"` keeps the 2-bit form and unpacks per call. Decode steps
+of `generate` on CUDA run `InferenceModel.static_step` (fixed shapes, position on the device) captured
+once as a CUDA graph (`qtoolkit.deploy.static_decode`).
+
 When the C++ extension is loaded, attention (RoPE, cache write, softmax), SwiGLU and RMSNorm run as
 single calls into it (`use_fused_ops`), ~10 calls per block; otherwise they are the training model's
 PyTorch ops. For all-ternary models (packed ternary block linears, int8 embed/head) a batch-1 decode
