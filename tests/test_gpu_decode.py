@@ -279,7 +279,9 @@ def test_cuda_graph_replay_equals_the_eager_static_step(packed, variant, weights
     assert torch.equal(eager.prefill(ids), graph.prefill(ids))
     for _ in range(20):
         assert torch.equal(eager.step().clone(), graph.step().clone())
-        assert torch.equal(graph.logits, eager.logits)  # the same kernels, replayed
+        # the same kernels replayed: expected bit-equal; cuBLAS may pick another algorithm under capture,
+        # so the runtime's tolerance is what is asserted
+        assert_logits_close(graph.logits.cpu(), eager.logits.cpu())
 
 
 @cuda_only
