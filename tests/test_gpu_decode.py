@@ -252,6 +252,21 @@ def test_a_decoder_refuses_positions_past_its_cache(packed):
         dec.prefill(torch.tensor([[1] * 6]))
 
 
+def test_a_failing_compiler_leaves_the_uncompiled_step(packed, monkeypatch):
+    model = InferenceModel.from_packed(load_checkpoint(packed["ternary_all"]), weights="bf16")
+    expected = list(generate(model.use_static_decode(True), [1, 2, 3], max_new_tokens=10))
+
+    def broken_compile(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("backend failed\nmore detail")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    dec = StaticDecoder(model, 1, 16, compile=True)
+    assert not dec.compiled and dec.compile_error == "RuntimeError: backend failed"
+    assert list(generate(model.use_static_decode(True, compile=True), [1, 2, 3], max_new_tokens=10)) == expected
+
+
 @pytest.mark.slow
 def test_compiled_static_step_equals_the_eager_one(packed):
     """torch.compile of the step (inductor's C++ backend on the CPU; Triton on CUDA)."""
@@ -259,6 +274,8 @@ def test_compiled_static_step_equals_the_eager_one(packed):
     ids = [1, 5, 9, 33, 2]
     expected = list(generate(model.use_static_decode(True), ids, max_new_tokens=12))
     got = list(generate(model.use_static_decode(True, compile=True), ids, max_new_tokens=12))
+    (dec,) = [d for key, d in model._static.items() if key[-1]]
+    assert dec.compiled, dec.compile_error
     assert got == expected
 
 

@@ -32,6 +32,7 @@ captured by the same graph.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -87,10 +88,13 @@ class StaticDecoder:
         self.logits: Tensor | None = None  # the last step's logits (B, V); a fixed address under a graph
         self.position = 0  # host copy of `pos` (positions are counted here, never read back)
         self._fn = torch.compile(model.static_step) if compile else model.static_step
+        self.compiled = compile
         self.graph: Any = None
         self.graph_error = ""  # why capture failed (the step then runs eagerly)
-        if graphs and device.type == "cuda":
-            self._capture()
+        self.compile_error = ""  # why torch.compile failed (the step then runs uncompiled)
+        capture = graphs and device.type == "cuda"
+        if capture or compile:
+            self._prepare(capture)
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -98,25 +102,41 @@ class StaticDecoder:
         self.token.copy_(pick_token(self.logits, self.temperature, self.top_k, self.noise).view(-1, 1))
         self.pos.add_(1)
 
-    def _capture(self) -> None:
-        """Warm up on a side stream, capture one step, then reset the state the warm-up wrote."""
-        try:
-            side = torch.cuda.Stream(self.token.device)
+    def _prepare(self, capture: bool) -> None:
+        """Warm up (compiling, if asked; on CUDA on a side stream, as PyTorch's CUDA-graph docs
+        prescribe), capture one step as a CUDA graph, then reset the state the warm-up wrote."""
+        cuda = self.token.device.type == "cuda"
+        side = torch.cuda.Stream(self.token.device) if cuda else None
+        if cuda:
             side.wait_stream(torch.cuda.current_stream(self.token.device))
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS):
-                    self._step()
+        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+            try:
+                self._warm_up()
+            except Exception as e:  # noqa: BLE001 (a compiler failure of any kind: run the step uncompiled)
+                if not self.compiled:
+                    raise
+                self.compile_error = _first_line(e)
+                self._fn, self.compiled = self.model.static_step, False
+                self._warm_up()
+        if cuda:
             torch.cuda.current_stream(self.token.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step()
-            self.graph = graph
-        except RuntimeError as e:  # an op that syncs or allocates on the host: run eagerly instead
-            self.graph, self.graph_error = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+        if capture:
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._step()
+                self.graph = graph
+            except RuntimeError as e:  # an op that syncs or copies from the host: run eagerly instead
+                self.graph, self.graph_error = None, _first_line(e)
         self.token.zero_()
         self.pos.zero_()
         self.cache.k.zero_()
         self.cache.v.zero_()
+
+    def _warm_up(self) -> None:
+        self.pos.zero_()
+        for _ in range(WARMUP_STEPS):
+            self._step()
 
     def set_sampling(self, temperature: float, generator: torch.Generator | None) -> None:
         if self.temperature is not None:
@@ -156,6 +176,11 @@ class StaticDecoder:
         self.position += 1
         self.cache.length = self.position
         return self.token.view(-1)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [""]
+    return f"{type(e).__name__}: {lines[0][:200]}"
 
 
 def decoder_for(model: Any, batch: int, max_len: int, sample: bool, top_k: int | None) -> StaticDecoder:
