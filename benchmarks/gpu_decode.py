@@ -34,33 +34,13 @@ import time
 from pathlib import Path
 
 import torch
+from inference import random_packed  # benchmarks/inference.py: a random model, packed once
 
 from qtoolkit.deploy.runtime import GenerationStats, generate, load_inference_model
 
 DRIVERS = {"dynamic": (False, False, False), "static": (True, False, False), "graph": (True, True, False),
            "compile": (True, True, True)}
 TARGET_TOK_S = 1000
-
-
-def random_packed(preset: str, out_dir: Path) -> Path:
-    from qtoolkit.checkpoint import save_checkpoint
-    from qtoolkit.pack import pack_checkpoint
-    from qtoolkit.policy import build_model
-    from qtoolkit.training.recipe import load_recipe
-
-    path = out_dir / f"qtoolkit-bench-{preset}-ternary_all-2bit.safetensors"  # shared with inference.py
-    if path.is_file():
-        return path
-    r = load_recipe("ternary_all", [f"model.preset={preset}"]).resolved()
-    torch.manual_seed(0)
-    model, coverage = build_model(r.model_config(), r.policy)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        ckpt = save_checkpoint({"kind": "train", "model_config": r.model_config().to_dict(), "recipe": r.to_dict(),
-                                "policy": r.policy, "coverage": coverage.to_dict(), "tokenizer": "{}",
-                                "model": model.state_dict(), "step": 0}, Path(tmp) / "ckpt.pt")
-        del model
-        pack_checkpoint(ckpt, path, "2bit")
-    return path
 
 
 def decode_round(model, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
