@@ -406,7 +406,10 @@ class InferenceModel(nn.Module):
         self.tokenizer: Any = None
         self._ext = None  # the C++ extension while its fused ops are on (use_fused_ops)
         self._decoder = None  # its Decoder: batch-1 decode steps in one call each
-        self.weight_layout = "native" if backend.native else ("int8" if backend.name == "reference" else "packed")
+        # native: the CPU kernels' 2-bit blocks; int8: codes unpacked once (reference path); packed:
+        # 2-bit, unpacked per call; bf16/fp16/fp32: dense (set by from_packed); baselines: their name
+        self.weight_layout = "native" if backend.native else {"reference": "int8", "dequant": "packed"}.get(
+            backend.name, backend.name)
         # decode steps of `generate` as fixed-shape steps (CUDA graphs on a GPU): `use_static_decode`
         self.static_decode = torch.device(device).type == "cuda"
         self.cuda_graphs = True
