@@ -493,6 +493,11 @@ class InferenceModel(nn.Module):
         `cache.length` is left alone: the caller owns the position (`qtoolkit.deploy.static_decode`).
         Computes what `forward(token, cache)` computes at length `pos` with the PyTorch block ops
         (not the C++ fused ops), up to the float summation order of masked attention."""
+        return self.static_step_fn(token, pos, cache)
+
+    def static_step_fn(self, token: Tensor, pos: Tensor, cache: KVCache) -> Tensor:
+        """`static_step` without its inference-mode wrapper: what `torch.compile` traces (inductor
+        cannot mutate views of the cache under inference mode); call it under `torch.no_grad()`."""
         cfg = self.config
         cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)  # (1, hd/2)
         keys = torch.arange(cache.max_len, device=pos.device)
