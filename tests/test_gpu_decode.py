@@ -246,9 +246,9 @@ def test_a_decoder_refuses_positions_past_its_cache(packed):
     dec.prefill(torch.tensor([[1, 2, 3, 4]]))
     dec.step()
     dec.step()
-    with pytest.raises(ValueError, match="all are used"):
+    with pytest.raises(ConfigError, match="all are used"):
         dec.step()
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ConfigError, match="does not fit"):
         dec.prefill(torch.tensor([[1] * 6]))
 
 

@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qtoolkit.errors import ConfigError
+
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS handles, allocator, compile)
 BUCKET = 128  # cache lengths are rounded up to a multiple of this, so prompts of similar length share a graph
 MAX_DECODERS = 4  # captured decoders kept per model (each holds its KV cache and graph memory pool)
@@ -158,7 +160,7 @@ class StaticDecoder:
         pick the first new token on the device: (B,) long, also left in `token`."""
         B, T = ids.shape
         if B != self.batch or T >= self.max_len:
-            raise ValueError(f"prompt of shape {(B, T)} does not fit a decoder for batch {self.batch}, "
+            raise ConfigError(f"prompt of shape {(B, T)} does not fit a decoder for batch {self.batch}, "
                              f"{self.max_len} positions")
         self.cache.length = 0
         logits = self.model(ids.to(self.token.device), self.cache, last_only=True)[:, -1]
@@ -176,7 +178,7 @@ class StaticDecoder:
         """One decode step from the current token at the current position: the next token ids (B,)
         on the device (a view of `token`)."""
         if self.position >= self.max_len:
-            raise ValueError(f"the decoder's cache holds {self.max_len} positions; all are used")
+            raise ConfigError(f"the decoder's cache holds {self.max_len} positions; all are used")
         self._draw_noise()
         if self.graph is not None:
             self.graph.replay()
