@@ -614,6 +614,9 @@ def generate(
     kernels: Annotated[str | None, typer.Option(help="auto, reference, avx2 or avx512-vnni.  "
                                                      "[default: $QTOOLKIT_KERNELS or auto]", show_default=False)] = None,
     device: Device = "auto",
+    weights: Annotated[str, typer.Option(help="Weight layout: auto (bf16 on CUDA, the CPU kernels' own on the "
+                                              "CPU), packed (2-bit, dequantized per call), bf16, fp16, fp32 "
+                                              "(dequantized once at load).")] = "auto",
     json_: Json = None,
 ) -> None:
     """Generate text from a packed checkpoint with the fast inference runtime, streaming tokens."""
@@ -622,13 +625,14 @@ def generate(
     _check_outputs(json_, [ckpt])
     with _human_output(json_):
         with report.KernelBuildNotice() as notice:
-            model = load_inference_model(ckpt, kernels=kernels, device=device, progress=notice)
+            model = load_inference_model(ckpt, kernels=kernels, device=device, progress=notice, weights=weights)
         stats = GenerationStats()
         pieces = generate_text(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k or None, seed=seed, stats=stats)
         text = report.stream_generation(prompt, pieces)
         written = _write_json(json_, {"checkpoint": str(ckpt), "prompt": prompt, "text": text,
-                                      "backend": model.backend.to_dict(), **stats.to_dict()})
+                                      "backend": model.backend.to_dict(), "weights": model.weight_summary(),
+                                      **stats.to_dict()})
         report.err_console.print(report.generation_summary(stats, model.backend), soft_wrap=True)
         report.print_outputs(written, stderr=True)
 
