@@ -242,26 +242,30 @@ def test_one_call_decode_step_is_bit_identical_to_the_op_by_op_path(packed, vari
 
 
 def test_head_streaming_trials_change_no_value(tmp_path):
-    """A head of 8 MB or more: the Decoder times both ways of reading it (non-temporal prefetches or
-    plain loads; 16 trial steps alternating in blocks of 4) and keeps the faster. Every step, trial
-    or not, computes exactly what the op-by-op path computes; setting stream_head fixes the choice."""
+    """A head of 8 MB or more, auto_stream_head on: the Decoder times both ways of reading it
+    (non-temporal prefetches or plain loads; 16 trial steps alternating in blocks of 4) and keeps the
+    faster. Every step, trial or not, computes exactly what the op-by-op path computes; setting
+    stream_head fixes the choice."""
     needs_native()
     ckpt = save_untrained_checkpoint(tmp_path / "h.pt", "ternary_all", [
         "model.vocab_size=11000", "model.d_model=768", "model.n_heads=12", "model.n_layers=1", "model.d_ff=256"],
         mutate=perturb)  # head 11000 x 768 int8 = 8.4 MB
     m = InferenceModel.from_packed(load_checkpoint(pack_checkpoint(ckpt, tmp_path / "h.safetensors").path), "auto")
-    dec = m._decoder
-    assert dec is not None and dec.auto_stream_head
+    assert m.has_decoder and not m._decoder.auto_stream_head  # opt-in
     x = torch.randint(0, 11000, (1, 24), generator=torch.Generator().manual_seed(6))
     outs = []
     for one_call in (True, False):
         m.use_decoder(one_call)
+        if one_call:
+            m._decoder.auto_stream_head = True
+            assert m._decoder.auto_stream_head
         cache = m.new_cache(1, 24)
         outs.append(torch.cat([m(x[:, :2], cache)] + [m(x[:, t:t + 1], cache) for t in range(2, 24)], dim=1))
     assert torch.equal(outs[0], outs[1])
     m.use_decoder(True)
     m._decoder.stream_head = not m._decoder.stream_head
     assert not m._decoder.auto_stream_head
+
 
 def test_one_call_decode_step_only_for_all_ternary_models(packed):
     needs_native()

@@ -1191,7 +1191,6 @@ class Decoder {
     for (const auto& L : layers_)
       for (const PackedTernary* w : {&L.qkv, &L.o, &L.gate_up, &L.down}) token_bytes += w->packed.numel();
     stream_head_ = stream_past_cache(V_ * C_, token_bytes);
-    auto_stream_ = V_ * C_ >= kStreamBytes;  // smaller heads are never streamed
   }
 
   // idx (1, 1) int64; caches (n_layers, 1, n_kv_heads, max_len, head_dim) fp32; writes position pos of
@@ -1368,9 +1367,9 @@ class Decoder {
   // When each phase of the last step completed, in ns from the start of its parallel region: phase
   // 5 l + k is kind k (qkv, attention, o, gate_up, down) of layer l; the last one is the head.
   std::vector<int64_t> last_phase_ends_ns() const { return last_phase_ends_ns_; }
-  // Whether steps read the head with non-temporal prefetches: first stream_past_cache's guess, then
-  // what the trials below measure. Setting it fixes the choice (to compare both on one machine); only
-  // what the caches keep changes, never a value.
+  // Whether steps read the head with non-temporal prefetches: stream_past_cache's guess, or what the
+  // trials below measure when auto_stream_head is on. Setting it fixes the choice (and turns the
+  // trials off); only what the caches keep changes, never a value.
   bool stream_head() const { return stream_head_; }
   void set_stream_head(bool on) {
     stream_head_ = on;
@@ -1397,11 +1396,14 @@ class Decoder {
   }
 
   std::vector<DecoderLayer> layers_;
-  // Which way a step reads the head, measured. The last-level cache a process really gets (a share of
-  // a host's L3, other tenants, the KV cache growing) decides whether streaming the head pays, and
-  // sysconf cannot say. So every kRetuneSteps steps, kTrialSteps trial steps in blocks of 4 alternate
-  // the current choice and the other; the last 3 steps of each block are timed (the first runs on the
-  // cache state the previous block left), and the other choice is kept if its median is 3% faster.
+  // Which way a step reads the head, measured (opt-in: auto_stream_head). The last-level cache a
+  // process really gets (a share of a host's L3, other tenants, the KV cache growing) decides whether
+  // streaming the head pays, and sysconf cannot say. So every kRetuneSteps steps, kTrialSteps trial
+  // steps in blocks of 4 alternate the current choice and the other; the last 3 steps of each block
+  // are timed (the first runs on the cache state the previous block left), and the other choice is
+  // kept if its median is 3% faster. Off by default: on a loaded 2-core machine whole-step times vary
+  // by 2x from one step to the next, and 6 samples per side picked the slower way (the head phase
+  // 7.7 ms instead of 2.8 ms, decode 33 instead of 49 tok/s).
   static constexpr int64_t kRetuneSteps = 1024, kTrialSteps = 16;
   bool step_streams_head() const {
     const int64_t s = steps_ % kRetuneSteps;
@@ -1459,11 +1461,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::call_guard<pybind11::gil_scoped_release>())
       .def_property_readonly("num_layers", &Decoder::num_layers)
       .def_property("stream_head", &Decoder::stream_head, &Decoder::set_stream_head,
-                    "whether steps read the LM head with non-temporal prefetches (first guess: where the "
-                    "last-level cache cannot hold a step's weights; then measured, see auto_stream_head); "
+                    "whether steps read the LM head with non-temporal prefetches (default: where the "
+                    "last-level cache cannot hold a step's weights; measured with auto_stream_head); "
                     "setting it fixes the choice; values are the same either way")
       .def_property("auto_stream_head", &Decoder::auto_stream_head, &Decoder::set_auto_stream_head,
-                    "re-measure stream_head every 1024 steps (16 trial steps; heads of 8 MB or more)")
+                    "re-measure stream_head every 1024 steps (16 trial steps; heads of 8 MB or more); off by default")
       .def_property_readonly("last_phase_ends_ns", &Decoder::last_phase_ends_ns,
                              "when each phase of the last step completed (ns from its start): 5 per layer "
                              "(qkv, attention, o, gate_up, down), then the head");
