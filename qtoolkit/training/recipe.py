@@ -63,6 +63,9 @@ class TrainConfig:
     # without the full logits (0: off), and per-block activation checkpointing.
     ce_chunk: int = 0
     activation_checkpointing: bool = False
+    # AdamW's moments of the block linears' weights: fp32, or bf16 with stochastic rounding (half the
+    # bytes; training.optimizer says which parameters and why). Other parameters keep fp32 moments.
+    optimizer_state: Literal["fp32", "bf16"] = "fp32"
     # Before the first step: estimate peak memory (training.memory); when it exceeds what the device
     # has free (or memory_gib), run the largest micro-batch that fits, or stop with a message. false:
     # only report the estimate.

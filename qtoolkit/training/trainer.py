@@ -87,6 +87,7 @@ from qtoolkit.training.distributed import (
 )
 from qtoolkit.training.loss import chunked_loss, loss_fn
 from qtoolkit.training.memory import fit_recipe
+from qtoolkit.training.optimizer import build_adamw
 from qtoolkit.training.recipe import Recipe, TrainConfig, checkpoint_data_config, save_recipe
 from qtoolkit.training.resume import resume_recipe
 
@@ -458,9 +459,8 @@ def _train_in_group(recipe: Recipe, out_dir: Path, resume: bool, callback: Callb
     model.to(device)
     scheduled = progress_quantizers(model)
 
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps
-    )
+    optimizer = build_adamw(param_groups(model, cfg.weight_decay), model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            eps=cfg.adam_eps, optimizer_state=cfg.optimizer_state, seed=cfg.seed)
     step = 0
     last_eval: dict[str, float] = {}
     if ckpt is not None:
