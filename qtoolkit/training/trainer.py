@@ -530,6 +530,7 @@ def _train_in_group(recipe: Recipe, out_dir: Path, resume: bool, callback: Callb
     interrupted = False
     params = [p for p in model.parameters() if p.requires_grad]
     micro = cfg.micro_batch_size or local_batch
+    awaiting_init = any(getattr(m, "awaiting_init", False) for m in model.modules())
 
     def forward_loss(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         x, y = x.to(device), y.to(device)
@@ -580,6 +581,11 @@ def _train_in_group(recipe: Recipe, out_dir: Path, resume: bool, callback: Callb
             for q in scheduled:  # e.g. Sherry's annealed residual: p = 1 on the last step
                 q.set_progress((step + 1) / cfg.steps)
             x, y = data.train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
+            if awaiting_init:  # elastic activations set their step from their first input: let that be the
+                # whole global batch, as in a one-process whole-batch run, not a micro-batch or one rank's rows
+                with torch.no_grad(), autocast(device):
+                    model.hidden_states(x.to(device))
+                awaiting_init = False
             x, y = world.share(x), world.share(y)  # this process's rows of the global batch (all of it alone)
             optimizer.zero_grad(set_to_none=True)
             loss, ce = accumulate_gradients(x, y)
