@@ -195,7 +195,9 @@ def test_plan_train_shows_the_saving(tmp_path):
         r = runner.invoke(app, ["plan", "--recipe", "ternary_all", "--model", "tiny", "--train", "--device", "cpu",
                                 "--set", f"train.optimizer_state={state}", "--json", str(tmp_path / f"{state}.json")])
         assert r.exit_code == 0, r.output
-        out[state] = json.loads((tmp_path / f"{state}.json").read_text())["training"]["estimate"]["parts"]["optimizer"]
+        estimate = json.loads((tmp_path / f"{state}.json").read_text())["training"]["estimate"]
+        assert estimate["optimizer_state"] == state
+        out[state] = estimate["parts"]["optimizer"]
     assert out["bf16"] < out["fp32"]
 
 

@@ -89,6 +89,7 @@ class MemoryEstimate:
     ce_chunk: int
     activation_checkpointing: bool
     parts: dict[str, int]
+    optimizer_state: str = "fp32"
 
     @property
     def total(self) -> int:
@@ -286,7 +287,7 @@ class _Profile:
                  "activations": activations, "logits": LOGIT_BUFFERS * rows * model_config.vocab_size * logit_bytes,
                  "runtime": _rss() if self.device.type == "cpu" else 0}
         return MemoryEstimate(str(self.device), cfg.batch_size, micro, cfg.seq_len, cfg.ce_chunk,
-                              cfg.activation_checkpointing, parts)
+                              cfg.activation_checkpointing, parts, cfg.optimizer_state)
 
 
 def estimate_training_memory(recipe: Recipe, device: torch.device | str = "cpu",
