@@ -1,6 +1,7 @@
 """What `train.optimizer_state: bf16` does to the loss, the optimizer's bytes and the step time.
 
     flock /work/heavy.lock python benchmarks/optimizer_state.py [--data DIR] [--case NAME ...]
+    flock /work/heavy.lock python benchmarks/optimizer_state.py --step-time small [--rounds 20]
 
 Each case trains one recipe once per variant, one run after another in one process, from the same
 seed (fp32-seed1 aside):
@@ -14,6 +15,9 @@ seed (fp32-seed1 aside):
 and reports per variant the final validation loss (`train.eval_batches` batches), the mean training
 cross-entropy of the last 10% of steps, their differences from fp32, the checkpoint's optimizer
 bytes, and the median seconds per step (min/median/max of the logged windows). Prints JSON.
+
+`--step-time PRESET` times optimizer.step() alone (fp32 vs bf16 moments, rounds alternating), the
+part of a training step that the choice changes.
 """
 
 from __future__ import annotations
@@ -68,11 +72,49 @@ def run(recipe: str, preset: str, overrides: list[str], variant: str, data: str,
             "threads": torch.get_num_threads()}
 
 
+def step_times(preset: str, rounds: int) -> dict:
+    """Seconds of one optimizer.step() over `preset`'s ternary_all parameters with fixed random
+    gradients: torch.optim.AdamW (fp32 moments) against bf16 moments, rounds alternating in order."""
+    import time
+
+    import torch
+
+    from qtoolkit.config import ModelConfig
+    from qtoolkit.policy import build_model
+    from qtoolkit.training.optimizer import build_adamw
+    from qtoolkit.training.recipe import load_recipe
+    from qtoolkit.training.trainer import param_groups
+
+    torch.manual_seed(0)
+    model, _ = build_model(ModelConfig.from_name(preset), load_recipe("ternary_all").policy)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opts = {state: build_adamw(param_groups(model, 0.1), model, 1e-4, (0.9, 0.95), 1e-8, state)
+            for state in ("fp32", "bf16")}
+    times: dict[str, list[float]] = {k: [] for k in opts}
+    for r in range(rounds + 1):
+        for name in (list(opts) if r % 2 == 0 else list(reversed(opts))):
+            t = time.perf_counter()
+            opts[name].step()
+            if r:  # round 0 creates the state
+                times[name].append(time.perf_counter() - t)
+    out = {k: {"min": min(v), "median": statistics.median(v), "max": max(v)} for k, v in times.items()}
+    out["bf16_over_fp32_median"] = out["bf16"]["median"] / out["fp32"]["median"]
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--case", action="append", choices=sorted(CASES))
+    ap.add_argument("--step-time", metavar="PRESET", help="only time optimizer.step() on this preset's parameters")
+    ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()
+    if args.step_time:
+        print(json.dumps({"optimizer_step_s": step_times(args.step_time, args.rounds), "preset": args.step_time},
+                         indent=1))
+        return
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.case or list(CASES):
