@@ -68,11 +68,14 @@ def optimizer_state_bytes(model: nn.Module, optimizer_state: str = "fp32") -> in
     return sum(2 * p.numel() * (low_size if id(p) in low else 4) for p in model.parameters() if p.requires_grad)
 
 
-def stochastic_round_(target: Tensor, source: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def stochastic_round_(target: Tensor, source: Tensor, generator: torch.Generator | None = None,
+                      noise: Tensor | None = None) -> Tensor:
     """Write fp32 `source` into bf16 `target`, rounding each value up (in magnitude) with probability
     equal to its distance from the value below: a bf16 number is the top 16 bits of an fp32 one, so
-    add 16 random bits to the low half and truncate. Unbiased: E[target] = source. inf stays inf."""
-    noise = torch.randint(0, 1 << 16, source.shape, dtype=torch.int32, device=source.device, generator=generator)
+    add 16 random bits to the low half and truncate. Unbiased: E[target] = source. inf stays inf.
+    `noise`: the random bits (int32 in [0, 2^16), source's shape), else drawn from `generator`."""
+    if noise is None:
+        noise = torch.randint(0, 1 << 16, source.shape, dtype=torch.int32, device=source.device, generator=generator)
     bits = source.contiguous().view(torch.int32).add(noise).bitwise_and_(-65536)  # -65536 = 0xFFFF0000
     return target.copy_(bits.view(torch.float32))
 
@@ -99,11 +102,16 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         mixed = (self.seed * _SEED_MIX[0] + step * _SEED_MIX[1] + index) % (1 << 63)
         return torch.Generator(device=device).manual_seed(mixed)
 
-    def _store(self, target: Tensor, source: Tensor, generator: torch.Generator) -> None:
-        if self.rounding == "stochastic":
-            stochastic_round_(target, source, generator)
-        else:
-            target.copy_(source)
+    def _store(self, exp_avg: Tensor, m: Tensor, exp_avg_sq: Tensor, v: Tensor, generator: torch.Generator) -> None:
+        if self.rounding == "nearest":
+            exp_avg.copy_(m)
+            exp_avg_sq.copy_(v)
+            return
+        # one draw of 32 random bits per value serves both moments (the draw is most of the cost)
+        bits = torch.randint(-(1 << 31), (1 << 31) - 1, m.shape, dtype=torch.int32, device=m.device,
+                             generator=generator)
+        stochastic_round_(exp_avg, m, noise=bits & 0xFFFF)
+        stochastic_round_(exp_avg_sq, v, noise=(bits >> 16) & 0xFFFF)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -137,9 +145,7 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                     g = grad.float()
                     m = exp_avg.float().lerp_(g, 1 - beta1)
                     v = exp_avg_sq.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    generator = self._generator(index, int(step), p.device)
-                    self._store(exp_avg, m, generator)
-                    self._store(exp_avg_sq, v, generator)
+                    self._store(exp_avg, m, exp_avg_sq, v, self._generator(index, int(step), p.device))
                 bias_correction1 = 1 - beta1**step
                 bias_correction2_sqrt = (1 - beta2**step) ** 0.5
                 denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
