@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--case", action="append", choices=sorted(CASES))
     ap.add_argument("--step-time", metavar="PRESET", help="only time optimizer.step() on this preset's parameters")
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, fp32 first")
+    ap.add_argument("--steps", type=int, help="override the cases' train.steps (eval at the end)")
     args = ap.parse_args()
     if args.step_time:
         print(json.dumps({"optimizer_step_s": step_times(args.step_time, args.rounds), "preset": args.step_time},
@@ -119,8 +121,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.case or list(CASES):
             recipe, preset, overrides = CASES[name]
-            res = {v: run(recipe, preset, overrides, v, args.data, Path(tmp) / name / v) for v in VARIANTS}
-            for v in VARIANTS[1:]:
+            if args.steps:
+                overrides = [*overrides, f"train.steps={args.steps}", f"train.eval_every={args.steps}"]
+            variants = args.variants.split(",")
+            res = {v: run(recipe, preset, overrides, v, args.data, Path(tmp) / name / v) for v in variants}
+            for v in variants[1:]:
                 res[v]["val_loss_minus_fp32"] = res[v]["val_loss"] - res["fp32"]["val_loss"]
                 res[v]["train_ce_minus_fp32"] = res[v]["train_ce_last10pct"] - res["fp32"]["train_ce_last10pct"]
                 res[v]["step_time_ratio_to_fp32"] = res[v]["s_per_step"]["median"] / res["fp32"]["s_per_step"]["median"]
