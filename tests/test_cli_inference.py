@@ -28,6 +28,16 @@ def test_generate_streams_text_and_is_reproducible(trained_tiny, tmp_path):
     greedy = run("generate", packed, "--prompt", "Tom", "--temperature", 0, "--kernels", "reference",
                  "--max-new-tokens", 8)
     assert greedy.exit_code == 0 and "kernels: reference" in greedy.stderr
+    # the GPU's weight layout on the CPU: same greedy text as the integer path, bytes in the JSON
+    out = tmp_path / "g.json"
+    dense = run("generate", packed, "--prompt", "Tom", "--temperature", 0, "--weights", "bf16", "--device", "cpu",
+                "--max-new-tokens", 8, "--json", out)
+    assert dense.exit_code == 0, dense.output
+    assert dense.stdout == greedy.stdout and "kernels: dense" in dense.stderr
+    summary = json.loads(out.read_text())["weights"]
+    assert summary["layout"] == "bf16" and summary["bytes_by_dtype"]["bfloat16"] > 0
+    r = run("generate", packed, "--prompt", "Tom", "--weights", "int3")
+    assert r.exit_code == 1 and "weights must be one of" in r.output and "Traceback" not in r.output
 
 
 def test_generate_user_errors(trained_tiny, tmp_path):

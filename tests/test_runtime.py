@@ -342,12 +342,14 @@ def test_loading_imports_no_training_code(packed):
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_path(packed):
+@pytest.mark.parametrize("weights", ["auto", "packed"])
+def test_cuda_path(packed, weights):
     ckpt = load_checkpoint(packed["ternary_all"])
     ref = model_from_packed(ckpt)
-    model = InferenceModel.from_packed(ckpt, device="cuda")
-    assert model.backend.name == "dequant" and model.device.type == "cuda"
+    model = InferenceModel.from_packed(ckpt, device="cuda", weights=weights)
+    assert model.backend.name == ("dense" if weights == "auto" else "dequant") and model.device.type == "cuda"
     x = torch.randint(0, 512, (2, 30))
     with torch.no_grad():
         expected = ref(x)

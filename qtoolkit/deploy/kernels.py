@@ -11,8 +11,9 @@ Three paths compute the quantized layers of the inference runtime (`qtoolkit.dep
                          with `torch._int_mm` (exact int32); INT8 weight-only layers by `F.linear` on the
                          widened codes. Identical integer accumulations, hence bit-identical ternary
                          outputs; INT8 weight-only outputs differ only by float summation order.
-    cuda                 (chosen by the runtime for CUDA tensors) dequantize-then-matmul, the formula
-                         of the fake-quantized training forward.
+    dequant / dense      (the runtime's GPU layouts, `runtime.InferenceModel.from_packed(weights=...)`):
+                         the packed form unpacked per call, or weights dequantized once at load to
+                         bf16/fp16/fp32 (the CUDA default); no custom CUDA kernel.
 
 Choosing: `select_backend(kernels)` with kernels (or the env var QTOOLKIT_KERNELS) one of
     auto (default)    the best native path this CPU supports, else reference (the reason is kept)
@@ -212,7 +213,8 @@ def unpack_ternary(packed: Tensor, k: int) -> Tensor:
     """Inverse of `pack_ternary`: (N, Kp / 4) uint8 -> (N, k) int8 codes."""
     n, nbytes = packed.shape
     p = packed.view(n, nbytes // 64, 1, 64)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).view(1, 1, 4, 1)
+    # arange, not torch.tensor([0, 2, 4, 6]): no host-to-device copy, so a CUDA graph can capture it
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=packed.device).view(1, 1, 4, 1)
     u = (p >> shifts) & 3  # (N, blocks, 4, 64)
     return (u.reshape(n, -1)[:, :k].to(torch.int8) - 1)
 

@@ -23,6 +23,12 @@ with every linear replaced by an op that computes from the stored format:
     a method's output term (Tequila's dead-zone      WithOutputTerm around the layer's op: op(x) +
     bias, a low-rank correction)                     quantizer.output_term(x, stored extras).
 
+On a GPU (`weights="auto"` there = bf16) every layer is instead one `DenseLinear`: its weight
+dequantized once at load to bf16/fp16/fp32 (integer codes kept as exact 16-bit integers with fp32
+scales), one GEMM per call; `weights="packed"` keeps the 2-bit form and unpacks per call. Decode steps
+of `generate` on CUDA run `InferenceModel.static_step` (fixed shapes, position on the device) captured
+once as a CUDA graph (`qtoolkit.deploy.static_decode`).
+
 When the C++ extension is loaded, attention (RoPE, cache write, softmax), SwiGLU and RMSNorm run as
 single calls into it (`use_fused_ops`), ~10 calls per block; otherwise they are the training model's
 PyTorch ops. For all-ternary models (packed ternary block linears, int8 embed/head) a batch-1 decode
@@ -63,6 +69,7 @@ from torch import Tensor, nn
 from qtoolkit.config import ModelConfig
 from qtoolkit.deploy import kernels
 from qtoolkit.deploy.kernels import Backend, Progress
+from qtoolkit.deploy.static_decode import generate_static
 from qtoolkit.errors import CheckpointError, ConfigError
 from qtoolkit.model import apply_rope, repeat_kv, rope_tables
 from qtoolkit.quantizers.base import int8_per_token_codes
@@ -140,6 +147,63 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {'w8a8' if self.act_int8 else 'w8'}, {self.mode}"
+
+
+WEIGHT_LAYOUTS = ("auto", "packed", "bf16", "fp16", "fp32")
+DENSE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def dense_mm(x: Tensor, w: Tensor) -> Tensor:
+    """x (M, K) fp32 @ w.T for a dense weight w (N, K) of any float dtype -> (M, N) fp32.
+
+    16-bit weights: x is rounded to w's dtype and the products are summed in fp32 with an fp32
+    result (CUDA: cuBLAS through `torch.mm(..., out_dtype=float32)`; the CPU, which lacks that op,
+    widens both operands, giving the same products and fp32 sums). Integer codes (|c| <= 128) and
+    ternary/int8 weights are exact in bf16 and fp16, so for them the result is the exact integer
+    dot product while partial sums stay below 2^24."""
+    if w.dtype == torch.float32:
+        return F.linear(x, w)
+    if x.is_cuda:
+        return torch.mm(x.to(w.dtype), w.t(), out_dtype=torch.float32)
+    return F.linear(x.to(w.dtype).float(), w.float())
+
+
+class DenseLinear(nn.Module):
+    """A layer dequantized ONCE at load into a dense bf16 / fp16 / fp32 weight (the GPU layout):
+
+        integer codes (ternary, int8; `scale` (N,) fp32):  weight = the codes themselves, exact in
+            16 bits; with `act_codes` (int8 activations) y = dense_mm(q, W~) * (scale_i / s_t) from the
+            training quantizer's per-token codes q and scales s: the same integers and float epilogue
+            as the reference path (`ternary_linear_reference`), hence bit-identical ternary outputs;
+            weight-only, y = dense_mm(x, codes) * scale (x rounded to the weight's dtype).
+        float weights (fp16/bf16/fp32 specs; `scale` None): weight = the float weight in the layout's
+            dtype, y = dense_mm(quantize_input(x), W) (the quantizer's input rule for the formats that
+            have one: group scales, intn, binary, int4 / elastic inputs).
+
+    Holds 2 bytes per weight in bf16/fp16 (4 in fp32) against 1/4 byte for the packed ternary form:
+    the price of a single GEMM per layer, without a per-call unpack."""
+
+    def __init__(self, weight: Tensor, scale: Tensor | None, act_codes: bool, quantizer: nn.Module | None,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.act_codes = act_codes
+        self.quantizer = quantizer
+        self.register_buffer("weight", weight.to(dtype).contiguous().to(device))
+        self.register_buffer("scale", None if scale is None else scale.float().reshape(-1).contiguous().to(device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.act_codes:
+            q, s = int8_per_token_codes(x)
+            return dense_mm(q, self.weight) * (self.scale / s)
+        if self.quantizer is not None:
+            x = self.quantizer.quantize_input(x)
+        y = dense_mm(x, self.weight)
+        return y if self.scale is None else y * self.scale
+
+    def extra_repr(self) -> str:
+        kind = "codes, int8 inputs" if self.act_codes else ("codes" if self.scale is not None else "float")
+        return f"{self.in_features} -> {self.out_features}, {self.weight.dtype} ({kind})"
 
 
 class ReferenceLinear(nn.Module):
@@ -233,9 +297,20 @@ class RuntimeBlock(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], layer: int, cache: KVCache | None, pos: int) -> Tensor:
         if self.fused_ops and cache is not None:
             return self._fused_forward(x, rope, layer, cache, pos)
+        return self._forward(x, lambda h, B, T: self._attention(h, B, T, rope, layer, cache, pos))
+
+    def static_forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor,
+                       mask: Tensor) -> Tensor:
+        """One token per row, fixed shapes (`InferenceModel.static_step`): x (B, 1, C); cos/sin (1, hd/2)
+        the RoPE rows at `pos`; k_cache/v_cache (B, nkv, max_len, hd) this layer's cache; pos (1,) long
+        on the device; mask (1, 1, 1, max_len) bool, keys 0 .. pos."""
+        return self._forward(x, lambda h, B, T: self._static_attention(h, B, cos, sin, k_cache, v_cache, pos, mask))
+
+    def _forward(self, x: Tensor, attention) -> Tensor:
+        """The PyTorch block around `attention(h (B*T, C), B, T) -> (B*T, C)`."""
         B, T, C = x.shape
         h = F.rms_norm(x, (C,), self.attn_norm, self.eps).view(B * T, C)
-        y = self._attention(h, B, T, rope, layer, cache, pos)
+        y = attention(h, B, T)
         if self.subln:
             y = F.rms_norm(y, (C,), self.attn_sub_norm, self.eps)
         x = x + self.o(y).view(B, T, C)
@@ -270,14 +345,7 @@ class RuntimeBlock(nn.Module):
                    pos: int) -> Tensor:
         """The PyTorch path: the training model's attention, reading and extending the cache."""
         C = self.d
-        if self.fused_qkv:
-            q, k, v = self.qkv(h).split((C, self.kvd, self.kvd), dim=1)
-        else:
-            q, k, v = self.q(h), self.k(h), self.v(h)
-        # (B*T, C) -> (B, nh, T, hd); k, v -> (B, nkv, T, hd)
-        q = q.reshape(B, T, self.nh, self.hd).transpose(1, 2)
-        k = k.reshape(B, T, self.nkv, self.hd).transpose(1, 2)
-        v = v.reshape(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k, v = self._qkv(h, B, T)
         cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -294,6 +362,30 @@ class RuntimeBlock(nn.Module):
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=h.device).tril(diagonal=pos)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return y.transpose(1, 2).reshape(B * T, C)
+
+    def _qkv(self, h: Tensor, B: int, T: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(B*T, C) -> q (B, nh, T, hd); k, v (B, nkv, T, hd)."""
+        C = self.d
+        if self.fused_qkv:
+            q, k, v = self.qkv(h).split((C, self.kvd, self.kvd), dim=1)
+        else:
+            q, k, v = self.q(h), self.k(h), self.v(h)
+        q = q.reshape(B, T, self.nh, self.hd).transpose(1, 2)
+        k = k.reshape(B, T, self.nkv, self.hd).transpose(1, 2)
+        v = v.reshape(B, T, self.nkv, self.hd).transpose(1, 2)
+        return q, k, v
+
+    def _static_attention(self, h: Tensor, B: int, cos: Tensor, sin: Tensor, ck: Tensor, cv: Tensor, pos: Tensor,
+                          mask: Tensor) -> Tensor:
+        """`_attention` for one token at a device-side position: k/v written at `pos` by index, the
+        query attends over the whole cache with keys after `pos` masked out (no slice by a host int)."""
+        q, k, v = self._qkv(h, B, 1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        ck.index_copy_(2, pos, k)
+        cv.index_copy_(2, pos, v)
+        k, v = repeat_kv(ck, self.nh), repeat_kv(cv, self.nh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return y.transpose(1, 2).reshape(B, self.d)
 
 
 class InferenceModel(nn.Module):
@@ -314,6 +406,15 @@ class InferenceModel(nn.Module):
         self.tokenizer: Any = None
         self._ext = None  # the C++ extension while its fused ops are on (use_fused_ops)
         self._decoder = None  # its Decoder: batch-1 decode steps in one call each
+        # native: the CPU kernels' 2-bit blocks; int8: codes unpacked once (reference path); packed:
+        # 2-bit, unpacked per call; bf16/fp16/fp32: dense (set by from_packed); baselines: their name
+        self.weight_layout = "native" if backend.native else {"reference": "int8", "dequant": "packed"}.get(
+            backend.name, backend.name)
+        # decode steps of `generate` as fixed-shape steps (CUDA graphs on a GPU): `use_static_decode`
+        self.static_decode = torch.device(device).type == "cuda"
+        self.cuda_graphs = True
+        self.compile_step = False
+        self._static: dict[tuple, Any] = {}  # (batch, max_len, sampler) -> StaticDecoder
         self.eval()
 
     @property
@@ -369,6 +470,44 @@ class InferenceModel(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, batch, max_len or self.config.max_seq_len, self.device)
 
+    def use_static_decode(self, enabled: bool = True, cuda_graphs: bool = True, compile: bool = False) -> InferenceModel:
+        """How `generate` runs decode steps: with `enabled` (the default on CUDA) each step is
+        `static_step` driven by a `StaticDecoder` (sampling on the device, one host read per token),
+        captured once per (batch, max_len, sampler) as a CUDA graph and replayed (`cuda_graphs`, CUDA
+        only; the CPU runs the same step eagerly), optionally through `torch.compile` first
+        (`compile`). Disabled: the dynamic step (`forward` with T = 1), as on the CPU. Decoders
+        already captured are kept (keyed by these settings too); `release_static_decoders` frees them."""
+        self.static_decode, self.cuda_graphs, self.compile_step = enabled, cuda_graphs, compile
+        return self
+
+    def release_static_decoders(self) -> None:
+        """Drop the captured decoders (their KV caches and CUDA-graph memory)."""
+        self._static.clear()
+
+    @torch.inference_mode()
+    def static_step(self, token: Tensor, pos: Tensor, cache: KVCache) -> Tensor:
+        """One decode step of fixed shapes: token (B, 1) long and pos (1,) long, both on the device ->
+        logits (B, V) fp32. Writes k/v at `pos` in every layer and attends to keys 0 .. pos through a
+        mask over the whole cache; RoPE rows are gathered by index. Nothing reads a value back to the
+        host and no Python branch depends on data, so the step can be captured in a CUDA graph.
+        `cache.length` is left alone: the caller owns the position (`qtoolkit.deploy.static_decode`).
+        Computes what `forward(token, cache)` computes at length `pos` with the PyTorch block ops
+        (not the C++ fused ops), up to the float summation order of masked attention."""
+        return self.static_step_fn(token, pos, cache)
+
+    def static_step_fn(self, token: Tensor, pos: Tensor, cache: KVCache) -> Tensor:
+        """`static_step` without its inference-mode wrapper: what `torch.compile` traces (inductor
+        cannot mutate views of the cache under inference mode); call it under `torch.no_grad()`."""
+        cfg = self.config
+        cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)  # (1, hd/2)
+        keys = torch.arange(cache.max_len, device=pos.device)
+        mask = (keys <= pos).view(1, 1, 1, -1)
+        x = self.embed(token)
+        for i, block in enumerate(self.blocks):
+            x = block.static_forward(x, cos, sin, cache.k[i], cache.v[i], pos, mask)
+        x = F.rms_norm(x, (cfg.d_model,), self.norm, cfg.norm_eps)
+        return self.head(x.reshape(-1, cfg.d_model))
+
     @torch.inference_mode()
     def forward(self, idx: Tensor, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
         """idx (B, T) -> logits (B, T, V) (or (B, 1, V) with `last_only`), appending to `cache`."""
@@ -396,15 +535,29 @@ class InferenceModel(nn.Module):
             x = F.rms_norm(x, (C,), self.norm, self.config.norm_eps)
         return self.head(x.reshape(-1, C)).view(B, x.shape[1], -1)
 
-    def weight_bytes(self) -> int:
-        """Bytes of every weight tensor the model holds (tied weights once; RoPE tables excluded)."""
+    def weight_summary(self) -> dict[str, Any]:
+        """Where the weights live and how: {"device", "layout", "bytes", "bytes_by_dtype"} (the bytes
+        `weight_bytes` counts; on a GPU, what the device holds for weights, KV cache excluded)."""
+        by_dtype: dict[str, int] = {}
+        for t in self._weight_tensors():
+            key = str(t.dtype).removeprefix("torch.")
+            by_dtype[key] = by_dtype.get(key, 0) + t.numel() * t.element_size()
+        return {"device": str(self.device), "layout": self.weight_layout, "bytes": self.weight_bytes(),
+                "bytes_by_dtype": dict(sorted(by_dtype.items()))}
+
+    def _weight_tensors(self) -> list[Tensor]:
         seen: set[int] = set()
-        total = 0
+        out = []
         for name, t in list(self.named_buffers()) + list(self.named_parameters()):
             if name.startswith("rope_") or t.data_ptr() in seen:
                 continue
             seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+            out.append(t)
+        return out
+
+    def weight_bytes(self) -> int:
+        """Bytes of every weight tensor the model holds (tied weights once; RoPE tables excluded)."""
+        total = sum(t.numel() * t.element_size() for t in self._weight_tensors())
         for m in self.modules():  # torch.ao dynamic-quantized linears keep packed weights off the buffer list
             packed = getattr(m, "_packed_params", None)
             if packed is not None and hasattr(packed, "_weight_bias"):
@@ -416,22 +569,41 @@ class InferenceModel(nn.Module):
 
     @classmethod
     def from_packed(cls, ckpt: dict[str, Any], kernels_: str | None = None, device: str | torch.device = "cpu",
-                    _consume: bool = False, progress: Progress | None = None) -> InferenceModel:
+                    _consume: bool = False, progress: Progress | None = None, weights: str = "auto") -> InferenceModel:
         """Build from a loaded packed checkpoint (`load_checkpoint`).
 
         `kernels_` picks the CPU path (`qtoolkit.deploy.kernels.select_backend`: auto, reference, avx2,
-        avx512-vnni) or "dequant", the dequantize-then-matmul path that CUDA devices always use;
-        `progress` hears of a first-use build of the C++ kernels (`kernels.load_extension`)."""
+        avx512-vnni) or "dequant" (= `weights="packed"`); `progress` hears of a first-use build of the
+        C++ kernels (`kernels.load_extension`). `weights` picks the layout of the quantized weights:
+            auto     the CPU kernels' layout on the CPU, bf16 on CUDA
+            packed   2-bit ternary (and int8 codes) kept as stored, dequantized on every call (the
+                     memory-saving layout: a quarter byte per ternary weight)
+            bf16 | fp16 | fp32   every layer dequantized once at load into one dense weight
+                     (`DenseLinear`; 2 bytes per weight in bf16/fp16), one GEMM per layer
+        The dense and packed layouts run on any device (on the CPU they are slow: for tests and checks)."""
         device = torch.device(device)
         if device.type not in ("cpu", "cuda"):
             raise ConfigError(f"unsupported device {device}; use cpu or cuda")
-        if kernels_ == "dequant":
-            backend = Backend("dequant", "dequantize-then-matmul requested")
-        elif device.type == "cuda":
-            backend = Backend("dequant", "CUDA device: dequantize-then-matmul (no custom CUDA kernel)")
+        if weights not in WEIGHT_LAYOUTS:
+            raise ConfigError(f"weights must be one of {', '.join(WEIGHT_LAYOUTS)}, got {weights!r}")
+        if kernels_ not in (None, "dequant") and weights != "auto":
+            raise ConfigError(f"kernels={kernels_} picks a CPU kernel path; it cannot be combined with "
+                              f"weights={weights} (leave one of them unset)")
+        if kernels_ == "dequant" and weights not in ("auto", "packed"):
+            raise ConfigError(f"kernels=dequant is the packed layout; it cannot be combined with weights={weights}")
+        if weights == "auto" and device.type == "cuda" and kernels_ != "dequant":
+            weights = "bf16"
+        if kernels_ == "dequant" or weights == "packed":
+            backend = Backend("dequant", "packed weights, dequantized on every call (requested)")
+        elif weights in DENSE_DTYPES:
+            where = "CUDA default" if device.type == "cuda" else "requested"
+            backend = Backend("dense", f"weights dequantized once at load to {weights} ({where}; one GEMM per layer)")
         else:
             backend = kernels.select_backend(kernels_, progress)
-        return _Builder(ckpt, backend, device, _consume).build(cls).use_fused_ops(backend.native)
+        model = _Builder(ckpt, backend, device, _consume, dense=DENSE_DTYPES.get(weights)).build(cls)
+        if weights in DENSE_DTYPES:
+            model.weight_layout = weights
+        return model.use_fused_ops(backend.native)
 
     @classmethod
     def float_baseline(cls, ckpt: dict[str, Any], dynamic_int8: bool = False, kernels_: str | None = None,
@@ -506,10 +678,11 @@ def _fuse(layers: list[_Layer]) -> _Layer | None:
 
 class _Builder:
     def __init__(self, ckpt: dict[str, Any], backend: Backend, device: torch.device, consume: bool,
-                 as_float: bool = False, block_hook=None):
+                 as_float: bool = False, block_hook=None, dense: torch.dtype | None = None):
         if ckpt.get("kind") != "packed":
             raise CheckpointError(f"{ckpt.get('path')}: expected a packed checkpoint")
         self.ckpt, self.backend, self.device, self.consume = ckpt, backend, device, consume
+        self.dense = dense  # the dtype of DenseLinear weights, or None for the per-format ops
         self.as_float, self.block_hook = as_float, block_hook
         self.cfg = ModelConfig.from_dict(ckpt["model_config"])
         self.by_name = {layer["name"]: layer for layer in ckpt["layers"]}
@@ -553,7 +726,9 @@ class _Builder:
         return _Layer("reference", weight=weight, quantizer=quantizer)
 
     def op(self, layer: _Layer) -> nn.Module:
-        if layer.kind == "ternary":
+        if self.dense is not None:
+            op = self._dense_op(layer)
+        elif layer.kind == "ternary":
             op = TernaryLinear(layer.codes, layer.scale, self.backend, self.device)
         elif layer.kind == "int8":
             op = Int8Linear(layer.codes, layer.scale, layer.act_int8, self.backend, self.device)
@@ -564,6 +739,12 @@ class _Builder:
         if layer.term is not None:
             op = WithOutputTerm(op, *layer.term, device=self.device)
         return op
+
+    def _dense_op(self, layer: _Layer) -> nn.Module:
+        if layer.kind in ("ternary", "int8"):  # integer codes (exact in 16 bits) and row scales
+            return DenseLinear(layer.codes, layer.scale, layer.act_int8, None, self.dense, self.device)
+        quantizer = layer.quantizer if layer.kind == "reference" else None
+        return DenseLinear(layer.weight, None, False, quantizer, self.dense, self.device)
 
     def ops(self, prefix: str, names: tuple[str, ...], fused: str) -> dict[str, nn.Module]:
         layers = [self.layer(f"{prefix}.{n}_proj") for n in names]
@@ -612,18 +793,20 @@ def load_tokenizer_json(text: str | None):
 
 
 def load_inference_model(path: str | Path, kernels: str | None = None, device: str = "auto",
-                         progress: Progress | None = None) -> InferenceModel:
+                         progress: Progress | None = None, weights: str = "auto") -> InferenceModel:
     """A packed checkpoint (or a training one, packed in memory) as an InferenceModel with its tokenizer.
 
     `kernels`: auto | reference | avx2 | avx512-vnni (default: $QTOOLKIT_KERNELS or auto);
-    `device`: auto | cpu | cuda (`qtoolkit.device`); `progress`: hears of a first-use kernel build."""
+    `device`: auto | cpu | cuda (`qtoolkit.device`); `progress`: hears of a first-use kernel build;
+    `weights`: auto | packed | bf16 | fp16 | fp32, the weight layout (`InferenceModel.from_packed`;
+    auto = bf16 on CUDA, the CPU kernels' layout on the CPU)."""
     from qtoolkit.checkpoint import load_checkpoint
     from qtoolkit.device import resolve_device
     from qtoolkit.pack import packed_form
 
     device = resolve_device(device)
     ckpt = packed_form(load_checkpoint(path))
-    model = InferenceModel.from_packed(ckpt, kernels, device, _consume=True, progress=progress)
+    model = InferenceModel.from_packed(ckpt, kernels, device, _consume=True, progress=progress, weights=weights)
     model.tokenizer = load_tokenizer_json(ckpt.get("tokenizer"))
     model.source = str(ckpt["path"])
     return model
@@ -706,6 +889,14 @@ def generate(model: InferenceModel, prompt_ids: Iterable[int], max_new_tokens: i
 
 def _generate(model: InferenceModel, ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
               seed: int | None, eos_id: int | None, stats: GenerationStats) -> Iterator[int]:
+    if model.static_decode:  # CUDA: fixed-shape steps replayed from a CUDA graph, sampling on the device
+        return generate_static(model, ids, max_new_tokens, temperature, top_k, seed, eos_id, stats)
+    return _generate_dynamic(model, ids, max_new_tokens, temperature, top_k, seed, eos_id, stats)
+
+
+def _generate_dynamic(model: InferenceModel, ids: list[int], max_new_tokens: int, temperature: float,
+                      top_k: int | None, seed: int | None, eos_id: int | None,
+                      stats: GenerationStats) -> Iterator[int]:
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     device = model.device
     cache = model.new_cache(1, len(ids) + max_new_tokens)
@@ -765,6 +956,6 @@ def generate_text(model: InferenceModel, prompt: str, max_new_tokens: int = 64, 
     return decode_stream(tok, (t for t in ids if t != eos))
 
 
-__all__ = ["GenerationStats", "InferenceModel", "Int8Embedding", "Int8Linear", "KVCache", "ReferenceLinear",
+__all__ = ["DenseLinear", "GenerationStats", "InferenceModel", "Int8Embedding", "Int8Linear", "KVCache", "ReferenceLinear",
            "TernaryLinear", "WithOutputTerm", "decode_stream", "encode_prompt", "generate", "generate_text", "load_inference_model",
            "sample_next"]
