@@ -157,21 +157,28 @@ class TrainStep:
         self.notice = notice or (lambda message: None)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_module = LossModule(model, cfg.label_smoothing, cfg.ce_chunk, device)
-        self.compute: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] = self.loss_module
+        self.ddp = None
+        if self.world.distributed:  # DDP around the whole forward, chunked loss included (training.distributed)
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.loss_module, device_ids=[device.index] if device.type == "cuda"
+                                               else None, broadcast_buffers=False)
+        self.eager: nn.Module = self.ddp or self.loss_module
+        self.compute: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] = self.eager
         self.compiled = False
         self.compile_error: str | None = None
         if compile:
             try:
-                self.compute = torch.compile(self.loss_module, backend=compile_backend())
+                self.compute = torch.compile(self.eager, backend=compile_backend())
                 self.compiled = True
             except Exception as e:  # noqa: BLE001 - any failure to set up compilation means eager
                 self._fall_back(e)
         self.guard = NonFiniteGuard(optimizer, device)
 
     def _fall_back(self, error: BaseException) -> None:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = " ".join(str(error).split())[:200] or "no message"
         self.compile_error = f"{type(error).__name__}: {reason}"
-        self.compute, self.compiled = self.loss_module, False
+        self.compute, self.compiled = self.eager, False
         self.notice(f"train.compile: torch.compile failed ({self.compile_error}); training continues in eager "
                     "mode (set train.compile=false to skip the attempt)")
 
@@ -187,9 +194,13 @@ class TrainStep:
             return loss.detach(), ce.detach()
         weight = micro / x.shape[0]
         total = torch.zeros(2, device=self.device)
-        for xm, ym in zip(x.split(micro), y.split(micro), strict=True):
-            loss, ce = self.compute(xm, ym)
-            (loss * weight).backward()
+        pieces = list(zip(x.split(micro), y.split(micro), strict=True))
+        for i, (xm, ym) in enumerate(pieces):
+            # under DDP the gradients are averaged over the processes in the last micro-batch's backward only
+            quiet = self.ddp.no_sync() if self.ddp is not None and i < len(pieces) - 1 else contextlib.nullcontext()
+            with quiet:
+                loss, ce = self.compute(xm, ym)
+                (loss * weight).backward()
             total += torch.stack([loss.detach(), ce.detach()]).float() * weight
         return total[0], total[1]
 
@@ -213,13 +224,9 @@ class TrainStep:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         loss, ce = self.gradients(x, y)
         stop_any = None
-        if self.world.distributed:  # average gradients, losses and the stop flag over the processes
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+        if self.world.distributed:  # DDP averaged the gradients; the losses and the stop flag here
             flag = torch.full((), float(stop), device=self.device)  # a fill, not a blocking copy
-            loss, ce, stop_any = all_reduce_mean([p.grad for p in self.params],
-                                                 torch.stack([loss.float(), ce.float(), flag]), self.world)
+            loss, ce, stop_any = all_reduce_mean([], torch.stack([loss.float(), ce.float(), flag]), self.world)
         # The global gradient norm, clipped to grad_clip when set (no host sync: the clip factor is
         # a device tensor). A non-finite norm means the update would write NaN/inf into the weights.
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
