@@ -196,7 +196,7 @@ def evaluate_batches(model: nn.Module, batches, device: torch.device | str = "cp
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    total_loss, count = 0.0, 0
+    total_loss, count = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no read per batch
     try:
         for i, (xb, yb) in enumerate(batches):
             for x, y in zip(xb.split(micro_batch_size or len(xb)), yb.split(micro_batch_size or len(yb)), strict=True):
@@ -209,13 +209,13 @@ def evaluate_batches(model: nn.Module, batches, device: torch.device | str = "cp
                         logits = model(x)
                     _, ce = loss_fn(logits, y, 0.0)
                     del logits
-                total_loss += ce.item() * y.numel()
+                total_loss += ce.double() * y.numel()
                 count += y.numel()
             if progress is not None:
                 progress("evaluating", i + 1, total)
     finally:
         model.train(was_training)
-    loss = total_loss / count
+    loss = total_loss.item() / count
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
 
 
