@@ -26,13 +26,16 @@ Memory: before reading data `training.memory.fit_recipe` estimates the step's pe
 it does not fit, picks the largest micro-batch that does (or refuses with `InsufficientMemory`); a
 step runs `batch_size / micro_batch_size` micro-batches whose scaled gradients add up to the whole
 batch's. `train.ce_chunk` and `train.activation_checkpointing` trade compute for memory.
+The step itself (forward and loss, under `torch.compile` with `train.compile`, accumulation, the
+all-reduce, clipping, the update) is `training.step.TrainStep`.
 Under torchrun each process trains on its share of every batch (`training.distributed`). Batches are a pure function of (seed, step) and the checkpoint carries
 optimizer and RNG state, so `resume=True` reaches bit-identical weights to an uninterrupted run.
 Nothing lost (docs/reliability.md):
   * the run holds `out_dir`'s lock (`qtoolkit.rundir`) from start to end: a second run into the
     same directory fails at once; temporary files a crashed run left are removed;
-  * a non-finite loss or gradient norm stops the run with `TrainingDiverged` before the update is
-    applied, and a checkpoint is written only if every weight and optimizer value is finite and the
+  * a non-finite loss or gradient norm never reaches the weights (`training.step`'s on-device guard
+    skips the update) and stops the run with `TrainingDiverged` naming that step (on CUDA at the next
+    log, evaluation or checkpoint step, where the trainer reads anything from the GPU), and a checkpoint is written only if every weight and optimizer value is finite and the
     evaluation at that step is finite: the checkpoint on disk is always the last good one;
   * SIGTERM (schedulers, `docker stop`) saves a checkpoint and stops, like Ctrl-C;
   * `--resume` continues only with the run's own recipe (`qtoolkit.training.resume` lists what
