@@ -35,8 +35,9 @@ Nothing lost (docs/reliability.md):
     same directory fails at once; temporary files a crashed run left are removed;
   * a non-finite loss or gradient norm never reaches the weights (`training.step`'s on-device guard
     skips the update) and stops the run with `TrainingDiverged` naming that step (on CUDA at the next
-    log, evaluation or checkpoint step, where the trainer reads anything from the GPU), and a checkpoint is written only if every weight and optimizer value is finite and the
-    evaluation at that step is finite: the checkpoint on disk is always the last good one;
+    log, evaluation or checkpoint step, where the trainer reads anything from the GPU), and a
+    checkpoint is written only if no step was bad, every weight and optimizer value is finite and
+    the evaluation at that step is finite: the checkpoint on disk is always the last good one;
   * SIGTERM (schedulers, `docker stop`) saves a checkpoint and stops, like Ctrl-C;
   * `--resume` continues only with the run's own recipe (`qtoolkit.training.resume` lists what
     may change), and only on the same data;
