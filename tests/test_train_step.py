@@ -259,6 +259,11 @@ def test_train_step_without_found_inf_skips_after_a_host_read(monkeypatch):
 # ------------------------------------------------------------------------------ throughput
 
 
+def test_peak_of_a_cuda_device_from_its_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")  # the query only
+    assert peak_flops("cuda:0") == (989e12, "NVIDIA H100 80GB HBM3")
+
+
 def test_flops_per_token_and_mfu():
     from qtoolkit.config import ModelConfig
     from qtoolkit.model import DecoderLM
