@@ -92,8 +92,10 @@ def main() -> None:
 
     rows = []
     out["formats"] = rows
-    for name in [] if args.skip_formats else ["fp32", *args.formats.split(",")]:
-        spec = quantizers.canonical(name)
+    # --formats: names/aliases or a YAML list of specs (e.g. "[gptq2, {name: intn, bits: 2, rounding: gptq, damp: 0.1}]")
+    for fmt in [] if args.skip_formats else [None, *parse_formats(args.formats)]:
+        name = "fp32" if fmt is None else fmt.key
+        spec = quantizers.canonical(name if fmt is None else fmt.spec)
         policy = {"_default": spec, "embed": "int8", "lm_head": "int8"} if name != "fp32" else {"_default": "fp32"}
         plan = memory_plan(cfg, policy)
         times = []

@@ -125,6 +125,8 @@ def run_one(args, recipe_name: str, seed: int) -> dict[str, Any]:
         t = time.perf_counter()
         res = train(recipe, out, resume=resume, callback=progress)
         train_s = time.perf_counter() - t
+        if res.interrupted or res.steps < args.steps:  # Ctrl-C / SIGTERM: saved; the next start resumes
+            raise SystemExit(f"{recipe_name} seed {seed}: interrupted at step {res.steps}; rerun to resume")
         ev = evaluate_checkpoint(out / "ckpt.pt", batches=args.eval_batches, device="cpu")
         packed = pack_checkpoint(out / "ckpt.pt", out / "packed.safetensors", overwrite=True)
         pev = evaluate_checkpoint(packed.path, batches=args.eval_batches, device="cpu")

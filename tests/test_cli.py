@@ -199,7 +199,7 @@ def test_probe_and_search_commands(corpus_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert "blocks.0.attn" in r.output and "Spearman" in r.output and (tmp_path / "probe.json").is_file()
     # what it will do and how long, before the measurements; progress with an ETA
-    assert re.search(r"probe: \d+ units x 3 formats .* estimated \d+ s", r.output), r.output
+    assert re.search(r"probe: \d+ units x 5 formats .* estimated \d+ s", r.output), r.output
     assert r.output.index("probe: ") < r.output.index("sensitivity probe: ")
     assert re.search(r"sensitivity probe: \d+/\d+  elapsed \d+s  eta \d+s", r.output), r.output
     r = run("search", "--budget", "1KB", "--ckpt", out, "--out", tmp_path / "s")  # deprecated --ckpt still works
@@ -209,7 +209,7 @@ def test_probe_and_search_commands(corpus_dir, tmp_path):
             "--calib-tokens", 256, "--eval-batches", 2, "--plot", tmp_path / "s.png")
     assert r.exit_code == 0, r.output
     assert "Chosen format per unit" in r.output and "Search summary" in r.output
-    assert re.search(r"search: probe cached, then up to 4 trials and 3 uniform references.*estimated", r.output)
+    assert re.search(r"search: probe cached, then up to 4 trials and 5 uniform references.*estimated", r.output)
     assert (tmp_path / "s" / "policy.yaml").is_file() and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     assert "search.db" in r.output and "optuna-dashboard sqlite:///" in r.output  # the outputs row
     r = run("plan", "--model", "tiny", "--set", f"policy={tmp_path / 's' / 'policy.yaml'}", "--json")
@@ -220,7 +220,7 @@ def test_probe_and_search_commands(corpus_dir, tmp_path):
     # a budget that holds all-fp16 is answered at once, and the room left is named
     r = run("search", out, "--budget", "10MB", "-o", tmp_path / "s2", "--plot", tmp_path / "s2.png")
     assert r.exit_code == 0, r.output
-    assert "nothing was probed or searched" in r.output and "--formats ternary,int8,fp16,fp32" in r.output
+    assert "nothing was probed or searched" in r.output and "--formats ternary,ptqtp,int4,int8,fp16,fp32" in r.output
     assert not (tmp_path / "s2.png").exists() and "no plot written" in r.output
     assert (tmp_path / "s2" / "policy.yaml").is_file()
 

@@ -296,7 +296,8 @@ def search_renderables(result, extra_outputs=()) -> list:
             kind = u.name.split(".", 2)[2]
             if kind not in kinds:
                 kinds.append(kind)
-    grid = Table(title="Chosen format per unit", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    grid = Table(title="Chosen format per unit", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                 min_width=len("Chosen format per unit"))  # the title never wraps above a narrow grid
     grid.add_column("block", justify="right")
     for k in kinds:
         grid.add_column(k.replace("attn.", "").replace("mlp.", "").replace("_proj", ""))
