@@ -88,3 +88,18 @@ def test_elastic_activations_and_bf16_moments_under_two_processes(corpus_dir, tm
     one_process(corpus_dir, tmp_path / "one", 2, extra=extra)
     torchrun(2, corpus_dir, tmp_path / "two", 2, *[x for s in extra for x in ("--set", s)])
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+
+
+def test_ddp_with_micro_batches_savers_and_compile_equals_one_process(corpus_dir, tmp_path, monkeypatch):
+    """DDP's no_sync path (2 micro-batches per process: the gradients are averaged in the last
+    one's backward only), the chunked loss and activation checkpointing inside DDP's forward, and
+    train.compile over the DDP module (aot_eager backend: Dynamo's DDP graph splitting without a C++
+    build): the weights of a 1-process eager run, to 1e-5."""
+    savers = ["train.micro_batch_size=2", "train.ce_chunk=64", "train.activation_checkpointing=true"]
+    train(load_recipe("ternary_all", ["model.preset=tiny", f"data.path={corpus_dir}", "train.steps=4", *SETTINGS,
+                                      *savers]), tmp_path / "one")
+    monkeypatch.setenv("QTOOLKIT_COMPILE_BACKEND", "aot_eager")
+    proc = torchrun(2, corpus_dir, tmp_path / "two", 4, *[x for s in [*savers, "train.compile=true"]
+                                                         for x in ("--set", s)])
+    assert "torch.compile failed" not in proc.stdout + proc.stderr
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5

@@ -9,6 +9,7 @@ import torch
 
 from qtoolkit.checkpoint import load_checkpoint
 from qtoolkit.errors import CheckpointError, TrainingDiverged
+from qtoolkit.training import step as step_module
 from qtoolkit.training import trainer
 from qtoolkit.training.recipe import TrainConfig, available_recipes, load_recipe
 from qtoolkit.training.trainer import evaluate_checkpoint, lr_and_wd, model_from_checkpoint, train
@@ -102,13 +103,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus_dir, tmp_path,
             raise_nan.set()
 
     raise_nan = threading.Event()
-    real = trainer.loss_fn
+    real = step_module.loss_fn
 
     def loss_fn(logits, targets, ls):
         loss, ce = real(logits, targets, ls)
         return (loss * float("nan"), ce) if raise_nan.is_set() else (loss, ce)
 
-    monkeypatch.setattr(trainer, "loss_fn", loss_fn)
+    monkeypatch.setattr(step_module, "loss_fn", loss_fn)  # the training step's loss (training.step)
     with pytest.raises(TrainingDiverged, match="step 5.*Last good checkpoint"):
         train(r, tmp_path / "run", callback=poison)
     ckpt = load_checkpoint(tmp_path / "run" / "ckpt.pt")

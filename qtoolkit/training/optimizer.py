@@ -166,11 +166,12 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
 
 
 def build_adamw(groups: list[dict[str, Any]], model: nn.Module, lr: float, betas: tuple[float, float], eps: float,
-                optimizer_state: str = "fp32", seed: int = 0) -> torch.optim.Optimizer:
+                optimizer_state: str = "fp32", seed: int = 0, fused: bool | None = None) -> torch.optim.Optimizer:
     """The trainer's optimizer over `groups` (trainer.param_groups): torch.optim.AdamW when every
-    moment is fp32, else `LowPrecisionAdamW` with the block linears' moments in `optimizer_state`."""
+    moment is fp32 (`fused` as torch's flag), else `LowPrecisionAdamW` with the block linears' moments
+    in `optimizer_state`."""
     if optimizer_state == "fp32":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
     return LowPrecisionAdamW(groups, lr=lr, betas=betas, eps=eps, low_params=low_precision_params(model),
                              state_dtype=STATE_DTYPES[optimizer_state], seed=seed)
 

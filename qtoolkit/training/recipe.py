@@ -59,6 +59,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Run the step's forward and loss under torch.compile (training.step): true, false, or auto (on for
+    # CUDA, off for the CPU). A compile failure falls back to eager mode with a message.
+    compile: bool | Literal["auto"] = "auto"
     # Memory savers (docs/training.md states their cost): the loss over `ce_chunk` tokens at a time
     # without the full logits (0: off), and per-block activation checkpointing.
     ce_chunk: int = 0

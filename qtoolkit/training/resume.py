@@ -15,6 +15,7 @@ the run continues with:
        train.eval_every, train.eval_batches, train.ckpt_every, train.log_every
                           when and how much to evaluate, save and log: the weights do not change
        train.device       where the run continues (another machine; numerics may differ by device)
+       train.compile      eager or compiled: the same computation (numerics may differ by rounding)
        train.micro_batch_size, train.ce_chunk, train.activation_checkpointing, train.fit_memory,
        train.memory_gib   how the same batch is computed to fit in memory: the gradient is the
                           same sum, up to float rounding (bit-exact only with the same settings)
@@ -41,7 +42,7 @@ from qtoolkit.training.recipe import Recipe
 ALLOWED = frozenset({"train.steps", "train.eval_every", "train.eval_batches", "train.ckpt_every",
                      "train.log_every", "train.device", "name", "description", "data.path",
                      "train.micro_batch_size", "train.ce_chunk", "train.activation_checkpointing",
-                     "train.fit_memory", "train.memory_gib", "train.optimizer_state"})
+                     "train.fit_memory", "train.memory_gib", "train.optimizer_state", "train.compile"})
 _MISSING = object()
 
 
