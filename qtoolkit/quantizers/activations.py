@@ -141,6 +141,11 @@ class ActivationQuantizer(nn.Module):
             self._initialize(x)
         return _ElasticFakeQuant.apply(x, self.step, self.offset, self.qn, self.qp)
 
+    @property
+    def awaiting_init(self) -> bool:
+        """True until an elastic quantizer has set its step from its first training input."""
+        return self.mode == "elastic" and not bool(self.initialized)
+
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
         mu, sigma = x.float().mean(), x.float().std()

@@ -99,6 +99,8 @@ class TrainProgress:
     def _on_step(self, event) -> None:
         d = event.data
         info = f"loss {d['loss']:.3f} lr {d['lr']:.1e} {human_count(d['tokens_per_s'])} tok/s"
+        if d.get("mfu") is not None:
+            info += f" MFU {100 * d['mfu']:.1f}%"
         if self.live:
             self.progress.update(self._train_task, completed=event.step, info=info)
         elif event.step % max(1, self._total // 20) == 0 or event.step == self._total:
@@ -112,6 +114,9 @@ class TrainProgress:
             f"step {event.step:>6}  val_loss {d['val_loss']:.4f}  val_ppl {d['val_ppl']:.2f}  "
             f"train_ce {d['train_ce']:.4f}  train/val {d['train_val_ratio']:.3f}"
         )
+
+    def _on_notice(self, event) -> None:
+        self._print(f"[yellow]{escape(event.data['message'])}")
 
     def _on_stop(self, event) -> None:
         self._print(f"[yellow]interrupted at step {event.step}; checkpoint saved to {escape(event.data['path'])}")

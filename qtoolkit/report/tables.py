@@ -581,6 +581,8 @@ def train_memory_table(plan: dict, title: str) -> Table:
     table.add_column("what")
     for part, what in _MEMORY_PARTS.items():
         row = [part, _gib(est["parts"][part])] + ([_gib(fitted["parts"][part])] if show_fitted else [])
+        if part == "optimizer" and est.get("optimizer_state", "fp32") != "fp32":
+            what += f" ({est['optimizer_state']} for the block linears' weights)"
         table.add_row(*row, what)
     table.add_section()
     total = ["[bold]peak (estimate)", f"[bold]{_gib(est['total'])}"] + ([f"[bold]{_gib(fitted['total'])}"]
@@ -594,7 +596,7 @@ def train_memory_table(plan: dict, title: str) -> Table:
                    f"of {fitted['micro_batch_size']} (train.micro_batch_size={fitted['micro_batch_size']})")
     else:
         verdict = ("does not fit even at micro-batch 1: set train.ce_chunk, train.activation_checkpointing, "
-                   "or a smaller seq_len or model")
+                   "train.optimizer_state=bf16, or a smaller seq_len or model")
     table.caption = f"{verdict} (a micro-batch fits when its estimate is at most {plan['safety']:.0%} of what is available)"
     table.caption_justify = "left"
     return table

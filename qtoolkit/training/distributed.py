@@ -10,17 +10,19 @@ nothing here runs.
 The global batch is the recipe's `batch_size`: every rank computes the same batch of step s (a pure
 function of (seed, s)) and takes rows [r * B / W, (r + 1) * B / W), so the ranks' shares are
 disjoint, deterministic, and together exactly the batch a 1-process run sees. Each rank accumulates
-the gradient of the mean loss over its share (micro-batches as usual), then `all_reduce_mean`
-averages gradients, loss figures and the stop flag in one collective over one flat buffer:
+the gradient of the mean loss over its share (micro-batches as usual) through PyTorch's
+DistributedDataParallel around `training.step.LossModule`, the module whose forward is the whole
+step's forward (model, chunked or plain loss), so DDP sees every parameter the loss uses. DDP
+averages the gradients in buckets while the backward still runs (overlapping communication with
+compute), and only in the last micro-batch's backward (`no_sync` for the others):
 
     grad = (1 / W) sum_r grad(mean loss over share r) = grad(mean loss over the batch)
 
 so every rank applies the same update to the same weights, and a W-process run matches a
-1-process run to float rounding (tests/test_distributed.py). This is PyTorch DDP's gradient
-averaging without its bucketed overlap of communication with the backward: the trainer calls parts
-of the model directly (the chunked loss runs `hidden_states` and `lm_head` apart), which DDP's forward hook
-does not see, and one reduction per optimizer step is what DDP's `no_sync` does for accumulated
-micro-batches anyway.
+1-process run to float rounding (tests/test_distributed.py, with and without micro-batches, the
+chunked loss, activation checkpointing and torch.compile). Every parameter must receive a gradient
+(DDP runs without `find_unused_parameters`); every shipped recipe's forward uses all of them.
+`all_reduce_mean` then averages the loss figures and the stop flag in one small collective.
 
 Rank 0 alone holds the run directory's lock and writes (checkpoints, metrics.jsonl, recipe.yaml) and
 reports progress; the others compute. A checkpoint holds no world size: the weights and optimizer

@@ -7,7 +7,8 @@ gradients already accumulated):
     weights        latent parameters (fp32) and quantizer parameters, plus buffers (RoPE tables)
     gradients      one per trainable parameter (fp32); twice that under data parallelism (the
                    flat buffer of the all-reduce, training.distributed)
-    optimizer      AdamW's exp_avg and exp_avg_sq (2 x fp32 per trainable parameter)
+    optimizer      AdamW's exp_avg and exp_avg_sq: 2 x fp32 per trainable parameter, 2 x bf16 for the
+                   block linears' weights with `train.optimizer_state: bf16` (training.optimizer)
     activations    what the forward of one micro-batch saves for the backward: per block, measured
                    (below); the residual stream into the head; fake-quantized weight copies
     logits         the loss's working set at the start of the backward: the log-softmax output,
@@ -59,6 +60,7 @@ from qtoolkit.errors import ConfigError, InsufficientMemory
 from qtoolkit.model import rope_tables
 from qtoolkit.policy import build_model
 from qtoolkit.procfs import MEMINFO, STATUS, proc_bytes
+from qtoolkit.training.optimizer import STATE_DTYPES, optimizer_state_bytes
 from qtoolkit.training.recipe import Recipe
 
 GIB = 1024**3
@@ -87,6 +89,7 @@ class MemoryEstimate:
     ce_chunk: int
     activation_checkpointing: bool
     parts: dict[str, int]
+    optimizer_state: str = "fp32"
 
     @property
     def total(self) -> int:
@@ -244,6 +247,7 @@ class _Profile:
     grads: int
     blocks: list[tuple[int, int]]  # per block: (bytes per step, bytes per sequence)
     head: tuple[int, int]  # (bytes per step, bytes per token)
+    optimizer: dict[str, int]  # AdamW's moments, bytes, for each train.optimizer_state
     processes: int = 1  # data parallelism: the gradients' all-reduce takes one more flat copy of them
 
     @classmethod
@@ -262,7 +266,8 @@ class _Profile:
                 probes[sig] = _probe_block(block, model_config, device, cfg.seq_len)
             blocks.append(probes[sig])
         head = _probe_head(model.lm_head, model_config, device)
-        return cls(recipe, device, weights, sum(p.numel() * 4 for p in trainable), blocks, head)
+        optimizer = {state: optimizer_state_bytes(model, state) for state in STATE_DTYPES}
+        return cls(recipe, device, weights, sum(p.numel() * 4 for p in trainable), blocks, head, optimizer)
 
     def estimate(self, micro: int) -> MemoryEstimate:
         cfg, model_config = self.recipe.train, self.recipe.model_config()
@@ -278,11 +283,11 @@ class _Profile:
         rows = min(cfg.ce_chunk, tokens) if cfg.ce_chunk else tokens
         logit_bytes = 4 + (2 if self.device.type == "cuda" else 0)  # fp32 (CUDA: + bf16 logits before .float())
         grads = self.grads * (2 if self.processes > 1 else 1)
-        parts = {"weights": self.weights, "gradients": grads, "optimizer": 2 * self.grads,
+        parts = {"weights": self.weights, "gradients": grads, "optimizer": self.optimizer[cfg.optimizer_state],
                  "activations": activations, "logits": LOGIT_BUFFERS * rows * model_config.vocab_size * logit_bytes,
                  "runtime": _rss() if self.device.type == "cpu" else 0}
         return MemoryEstimate(str(self.device), cfg.batch_size, micro, cfg.seq_len, cfg.ce_chunk,
-                              cfg.activation_checkpointing, parts)
+                              cfg.activation_checkpointing, parts, cfg.optimizer_state)
 
 
 def estimate_training_memory(recipe: Recipe, device: torch.device | str = "cpu",
@@ -352,7 +357,8 @@ def fit_recipe(recipe: Recipe, device: torch.device | str, earlier: TrainingMemo
     one = plan.profile.estimate(1)
     parts = one.parts
     fixes = [fix for fix, off in (("train.ce_chunk=4096", not cfg.ce_chunk),
-                                  ("train.activation_checkpointing=true", not cfg.activation_checkpointing)) if off]
+                                  ("train.activation_checkpointing=true", not cfg.activation_checkpointing),
+                                  ("train.optimizer_state=bf16", cfg.optimizer_state == "fp32")) if off]
     fixes += ["a smaller train.seq_len or model",
               "train.memory_gib=N if more memory is free than detected (train.fit_memory=false skips this check)"]
     raise InsufficientMemory(

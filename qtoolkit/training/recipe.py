@@ -59,10 +59,16 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Run the step's forward and loss under torch.compile (training.step): true, false, or auto (on for
+    # CUDA, off for the CPU). A compile failure falls back to eager mode with a message.
+    compile: bool | Literal["auto"] = "auto"
     # Memory savers (docs/training.md states their cost): the loss over `ce_chunk` tokens at a time
     # without the full logits (0: off), and per-block activation checkpointing.
     ce_chunk: int = 0
     activation_checkpointing: bool = False
+    # AdamW's moments of the block linears' weights: fp32, or bf16 with stochastic rounding (half the
+    # bytes; training.optimizer says which parameters and why). Other parameters keep fp32 moments.
+    optimizer_state: Literal["fp32", "bf16"] = "fp32"
     # Before the first step: estimate peak memory (training.memory); when it exceeds what the device
     # has free (or memory_gib), run the largest micro-batch that fits, or stop with a message. false:
     # only report the estimate.

@@ -15,9 +15,14 @@ the run continues with:
        train.eval_every, train.eval_batches, train.ckpt_every, train.log_every
                           when and how much to evaluate, save and log: the weights do not change
        train.device       where the run continues (another machine; numerics may differ by device)
+       train.compile      eager or compiled: the same computation (numerics may differ by rounding)
        train.micro_batch_size, train.ce_chunk, train.activation_checkpointing, train.fit_memory,
        train.memory_gib   how the same batch is computed to fit in memory: the gradient is the
                           same sum, up to float rounding (bit-exact only with the same settings)
+       train.optimizer_state
+                          fp32 <-> bf16 moments of the block linears: the checkpoint's moments are
+                          converted when loaded (bf16 -> fp32 exactly; fp32 -> bf16 rounded once), and
+                          the run continues with the new precision (training.optimizer)
        name, description  labels
        data.path          only when the data behind it is the same (content fingerprint, checked
                           by the trainer once the data is read): the data moved, it did not change
@@ -37,7 +42,7 @@ from qtoolkit.training.recipe import Recipe
 ALLOWED = frozenset({"train.steps", "train.eval_every", "train.eval_batches", "train.ckpt_every",
                      "train.log_every", "train.device", "name", "description", "data.path",
                      "train.micro_batch_size", "train.ce_chunk", "train.activation_checkpointing",
-                     "train.fit_memory", "train.memory_gib"})
+                     "train.fit_memory", "train.memory_gib", "train.optimizer_state", "train.compile"})
 _MISSING = object()
 
 

@@ -26,14 +26,18 @@ Memory: before reading data `training.memory.fit_recipe` estimates the step's pe
 it does not fit, picks the largest micro-batch that does (or refuses with `InsufficientMemory`); a
 step runs `batch_size / micro_batch_size` micro-batches whose scaled gradients add up to the whole
 batch's. `train.ce_chunk` and `train.activation_checkpointing` trade compute for memory.
+The step itself (forward and loss, under `torch.compile` with `train.compile`, accumulation, the
+all-reduce, clipping, the update) is `training.step.TrainStep`.
 Under torchrun each process trains on its share of every batch (`training.distributed`). Batches are a pure function of (seed, step) and the checkpoint carries
 optimizer and RNG state, so `resume=True` reaches bit-identical weights to an uninterrupted run.
 Nothing lost (docs/reliability.md):
   * the run holds `out_dir`'s lock (`qtoolkit.rundir`) from start to end: a second run into the
     same directory fails at once; temporary files a crashed run left are removed;
-  * a non-finite loss or gradient norm stops the run with `TrainingDiverged` before the update is
-    applied, and a checkpoint is written only if every weight and optimizer value is finite and the
-    evaluation at that step is finite: the checkpoint on disk is always the last good one;
+  * a non-finite loss or gradient norm never reaches the weights (`training.step`'s on-device guard
+    skips the update) and stops the run with `TrainingDiverged` naming that step (on CUDA at the next
+    log, evaluation or checkpoint step, where the trainer reads anything from the GPU), and a
+    checkpoint is written only if no step was bad, every weight and optimizer value is finite and
+    the evaluation at that step is finite: the checkpoint on disk is always the last good one;
   * SIGTERM (schedulers, `docker stop`) saves a checkpoint and stops, like Ctrl-C;
   * `--resume` continues only with the run's own recipe (`qtoolkit.training.resume` lists what
     may change), and only on the same data;
@@ -78,22 +82,25 @@ from qtoolkit.training.data import (
     prepare_eval_data,
     tokenizer_from_json,
 )
-from qtoolkit.training.distributed import (
-    World,
-    all_reduce_mean,
-    barrier,
-    broadcast_object,
-    process_group,
-)
+from qtoolkit.training.distributed import World, barrier, broadcast_object, process_group
 from qtoolkit.training.loss import chunked_loss, loss_fn
 from qtoolkit.training.memory import fit_recipe
+from qtoolkit.training.optimizer import build_adamw
 from qtoolkit.training.recipe import Recipe, TrainConfig, checkpoint_data_config, save_recipe
 from qtoolkit.training.resume import resume_recipe
+from qtoolkit.training.step import (
+    TrainStep,
+    autocast,
+    compile_enabled,
+    fused_adamw_kwargs,
+    use_fused,
+)
+from qtoolkit.training.throughput import flops_per_token, mfu, peak_flops
 
 
 @dataclass
 class TrainEvent:
-    kind: str  # "memory" | "data" | "start" | "step" | "eval" | "checkpoint" | "stop"
+    kind: str  # "memory" | "data" | "start" | "step" | "eval" | "checkpoint" | "stop" | "notice" ({"message"})
     step: int = 0
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -172,13 +179,6 @@ def progress_quantizers(model: nn.Module) -> list[Quantizer]:
     return [m for m in model.modules() if isinstance(m, Quantizer) and m.needs_progress]
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision on the CPU (where bf16 matmuls are slower, not faster)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def evaluate(model: nn.Module, val: TokenStream, batch_size: int, seq_len: int, max_batches: int | None,
              device: torch.device | str = "cpu", progress: Progress | None = None,
              micro_batch_size: int | None = None, ce_chunk: int = 0) -> dict[str, float]:
@@ -201,7 +201,7 @@ def evaluate_batches(model: nn.Module, batches, device: torch.device | str = "cp
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    total_loss, count = 0.0, 0
+    total_loss, count = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no read per batch
     try:
         for i, (xb, yb) in enumerate(batches):
             for x, y in zip(xb.split(micro_batch_size or len(xb)), yb.split(micro_batch_size or len(yb)), strict=True):
@@ -214,13 +214,13 @@ def evaluate_batches(model: nn.Module, batches, device: torch.device | str = "cp
                         logits = model(x)
                     _, ce = loss_fn(logits, y, 0.0)
                     del logits
-                total_loss += ce.item() * y.numel()
+                total_loss += ce.double() * y.numel()
                 count += y.numel()
             if progress is not None:
                 progress("evaluating", i + 1, total)
     finally:
         model.train(was_training)
-    loss = total_loss / count
+    loss = total_loss.item() / count
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
 
 
@@ -311,6 +311,11 @@ def _all_finite(tensors) -> bool:
     """One fused check (a single host sync) that every floating-point tensor is finite."""
     flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
     return bool(torch.stack(flags).all()) if flags else True
+
+
+def _host_reads_every_step(device: torch.device) -> bool:
+    """Read the step's figures (and the guard) every step: on the CPU a read waits for nothing."""
+    return device.type != "cuda"
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer):
@@ -458,13 +463,16 @@ def _train_in_group(recipe: Recipe, out_dir: Path, resume: bool, callback: Callb
     model.to(device)
     scheduled = progress_quantizers(model)
 
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps
-    )
+    # fused AdamW (one kernel, and the found_inf skip of training.step's guard) for fp32 moments;
+    # LowPrecisionAdamW (bf16 moments) takes no found_inf: the guard then reads the flag every step
+    fused = fused_adamw_kwargs(device) if cfg.optimizer_state == "fp32" else {}
+    optimizer = build_adamw(param_groups(model, cfg.weight_decay), model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            eps=cfg.adam_eps, optimizer_state=cfg.optimizer_state, seed=cfg.seed, **fused)
     step = 0
     last_eval: dict[str, float] = {}
     if ckpt is not None:
         _load_resume_state(ckpt, model, optimizer)
+        use_fused(optimizer, bool(fused))
         step = ckpt["step"]
         last_eval = dict(ckpt.get("metrics") or {})
         if world.main:
@@ -482,6 +490,7 @@ def _train_in_group(recipe: Recipe, out_dir: Path, resume: bool, callback: Callb
                                 "Try a lower train.lr or a stricter train.grad_clip.")
 
     def checkpoint() -> None:
+        check_guard()  # a step the guard skipped must not be saved as trained
         if not _all_finite(itertools.chain(model.state_dict().values(), _optimizer_tensors(optimizer))):
             raise diverged(f"the weights or optimizer state became non-finite by step {step}")
         state = {
@@ -516,46 +525,44 @@ def _train_in_group(recipe: Recipe, out_dir: Path, resume: bool, callback: Callb
                         micro_batch_size=cfg.micro_batch_size, ce_chunk=cfg.ce_chunk)
 
     n_params = sum(p.numel() for p in model.parameters())
+    per_token = flops_per_token(model, cfg.seq_len)
+    peak, device_name = peak_flops(device)
     callback(TrainEvent("start", step, {
         "total_steps": cfg.steps, "params": n_params, "coverage": coverage, "device": str(device),
         "data": data.description, "data_info": data.info, "recipe": recipe.name,
         "tokens_per_step": cfg.batch_size * cfg.seq_len, "resumed": ckpt is not None, "init": init_record,
         "stale_metrics": str(stale) if stale else None, "processes": world.size,
+        "compile": compile_enabled(cfg.compile, device), "gpu": device_name if device.type == "cuda" else None,
+        "peak_flops": peak, "flops_per_token": per_token,
     }))
 
     t_start = time.perf_counter()
-    window = {"loss": 0.0, "ce": 0.0, "n": 0, "t": t_start, "tokens": 0}
+    # Figures stay on the device between host reads (training.step): every step on the CPU, where a
+    # read costs nothing; on CUDA only where the loop logs, evaluates or saves anyway.
+    window = {"sums": torch.zeros(2, dtype=torch.float64, device=device), "n": 0, "t": t_start, "tokens": 0}
     recent_ce = float("nan")
+    loss_v = ce_v = grad_norm = float("nan")
     tok_per_s = live_rate = 0.0
+    rate_mark = {"t": t_start, "tokens": 0}
+    total_tokens = 0
     interrupted = False
-    params = [p for p in model.parameters() if p.requires_grad]
-    micro = cfg.micro_batch_size or local_batch
+    awaiting_init = any(getattr(m, "awaiting_init", False) for m in model.modules())
+    read_every_step = _host_reads_every_step(device)
+    stop_requests = torch.zeros((), device=device)  # under torchrun: the all-reduced stop flags, sticky
 
-    def forward_loss(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        x, y = x.to(device), y.to(device)
-        if cfg.ce_chunk:  # the loss without the full logits (training.loss)
-            with autocast(device):
-                return chunked_loss(model.hidden_states(x), model.lm_head, y, cfg.label_smoothing, cfg.ce_chunk)
-        with autocast(device):
-            logits = model(x)
-        return loss_fn(logits, y, cfg.label_smoothing)
+    def notice(message: str) -> None:
+        callback(TrainEvent("notice", step, {"message": message}))
 
-    def accumulate_gradients(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Backward of the batch's mean loss, `micro` sequences at a time; returns (loss, ce) of the
-        whole batch. Every micro-batch holds micro * seq_len tokens, so the batch mean is the mean of
-        the micro-batch means: each backward is scaled by micro / batch_size and the gradients add up
-        to the whole batch's (up to float rounding; one micro-batch is the unscaled loss itself)."""
-        if micro == x.shape[0]:
-            loss, ce = forward_loss(x, y)
-            loss.backward()
-            return loss.detach(), ce.detach()
-        weight = micro / x.shape[0]
-        total = torch.zeros(2, device=device)
-        for xm, ym in zip(x.split(micro), y.split(micro), strict=True):
-            loss, ce = forward_loss(xm, ym)
-            (loss * weight).backward()
-            total += torch.stack([loss.detach(), ce.detach()]).float() * weight
-        return total[0], total[1]
+    train_step = TrainStep(model, optimizer, cfg, device, world, cfg.micro_batch_size or local_batch,
+                           compile=compile_enabled(cfg.compile, device), notice=notice)
+
+    def check_guard() -> None:
+        """Stop, naming the first step whose loss or gradient norm was not finite (none reached the weights)."""
+        bad = train_step.guard.first_bad()
+        if bad is not None:
+            at, bad_loss, bad_norm = bad
+            what = f"loss {bad_loss}" if not math.isfinite(bad_loss) else f"gradient norm {bad_norm}"
+            raise diverged(f"{what} at step {at}: stopped before applying the update")
 
     model.activation_checkpointing = cfg.activation_checkpointing
     model.train()
@@ -571,7 +578,6 @@ def _train_in_group(recipe: Recipe, out_dir: Path, resume: bool, callback: Callb
             if stop_all or (not world.distributed and stop_flag.is_set()):
                 interrupted = True
                 break
-            t_step = time.perf_counter()
             lr, wd = lr_and_wd(step, cfg)
             quant_mix(step)
             for group in optimizer.param_groups:
@@ -580,44 +586,43 @@ def _train_in_group(recipe: Recipe, out_dir: Path, resume: bool, callback: Callb
             for q in scheduled:  # e.g. Sherry's annealed residual: p = 1 on the last step
                 q.set_progress((step + 1) / cfg.steps)
             x, y = data.train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
+            if awaiting_init:  # elastic activations set their step from their first input: let that be the
+                # whole global batch, as in a one-process whole-batch run, not a micro-batch or one rank's rows
+                with torch.no_grad(), autocast(device):
+                    model.hidden_states(x.to(device))
+                awaiting_init = False
             x, y = world.share(x), world.share(y)  # this process's rows of the global batch (all of it alone)
-            optimizer.zero_grad(set_to_none=True)
-            loss, ce = accumulate_gradients(x, y)
-            if world.distributed:  # average gradients, losses and the stop flag over the processes
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                flag = torch.tensor(float(stop_flag.is_set()), device=device)
-                loss, ce, stop_any = all_reduce_mean([p.grad for p in params],
-                                                     torch.stack([loss.float(), ce.float(), flag]), world)
-                stop_all = bool(stop_any > 0)
-            # The global gradient norm (clipped to grad_clip when set): a non-finite one means the
-            # update would write NaN/inf into the weights. One host sync reads it with the losses.
-            grad_norm_t = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            loss_v, ce_v, grad_norm = torch.stack([loss.detach().float(), ce.detach().float(),
-                                                   grad_norm_t.float()]).tolist()
-            if not (math.isfinite(loss_v) and math.isfinite(grad_norm)):
-                what = f"loss {loss_v}" if not math.isfinite(loss_v) else f"gradient norm {grad_norm}"
-                raise diverged(f"{what} at step {step + 1}: stopped before applying the update")
-            optimizer.step()
+            stats = train_step(x, y, step + 1, stop=stop_flag.is_set())
             step += 1
-
-            window["loss"] += loss_v
-            window["ce"] += ce_v
+            if stats.stop_any is not None:
+                stop_requests = torch.maximum(stop_requests, stats.stop_any)
+            window["sums"] += torch.stack([stats.loss, stats.ce])
             window["n"] += 1
             window["tokens"] += y.numel() * world.size
-            now = time.perf_counter()
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            total_tokens += y.numel() * world.size
+            log_due = step % cfg.log_every == 0 or step == cfg.steps
+            eval_due = step % cfg.eval_every == 0 or step == cfg.steps
+            ckpt_due = step % cfg.ckpt_every == 0 or step == cfg.steps
+            if read_every_step or log_due or eval_due or ckpt_due:
+                # a host read: the guard first (raises at the first bad step), then this step's figures
+                check_guard()
+                loss_v, ce_v, grad_norm = torch.stack([stats.loss, stats.ce, stats.grad_norm]).tolist()
+                stop_all = bool(stop_requests > 0) if world.distributed else False
+                now = time.perf_counter()
+                rate = (total_tokens - rate_mark["tokens"]) / max(now - rate_mark["t"], 1e-9)
+                live_rate = rate if live_rate == 0 else 0.9 * live_rate + 0.1 * rate  # smoothed for display
+                rate_mark = {"t": now, "tokens": total_tokens}
+            if log_due:
                 tok_per_s = window["tokens"] / max(now - window["t"], 1e-9)
-                recent_ce = window["ce"] / window["n"]
-                log_line({"type": "train", "step": step, "loss": window["loss"] / window["n"], "ce": recent_ce,
-                          "lr": lr, "tokens_per_s": tok_per_s, "grad_norm": grad_norm, "elapsed": now - t_start})
-                window = {"loss": 0.0, "ce": 0.0, "n": 0, "t": now, "tokens": 0}
-            rate = y.numel() * world.size / max(now - t_step, 1e-9)
-            live_rate = rate if live_rate == 0 else 0.9 * live_rate + 0.1 * rate  # smoothed for display
-            callback(TrainEvent("step", step, {"loss": loss_v, "ce": ce_v, "lr": lr,
-                                               "tokens_per_s": live_rate, "total_steps": cfg.steps}))
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+                loss_sum, ce_sum = window["sums"].tolist()
+                recent_ce = ce_sum / window["n"]
+                log_line({"type": "train", "step": step, "loss": loss_sum / window["n"], "ce": recent_ce,
+                          "lr": lr, "tokens_per_s": tok_per_s, "mfu": mfu(tok_per_s, per_token, peak),
+                          "grad_norm": grad_norm, "elapsed": now - t_start})
+                window = {"sums": torch.zeros(2, dtype=torch.float64, device=device), "n": 0, "t": now, "tokens": 0}
+            callback(TrainEvent("step", step, {"loss": loss_v, "ce": ce_v, "lr": lr, "tokens_per_s": live_rate,
+                                               "mfu": mfu(live_rate, per_token, peak), "total_steps": cfg.steps}))
+            if eval_due:
                 last_eval = run_eval()
                 if not math.isfinite(last_eval["val_loss"]):
                     raise diverged(f"validation loss {last_eval['val_loss']} at step {step}")
@@ -626,7 +631,7 @@ def _train_in_group(recipe: Recipe, out_dir: Path, resume: bool, callback: Callb
                           "train_val_ratio": train_ce / last_eval["val_loss"]}
                 log_line(record)
                 callback(TrainEvent("eval", step, record))
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if ckpt_due:
                 checkpoint()
 
     if interrupted:
